@@ -1,0 +1,102 @@
+// Argument checks of recallprune::undecayed_sgd_, shared by the CPU and CUDA kernels.
+#include "undecayed_sgd.h"
+
+#include <c10/util/Exception.h>
+
+namespace recallprune {
+namespace {
+
+void check_same_tensor(const at::Tensor& param, const at::Tensor& other, const char* what,
+                       size_t i) {
+  TORCH_CHECK(other.device() == param.device(), "undecayed_sgd_: ", what, "[", i,
+              "] must be on the parameter's device ", param.device(), ", got ", other.device());
+  TORCH_CHECK(other.sizes() == param.sizes(), "undecayed_sgd_: ", what, "[", i,
+              "] must have the parameter's shape ", param.sizes(), ", got ", other.sizes());
+  TORCH_CHECK(other.is_contiguous() && !other.is_sparse(), "undecayed_sgd_: ", what, "[", i,
+              "] must be a dense contiguous tensor");
+}
+
+void check_masks(const c10::List<std::optional<at::Tensor>>& masks, at::TensorList params,
+                 const char* what) {
+  TORCH_CHECK(masks.size() == 0 || masks.size() == params.size(), "undecayed_sgd_: ", what,
+              " must be empty or hold one entry per parameter (", params.size(), "), got ",
+              masks.size());
+  for (size_t i = 0; i < masks.size(); ++i) {
+    const std::optional<at::Tensor> mask = masks.get(i);
+    if (!mask.has_value()) {
+      continue;
+    }
+    TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == at::kByte,
+                "undecayed_sgd_: ", what, "[", i, "] must be bool or uint8, got ",
+                mask->scalar_type());
+    check_same_tensor(params[i], *mask, what, i);
+  }
+}
+
+}  // namespace
+
+void check_undecayed_sgd_args(at::TensorList params, at::TensorList grads,
+                              at::TensorList momentum_buffers,
+                              const c10::List<std::optional<at::Tensor>>& keep_masks,
+                              const c10::List<std::optional<at::Tensor>>& decay_masks,
+                              at::TensorList grad_sums, double momentum,
+                              const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(grads.size() == params.size(), "undecayed_sgd_: expected one gradient per parameter (",
+              params.size(), "), got ", grads.size());
+  TORCH_CHECK(momentum == 0.0 ? momentum_buffers.empty()
+                              : momentum_buffers.size() == params.size(),
+              "undecayed_sgd_: momentum_buffers must be empty when momentum is 0 and hold one "
+              "buffer per parameter otherwise (",
+              params.size(), " parameters, momentum ", momentum, "), got ",
+              momentum_buffers.size());
+  TORCH_CHECK(grad_sums.empty() || grad_sums.size() == params.size(),
+              "undecayed_sgd_: grad_sums must be empty or hold one tensor per parameter (",
+              params.size(), "), got ", grad_sums.size());
+  check_masks(keep_masks, params, "keep_masks");
+  check_masks(decay_masks, params, "decay_masks");
+
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& param = params[i];
+    TORCH_CHECK(at::isFloatingType(param.scalar_type()), "undecayed_sgd_: params[", i,
+                "] must be a floating-point tensor, got ", param.scalar_type());
+    TORCH_CHECK(param.device() == params[0].device(),
+                "undecayed_sgd_: all parameters must be on one device, params[0] is on ",
+                params[0].device(), " and params[", i, "] on ", param.device());
+    TORCH_CHECK(param.is_contiguous() && !param.is_sparse(), "undecayed_sgd_: params[", i,
+                "] must be a dense contiguous tensor");
+    TORCH_CHECK(!grads[i].is_sparse(), "undecayed_sgd_: grads[", i,
+                "] is sparse; the fused kernels take dense gradients only (use "
+                "backend='reference' for sparse gradients)");
+    check_same_tensor(param, grads[i], "grads", i);
+    TORCH_CHECK(grads[i].scalar_type() == param.scalar_type(), "undecayed_sgd_: grads[", i,
+                "] must have the parameter's dtype ", param.scalar_type(), ", got ",
+                grads[i].scalar_type());
+    if (!momentum_buffers.empty()) {
+      check_same_tensor(param, momentum_buffers[i], "momentum_buffers", i);
+      TORCH_CHECK(momentum_buffers[i].scalar_type() == param.scalar_type(),
+                  "undecayed_sgd_: momentum_buffers[", i, "] must have the parameter's dtype ",
+                  param.scalar_type(), ", got ", momentum_buffers[i].scalar_type());
+    }
+    if (!grad_sums.empty()) {
+      check_same_tensor(param, grad_sums[i], "grad_sums", i);
+      const auto expected = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      TORCH_CHECK(grad_sums[i].scalar_type() == expected, "undecayed_sgd_: grad_sums[", i,
+                  "] must be ", expected, " for a ", param.scalar_type(), " parameter, got ",
+                  grad_sums[i].scalar_type());
+    }
+  }
+  for (const auto* scalar : {&grad_scale, &found_inf}) {
+    if (scalar->has_value()) {
+      const char* name = scalar == &grad_scale ? "grad_scale" : "found_inf";
+      TORCH_CHECK((*scalar)->numel() == 1 && (*scalar)->scalar_type() == at::kFloat,
+                  "undecayed_sgd_: ", name, " must be a one-element float32 tensor, got ",
+                  (*scalar)->scalar_type(), " with ", (*scalar)->numel(), " elements");
+      TORCH_CHECK(params.empty() || (*scalar)->device() == params[0].device(),
+                  "undecayed_sgd_: ", name, " must be on the parameters' device ",
+                  params[0].device(), ", got ", (*scalar)->device());
+    }
+  }
+}
+
+}  // namespace recallprune

@@ -1,0 +1,70 @@
+"""Pure-torch implementations of recallprune's kernels: the fallback and the test oracle.
+
+Each function here is the one definition of its math; the C++ and CUDA kernels
+mirror it and the tests compare them with it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def undecayed_sgd_reference(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    keep_masks: list[Tensor | None],
+    decay_masks: list[Tensor | None],
+    grad_sums: list[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float | Tensor,
+    nesterov: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One UndecayedSGD step, tensor by tensor.
+
+    Without masks, gradient sums and AMP scaling this is the op sequence of
+    ``torch.optim.SGD(foreach=False)``, so the results are bit-identical to it.
+    ``momentum_buffers`` entries that are ``None`` are created (first step) in place.
+    Pruned elements (``keep_masks`` false) of the weights and momentum are set to
+    exactly zero; their gradient sums are left as they are.
+    """
+    if found_inf is not None and bool(found_inf.item()):
+        # The fallback may synchronise here; the kernels read found_inf on the device.
+        return
+    if isinstance(lr, Tensor) and not lr.requires_grad:
+        lr = lr.item()
+    for i, param in enumerate(params):
+        grad = grads[i]
+        if grad_scale is not None:
+            grad = grad / grad_scale
+        keep = keep_masks[i]
+        if grad_sums is not None:
+            grad_sums[i].add_(grad if keep is None else torch.where(keep, grad, 0))
+        grad = grad if not maximize else -grad
+        if weight_decay != 0:
+            decayed = grad.add(param, alpha=weight_decay)
+            decay = decay_masks[i]
+            grad = decayed if decay is None else torch.where(decay, decayed, grad)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            if buf is None:
+                buf = grad.detach().clone()
+                momentum_buffers[i] = buf
+            else:
+                buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            if keep is not None:
+                buf.masked_fill_(~keep, 0)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        if isinstance(lr, Tensor):
+            param.addcmul_(grad, lr, value=-1)
+        else:
+            param.add_(grad, alpha=-lr)
+        if keep is not None:
+            param.masked_fill_(~keep, 0)

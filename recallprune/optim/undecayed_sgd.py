@@ -1,0 +1,353 @@
+"""UndecayedSGD: ``torch.optim.SGD`` with keep masks, selective weight-decay suppression and
+an optional running average of the undecayed gradient, fused into one pass over memory."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import SGD
+from torch.optim.optimizer import _use_grad_for_differentiable
+
+from .functional import BACKENDS, undecayed_sgd
+
+# State keys of UndecayedSGD beyond torch.optim.SGD's "momentum_buffer".
+_MASK_KEYS = ("keep_mask", "decay_mask")
+_AVERAGE_KEYS = ("grad_sum", "grad_count")
+_EXTRA_KEYS = _MASK_KEYS + _AVERAGE_KEYS
+
+
+def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class UndecayedSGD(SGD):
+    r"""Drop-in :class:`torch.optim.SGD` for training pruned networks.
+
+    Per element, for weight ``w``, gradient ``g`` (the data-loss gradient in ``.grad``),
+    keep mask ``k`` and decay mask ``d`` (both all-true unless set)::
+
+        if not k: w and its momentum stay exactly 0; nothing else happens
+        g' = -g if maximize else g
+        if tracking: gbar <- mean of g over the steps seen      (the undecayed gradient)
+        if weight_decay != 0 and d: g' = g' + weight_decay * w
+        if momentum != 0:
+            buf = g' on the first step, else momentum * buf + (1 - dampening) * g'
+            g' = g' + momentum * buf if nesterov else buf
+        w = w - lr * g'
+
+    With no masks and no tracking this is exactly ``torch.optim.SGD``: the reference
+    backend runs the op sequence of ``SGD(foreach=False)`` (bit-identical results); the
+    kernels agree within a few ulp. The state key is ``"momentum_buffer"``, so
+    checkpoints move between the two optimizers both ways.
+
+    Args:
+        params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach,
+        differentiable, fused: as in :class:`torch.optim.SGD`, with the same validation.
+            ``foreach`` and ``fused`` are accepted for compatibility; UndecayedSGD always
+            runs its own fused kernel when the backend allows.
+        backend: ``"auto"`` (the compiled kernel for the tensors' device when present,
+            else the reference), ``"kernel"`` (the kernel, or a clear error) or
+            ``"reference"`` (pure torch).
+        track_grad_avg: keep, per element, the mean of the undecayed gradient over the
+            steps taken (a parameter-group option; see :meth:`grad_average`).
+
+    AMP: ``torch.amp.GradScaler`` passes ``grad_scale`` and ``found_inf`` as to torch's
+    fused SGD; a step with an overflow changes nothing. An overflow on the very first
+    step leaves zero-filled momentum buffers (never uninitialised memory); the next step
+    then starts from them.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+        track_grad_avg: bool = False,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self._track_grad_avg_default = bool(track_grad_avg)
+        super().__init__(
+            params,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            fused=fused,
+        )
+        self.defaults["track_grad_avg"] = bool(track_grad_avg)
+        for group in self.param_groups:
+            group.setdefault("track_grad_avg", bool(track_grad_avg))
+        # grad_scale / found_inf are taken as torch's fused SGD takes them.
+        self._step_supports_amp_scaling = True
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        default = getattr(self, "_track_grad_avg_default", False)
+        for group in self.param_groups:
+            group.setdefault("track_grad_avg", default)
+        self.__dict__.setdefault("backend", "auto")
+
+    # -- masks ----------------------------------------------------------------------------
+
+    def _check_held(self, param: Tensor, what: str) -> None:
+        if not any(p is param for group in self.param_groups for p in group["params"]):
+            raise ValueError(
+                f"{what}: the parameter (shape {tuple(param.shape)}) is not held by this "
+                "optimizer; pass one of the tensors given to UndecayedSGD"
+            )
+
+    @staticmethod
+    def _check_mask(param: Tensor, mask: Tensor, what: str) -> Tensor:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"{what}: expected a bool tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(
+                f"{what}: expected a torch.bool mask, got {mask.dtype} "
+                "(convert it with mask.bool() or mask != 0)"
+            )
+        if mask.shape != param.shape:
+            raise ValueError(
+                f"{what}: the mask has shape {tuple(mask.shape)}, expected the parameter's "
+                f"shape {tuple(param.shape)}"
+            )
+        if mask.device != param.device:
+            raise ValueError(
+                f"{what}: the mask is on {mask.device}, expected the parameter's device "
+                f"{param.device} (move it with mask.to(param.device))"
+            )
+        return mask.detach().clone(memory_format=torch.contiguous_format)
+
+    @torch.no_grad()
+    def set_mask(self, param: Tensor, keep_mask: Tensor | None) -> None:
+        """Keep ``param`` only where ``keep_mask`` is true; ``None`` clears the mask.
+
+        The pruned weights and their momentum are zeroed at once and stay exactly zero:
+        never decayed, never updated.
+        """
+        self._check_held(param, "set_mask")
+        if keep_mask is None:
+            self.state.get(param, {}).pop("keep_mask", None)
+            return
+        keep_mask = self._check_mask(param, keep_mask, "set_mask")
+        state = self.state[param]
+        state["keep_mask"] = keep_mask
+        param.masked_fill_(~keep_mask, 0)
+        buf = state.get("momentum_buffer")
+        if buf is not None:
+            buf.masked_fill_(~keep_mask, 0)
+
+    def set_decay_mask(self, param: Tensor, decay_mask: Tensor | None) -> None:
+        """Apply the group's weight decay only where ``decay_mask`` is true (``None``: all)."""
+        self._check_held(param, "set_decay_mask")
+        if decay_mask is None:
+            self.state.get(param, {}).pop("decay_mask", None)
+            return
+        self.state[param]["decay_mask"] = self._check_mask(param, decay_mask, "set_decay_mask")
+
+    def get_mask(self, param: Tensor) -> Tensor | None:
+        """The keep mask of ``param``, or ``None``."""
+        return self.state.get(param, {}).get("keep_mask")
+
+    def get_decay_mask(self, param: Tensor) -> Tensor | None:
+        """The decay mask of ``param``, or ``None``."""
+        return self.state.get(param, {}).get("decay_mask")
+
+    # -- undecayed-gradient average -------------------------------------------------------
+
+    def grad_average(self, param: Tensor) -> Tensor | None:
+        """Mean of the undecayed gradient of ``param`` over the steps taken while tracking.
+
+        ``None`` if the parameter's group does not track it; zeros before the first step.
+        Pruned elements accumulate nothing while pruned.
+        """
+        self._check_held(param, "grad_average")
+        state = self.state.get(param, {})
+        if "grad_sum" not in state:
+            return None
+        return state["grad_sum"] / state["grad_count"].clamp(min=1)
+
+    @torch.no_grad()
+    def reset_grad_average(self) -> None:
+        """Start every tracked average afresh."""
+        for state in self.state.values():
+            if "grad_sum" in state:
+                state["grad_sum"].zero_()
+                state["grad_count"].zero_()
+
+    # -- step -----------------------------------------------------------------------------
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns
+                the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            momentum_buffers: list[Tensor | None] = []
+            keep_masks: list[Tensor | None] = []
+            decay_masks: list[Tensor | None] = []
+            grad_sums: list[Tensor] = []
+            grad_counts: list[Tensor] = []
+            tracking = group["track_grad_avg"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                params.append(p)
+                grads.append(p.grad)
+                # Touch the state only where SGD would, so state_dicts match torch's.
+                state = self.state[p] if (group["momentum"] != 0 or p in self.state) else {}
+                momentum_buffers.append(state.get("momentum_buffer"))
+                keep_masks.append(state.get("keep_mask"))
+                decay_masks.append(state.get("decay_mask"))
+                if tracking:
+                    state = self.state[p]
+                    if "grad_sum" not in state:
+                        dtype = _opmath_dtype(p.dtype)
+                        state["grad_sum"] = torch.zeros_like(
+                            p, dtype=dtype, memory_format=torch.contiguous_format
+                        )
+                        state["grad_count"] = torch.zeros((), dtype=torch.int64, device=p.device)
+                    grad_sums.append(state["grad_sum"])
+                    grad_counts.append(state["grad_count"])
+
+            undecayed_sgd(
+                params,
+                grads,
+                momentum_buffers,
+                keep_masks,
+                decay_masks,
+                grad_sums if tracking else None,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                backend=self.backend,
+                differentiable=group["differentiable"],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            )
+
+            if group["momentum"] != 0:
+                for p, buf in zip(params, momentum_buffers, strict=True):
+                    self.state[p]["momentum_buffer"] = buf
+            if grad_counts:
+                if found_inf is None:
+                    torch._foreach_add_(grad_counts, 1)
+                else:
+                    # Count the step only where it was taken, without a host sync.
+                    for count in grad_counts:
+                        count.add_((found_inf.to(count.device) == 0).to(torch.int64))
+        return loss
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of UndecayedSGD or of ``torch.optim.SGD``.
+
+        Masks and gradient sums keep their dtypes (torch's loader would cast every tensor
+        of the state to the parameter's dtype) and are checked against their parameters.
+        """
+        extras = {
+            param_id: {key: value for key, value in param_state.items() if key in _EXTRA_KEYS}
+            for param_id, param_state in state_dict["state"].items()
+        }
+        stripped = dict(state_dict)
+        stripped["state"] = {
+            param_id: {key: value for key, value in param_state.items() if key not in _EXTRA_KEYS}
+            for param_id, param_state in state_dict["state"].items()
+        }
+        super().load_state_dict(stripped)
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        id_to_param = dict(zip(saved_ids, params, strict=True))
+        for param_id, values in extras.items():
+            if not values:
+                continue
+            param = id_to_param[param_id]
+            if "keep_mask" in values:
+                self.set_mask(param, values["keep_mask"].to(param.device))
+            if "decay_mask" in values:
+                self.set_decay_mask(param, values["decay_mask"].to(param.device))
+            if "grad_sum" in values:
+                grad_sum = values["grad_sum"]
+                if grad_sum.shape != param.shape:
+                    raise ValueError(
+                        f"load_state_dict: grad_sum of parameter {param_id} has shape "
+                        f"{tuple(grad_sum.shape)}, expected {tuple(param.shape)}"
+                    )
+                state = self.state[param]
+                state["grad_sum"] = grad_sum.to(
+                    device=param.device, dtype=_opmath_dtype(param.dtype)
+                ).contiguous()
+                state["grad_count"] = values["grad_count"].to(
+                    device=param.device, dtype=torch.int64
+                )
+
+
+def decay_param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    no_decay_types: Iterable[type[nn.Module]] = (
+        nn.modules.batchnorm._NormBase,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.LocalResponseNorm,
+    ),
+    decay_bias: bool = False,
+) -> list[dict[str, Any]]:
+    """The usual parameter groups: weight decay on weights, none on biases and norm layers.
+
+    Returns ``[{"params": decayed, "weight_decay": weight_decay},
+    {"params": undecayed, "weight_decay": 0.0}]``, ready for ``UndecayedSGD`` (or any
+    torch optimizer). Parameters shared between modules are listed once.
+    """
+    no_decay_types = tuple(no_decay_types)
+    decayed: list[Tensor] = []
+    undecayed: list[Tensor] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            if isinstance(module, no_decay_types) or (name == "bias" and not decay_bias):
+                undecayed.append(param)
+            else:
+                decayed.append(param)
+    return [
+        {"params": decayed, "weight_decay": weight_decay},
+        {"params": undecayed, "weight_decay": 0.0},
+    ]
