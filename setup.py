@@ -49,7 +49,7 @@ def _extensions():
     cpp_sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
 
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
     extra_link_args = ["-fopenmp"]
     include_dirs = [os.path.join(here, "csrc")]
     use_cuda = bool(cuda_home) and torch.version.cuda is not None and bool(cuda_sources)

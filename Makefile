@@ -1,0 +1,48 @@
+# recallprune: set-up, demo, tests, lint, benchmarks.
+# `make demo` and `make test` do all the set-up on a fresh machine; a second run is quick.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+DEPS_STAMP := $(VENV)/.stamp-deps
+EXT_STAMP := $(VENV)/.stamp-ext
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(EXT_STAMP)
+
+$(DEPS_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade --quiet pip
+	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet numpy scipy scikit-learn matplotlib tqdm pytest hypothesis ruff ninja expecttest setuptools wheel
+	# The package itself, editable; the extension is built in place below (incrementally).
+	RECALLPRUNE_BUILD_EXT=0 $(PIP) install --quiet --no-build-isolation -e .
+	touch $@
+
+# ninja keeps the objects under build/, so only changed sources recompile.
+$(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py --quiet build_ext --inplace
+	touch $@
+
+demo: setup
+	$(PY) examples/train_pruned.py
+
+test: setup lint
+	$(PY) -m pytest -q
+
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(DEPS_STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(PY) benchmarks/bench_optimizer.py
+
+clean:
+	rm -rf build recallprune/*.so $(EXT_STAMP)

@@ -1,0 +1,201 @@
+// CUDA kernel of recallprune::undecayed_sgd_: one launch per list of tensors (per dtype)
+// through the multi-tensor chunker; fp32 math for fp16/bf16; vectorised loads where
+// every pointer of a chunk is aligned.
+#include "multi_tensor_apply.cuh"
+#include "undecayed_sgd.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <map>
+
+namespace recallprune {
+namespace {
+
+using cuda::TensorListMetadata;
+
+constexpr int kILP = 4;  // elements per thread per iteration
+
+// The functor's lists, in order.
+enum List : int {
+  kParam = 0,           // scalar_t, updated in place
+  kGrad = 1,            // scalar_t, read only
+  kMomentumBuffer = 2,  // scalar_t, nullptr when momentum == 0
+  kKeepMask = 3,        // uint8 (bool), nullptr where the parameter has no keep mask
+  kDecayMask = 4,       // uint8 (bool), nullptr where the parameter has no decay mask
+  kGradSum = 5,         // opmath_t, nullptr unless the undecayed gradient is summed
+  kNumLists = 6,
+};
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T value[N];
+};
+
+template <typename T>
+__device__ __forceinline__ bool is_aligned(const T* pointer) {
+  return pointer == nullptr || reinterpret_cast<uintptr_t>(pointer) % (sizeof(T) * kILP) == 0;
+}
+
+template <typename T>
+__device__ __forceinline__ void load(T (&out)[kILP], const T* base, int64_t i) {
+  const auto pack = reinterpret_cast<const Pack<T, kILP>*>(base)[i];
+#pragma unroll
+  for (int j = 0; j < kILP; ++j) {
+    out[j] = pack.value[j];
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store(T* base, int64_t i, const T (&in)[kILP]) {
+  Pack<T, kILP> pack;
+#pragma unroll
+  for (int j = 0; j < kILP; ++j) {
+    pack.value[j] = in[j];
+  }
+  reinterpret_cast<Pack<T, kILP>*>(base)[i] = pack;
+}
+
+template <typename scalar_t>
+struct UndecayedSgdFunctor {
+  using opmath_t = at::opmath_type<scalar_t>;
+
+  // One kept element: the same steps as the CPU kernel's scalar loop.
+  static __device__ __forceinline__ void update(scalar_t& w, scalar_t grad_value, scalar_t* buf,
+                                                opmath_t* grad_sum, bool decay,
+                                                const SgdScalars<opmath_t>& s,
+                                                const float* grad_scale) {
+    opmath_t grad = static_cast<opmath_t>(grad_value);
+    if (grad_scale != nullptr) {
+      grad = grad / static_cast<opmath_t>(*grad_scale);
+    }
+    if (grad_sum != nullptr) {
+      *grad_sum += grad;
+    }
+    opmath_t momentum =
+        s.has_momentum && !s.is_first_step ? static_cast<opmath_t>(*buf) : opmath_t(0);
+    w = static_cast<scalar_t>(
+        undecayed_sgd_element<opmath_t>(static_cast<opmath_t>(w), grad, momentum, decay, s));
+    if (s.has_momentum) {
+      *buf = static_cast<scalar_t>(momentum);
+    }
+  }
+
+  __device__ __forceinline__ void operator()(const TensorListMetadata<kNumLists>& meta, int tensor,
+                                             int64_t begin, int64_t count,
+                                             SgdScalars<opmath_t> s, const float* grad_scale,
+                                             const float* found_inf) {
+    if (found_inf != nullptr && *found_inf != 0.0f) {
+      return;  // AMP overflow: the step changes nothing
+    }
+    const auto offset = [&](int list, auto* typed) -> decltype(typed) {
+      auto* base = static_cast<decltype(typed)>(meta.addresses[list][tensor]);
+      return base == nullptr ? nullptr : base + begin;
+    };
+    scalar_t* param = offset(kParam, static_cast<scalar_t*>(nullptr));
+    const scalar_t* grad = offset(kGrad, static_cast<scalar_t*>(nullptr));
+    scalar_t* buf = offset(kMomentumBuffer, static_cast<scalar_t*>(nullptr));
+    const uint8_t* keep = offset(kKeepMask, static_cast<uint8_t*>(nullptr));
+    const uint8_t* decay = offset(kDecayMask, static_cast<uint8_t*>(nullptr));
+    opmath_t* grad_sum = offset(kGradSum, static_cast<opmath_t*>(nullptr));
+
+    const bool vectorized = count % kILP == 0 && is_aligned(param) && is_aligned(grad) &&
+                            is_aligned(buf) && is_aligned(keep) && is_aligned(decay) &&
+                            is_aligned(grad_sum);
+    if (vectorized) {
+      for (int64_t i = threadIdx.x; i * kILP < count; i += blockDim.x) {
+        scalar_t w[kILP], g[kILP], b[kILP] = {};
+        uint8_t k[kILP] = {1, 1, 1, 1}, d[kILP] = {1, 1, 1, 1};
+        opmath_t gs[kILP] = {};
+        load(w, param, i);
+        load(g, grad, i);
+        if (buf != nullptr && !s.is_first_step) load(b, buf, i);
+        if (keep != nullptr) load(k, keep, i);
+        if (decay != nullptr) load(d, decay, i);
+        if (grad_sum != nullptr) load(gs, grad_sum, i);
+#pragma unroll
+        for (int j = 0; j < kILP; ++j) {
+          if (k[j]) {
+            update(w[j], g[j], &b[j], grad_sum != nullptr ? &gs[j] : nullptr, d[j] != 0, s,
+                   grad_scale);
+          } else {
+            w[j] = scalar_t(0);
+            b[j] = scalar_t(0);
+          }
+        }
+        store(param, i, w);
+        if (buf != nullptr) store(buf, i, b);
+        if (grad_sum != nullptr) store(grad_sum, i, gs);
+      }
+      return;
+    }
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+      if (keep != nullptr && !keep[i]) {
+        param[i] = scalar_t(0);
+        if (buf != nullptr) buf[i] = scalar_t(0);
+        continue;
+      }
+      update(param[i], grad[i], buf != nullptr ? &buf[i] : nullptr,
+             grad_sum != nullptr ? &grad_sum[i] : nullptr, decay == nullptr || decay[i] != 0, s,
+             grad_scale);
+    }
+  }
+};
+
+void undecayed_sgd_cuda_(at::TensorList params, at::TensorList grads,
+                         at::TensorList momentum_buffers,
+                         const c10::List<std::optional<at::Tensor>>& keep_masks,
+                         const c10::List<std::optional<at::Tensor>>& decay_masks,
+                         at::TensorList grad_sums, double lr, double momentum, double dampening,
+                         double weight_decay, bool nesterov, bool maximize, bool is_first_step,
+                         const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf) {
+  check_undecayed_sgd_args(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums,
+                           momentum, grad_scale, found_inf);
+  if (params.empty()) {
+    return;
+  }
+  TORCH_CHECK(params[0].is_cuda(), "undecayed_sgd_ (CUDA kernel): expected CUDA tensors, got ",
+              params[0].device());
+  const c10::cuda::CUDAGuard device_guard(params[0].device());
+  const float* grad_scale_ptr =
+      grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
+  const float* found_inf_ptr = found_inf.has_value() ? found_inf->const_data_ptr<float>() : nullptr;
+
+  // One launch sequence per dtype present in the lists.
+  std::map<at::ScalarType, std::vector<size_t>> by_dtype;
+  for (size_t i = 0; i < params.size(); ++i) {
+    by_dtype[params[i].scalar_type()].push_back(i);
+  }
+  for (const auto& [dtype, indices] : by_dtype) {
+    std::vector<std::array<void*, kNumLists>> addresses;
+    std::vector<int64_t> numels;
+    addresses.reserve(indices.size());
+    numels.reserve(indices.size());
+    for (const size_t i : indices) {
+      addresses.push_back({params[i].data_ptr(), const_cast<void*>(grads[i].const_data_ptr()),
+                           momentum_buffers.empty() ? nullptr : momentum_buffers[i].data_ptr(),
+                           const_cast<uint8_t*>(mask_data(keep_masks, i)),
+                           const_cast<uint8_t*>(mask_data(decay_masks, i)),
+                           grad_sums.empty() ? nullptr : grad_sums[i].data_ptr()});
+      numels.push_back(params[i].numel());
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "undecayed_sgd_cuda_", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const SgdScalars<opmath_t> scalars(lr, momentum, dampening, weight_decay, nesterov,
+                                         maximize, is_first_step);
+      cuda::multi_tensor_apply<kNumLists>(addresses, numels, UndecayedSgdFunctor<scalar_t>(),
+                                          scalars, grad_scale_ptr, found_inf_ptr);
+    });
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(recallprune, CUDA, m) {
+  m.impl("undecayed_sgd_", &undecayed_sgd_cuda_);
+}
+
+}  // namespace recallprune
