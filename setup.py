@@ -25,8 +25,10 @@ def _find_cuda_home() -> str | None:
     if nvcc:
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     for root in candidates:
-        if root and os.path.exists(os.path.join(root, "bin", "nvcc")) and os.path.exists(
-            os.path.join(root, "include", "cuda_runtime.h")
+        if (
+            root
+            and os.path.exists(os.path.join(root, "bin", "nvcc"))
+            and os.path.exists(os.path.join(root, "include", "cuda_runtime.h"))
         ):
             return root
     return None
@@ -49,7 +51,14 @@ def _extensions():
     cpp_sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
 
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
+    cxx_flags = [
+        "-O3",
+        "-std=c++20",
+        "-fopenmp",
+        "-Wall",
+        "-Wno-unused-function",
+        "-Wno-unknown-pragmas",
+    ]
     extra_link_args = ["-fopenmp"]
     include_dirs = [os.path.join(here, "csrc")]
     use_cuda = bool(cuda_home) and torch.version.cuda is not None and bool(cuda_sources)

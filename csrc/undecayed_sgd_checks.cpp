@@ -58,8 +58,11 @@ void check_undecayed_sgd_args(at::TensorList params, at::TensorList grads,
 
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& param = params[i];
-    TORCH_CHECK(at::isFloatingType(param.scalar_type()), "undecayed_sgd_: params[", i,
-                "] must be a floating-point tensor, got ", param.scalar_type());
+    const auto dtype = param.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                    dtype == at::kBFloat16,
+                "undecayed_sgd_: params[", i,
+                "] must be float32, float64, float16 or bfloat16, got ", dtype);
     TORCH_CHECK(param.device() == params[0].device(),
                 "undecayed_sgd_: all parameters must be on one device, params[0] is on ",
                 params[0].device(), " and params[", i, "] on ", param.device());

@@ -37,6 +37,11 @@ def undecayed_sgd_reference(
     """
     if found_inf is not None and bool(found_inf.item()):
         # The fallback may synchronise here; the kernels read found_inf on the device.
+        # Like the kernels, a skipped first step leaves zero-filled momentum behind.
+        if momentum != 0:
+            for i, buf in enumerate(momentum_buffers):
+                if buf is None:
+                    momentum_buffers[i] = torch.zeros_like(params[i])
         return
     if isinstance(lr, Tensor) and not lr.requires_grad:
         lr = lr.item()

@@ -63,14 +63,12 @@ struct UndecayedSgdFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
 
   // One kept element: the same steps as the CPU kernel's scalar loop.
+  // `grad_scale` is 1 when the step is not AMP-scaled (x / 1 is exact).
   static __device__ __forceinline__ void update(scalar_t& w, scalar_t grad_value, scalar_t* buf,
                                                 opmath_t* grad_sum, bool decay,
                                                 const SgdScalars<opmath_t>& s,
-                                                const float* grad_scale) {
-    opmath_t grad = static_cast<opmath_t>(grad_value);
-    if (grad_scale != nullptr) {
-      grad = grad / static_cast<opmath_t>(*grad_scale);
-    }
+                                                opmath_t grad_scale) {
+    const opmath_t grad = static_cast<opmath_t>(grad_value) / grad_scale;
     if (grad_sum != nullptr) {
       *grad_sum += grad;
     }
@@ -90,6 +88,7 @@ struct UndecayedSgdFunctor {
     if (found_inf != nullptr && *found_inf != 0.0f) {
       return;  // AMP overflow: the step changes nothing
     }
+    const opmath_t scale = grad_scale != nullptr ? static_cast<opmath_t>(*grad_scale) : 1;
     const auto offset = [&](int list, auto* typed) -> decltype(typed) {
       auto* base = static_cast<decltype(typed)>(meta.addresses[list][tensor]);
       return base == nullptr ? nullptr : base + begin;
@@ -119,7 +118,7 @@ struct UndecayedSgdFunctor {
         for (int j = 0; j < kILP; ++j) {
           if (k[j]) {
             update(w[j], g[j], &b[j], grad_sum != nullptr ? &gs[j] : nullptr, d[j] != 0, s,
-                   grad_scale);
+                   scale);
           } else {
             w[j] = scalar_t(0);
             b[j] = scalar_t(0);
@@ -139,7 +138,7 @@ struct UndecayedSgdFunctor {
       }
       update(param[i], grad[i], buf != nullptr ? &buf[i] : nullptr,
              grad_sum != nullptr ? &grad_sum[i] : nullptr, decay == nullptr || decay[i] != 0, s,
-             grad_scale);
+             scale);
     }
   }
 };

@@ -17,6 +17,7 @@ from .. import _extension
 from .._reference import undecayed_sgd_reference
 
 BACKENDS = ("auto", "kernel", "reference")
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _resolve_backend(backend: str, device: torch.device, differentiable: bool) -> str:
@@ -36,8 +37,16 @@ def _resolve_backend(backend: str, device: torch.device, differentiable: bool) -
 
 
 def _kernel_ready(param: Tensor, grad: Tensor) -> bool:
-    # The kernels take dense, contiguous weights (updated in place) and dense gradients.
-    return param.is_contiguous() and param.layout == torch.strided and not grad.is_sparse
+    # The kernels take dense, contiguous weights (updated in place) and dense gradients of
+    # the weights' dtype and device; anything else goes to the reference.
+    return (
+        param.is_contiguous()
+        and param.layout == torch.strided
+        and param.dtype in _KERNEL_DTYPES
+        and not grad.is_sparse
+        and grad.dtype == param.dtype
+        and grad.device == param.device
+    )
 
 
 def undecayed_sgd(
@@ -99,9 +108,18 @@ def undecayed_sgd(
 
     for (_, _, first), indices in kernel_groups.items():
         _kernel_step(
-            indices, params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums,
-            first=first, grad_scale=grad_scale, found_inf=found_inf, **kwargs,
-        )  # fmt: skip
+            indices,
+            params,
+            grads,
+            momentum_buffers,
+            keep_masks,
+            decay_masks,
+            grad_sums,
+            first=first,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            **kwargs,
+        )
 
     if reference_indices:
         sub_buffers = [momentum_buffers[i] for i in reference_indices]
@@ -121,9 +139,24 @@ def undecayed_sgd(
 
 
 def _kernel_step(
-    indices, params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums, *,
-    first, lr, momentum, dampening, weight_decay, nesterov, maximize, grad_scale, found_inf,
-) -> None:  # fmt: skip
+    indices,
+    params,
+    grads,
+    momentum_buffers,
+    keep_masks,
+    decay_masks,
+    grad_sums,
+    *,
+    first,
+    lr,
+    momentum,
+    dampening,
+    weight_decay,
+    nesterov,
+    maximize,
+    grad_scale,
+    found_inf,
+) -> None:
     group_params = [params[i] for i in indices]
     device = group_params[0].device
     group_bufs: list[Tensor] = []
@@ -159,4 +192,7 @@ def _kernel_step(
 
 
 def _as_float_scalar(value: Tensor, device: torch.device) -> Tensor:
-    return value.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)
+    # Non-blocking only towards a GPU: the CPU kernel reads the value at once.
+    return value.to(device=device, dtype=torch.float32, non_blocking=device.type != "cpu").reshape(
+        1
+    )

@@ -1,0 +1,635 @@
+"""UndecayedSGD: bit-identity with torch.optim.SGD, kernels against the reference, masks,
+decay suppression, gradient averages, AMP, checkpoints and errors."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from recallprune import UndecayedSGD, decay_param_groups
+from recallprune._reference import undecayed_sgd_reference
+
+SGD_CONFIGS = [
+    dict(momentum=m, dampening=d, nesterov=n, maximize=mx, weight_decay=wd)
+    for m, d, n, mx, wd in itertools.product(
+        (0.0, 0.9), (0.0, 0.3), (False, True), (False, True), (0.0, 1e-2)
+    )
+    if not (n and (m == 0 or d != 0))
+]
+
+
+def _config_id(config):
+    return "-".join(f"{k}={v}" for k, v in config.items())
+
+
+def _make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(13, 31), nn.BatchNorm1d(31), nn.ReLU(), nn.Linear(31, 7), nn.Linear(7, 3)
+    )
+
+
+def _groups(model, lr_scale=1.0):
+    first, second, third = model[0], model[1], model[3:]
+    return [
+        {"params": list(first.parameters())},
+        {"params": list(second.parameters()), "lr": 0.05 * lr_scale, "weight_decay": 0.0},
+        {"params": list(third.parameters()), "lr": 0.2 * lr_scale},
+    ]
+
+
+def _set_grads(models, step, generator):
+    """The same random gradients on every model; one parameter has no gradient now and then."""
+    for params in zip(*(m.parameters() for m in models), strict=True):
+        grad = torch.randn(params[0].shape, generator=generator)
+        for p in params:
+            p.grad = grad.clone()
+    if step % 3 == 1:
+        for m in models:
+            m[3].bias.grad = None
+
+
+@pytest.mark.parametrize("config", SGD_CONFIGS, ids=_config_id)
+def test_reference_bit_identical_to_torch_sgd(config):
+    torch_model, ours_model = _make_model(), _make_model()
+    lr = 0.1
+    torch_opt = torch.optim.SGD(_groups(torch_model), lr=lr, foreach=False, **config)
+    ours_opt = UndecayedSGD(_groups(ours_model), lr=lr, backend="reference", **config)
+    torch_sched = torch.optim.lr_scheduler.StepLR(torch_opt, step_size=4, gamma=0.5)
+    ours_sched = torch.optim.lr_scheduler.StepLR(ours_opt, step_size=4, gamma=0.5)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(12):
+        _set_grads([torch_model, ours_model], step, generator)
+        torch_opt.step()
+        ours_opt.step()
+        torch_sched.step()
+        ours_sched.step()
+        for p, q in zip(torch_model.parameters(), ours_model.parameters(), strict=True):
+            assert torch.equal(p, q), f"step {step}"
+        if step == 5:
+            # A state_dict round trip mid-training, into a fresh optimizer.
+            saved = copy.deepcopy(ours_opt.state_dict())
+            ours_opt = UndecayedSGD(_groups(ours_model), lr=lr, backend="reference", **config)
+            ours_opt.load_state_dict(saved)
+            ours_sched = torch.optim.lr_scheduler.StepLR(ours_opt, step_size=4, gamma=0.5)
+            ours_sched.load_state_dict(torch_sched.state_dict())
+    torch_state, ours_state = torch_opt.state_dict(), ours_opt.state_dict()
+    assert torch_state["state"].keys() == ours_state["state"].keys()
+    for key, state in torch_state["state"].items():
+        assert state.keys() == ours_state["state"][key].keys()
+        for name, value in state.items():
+            assert torch.equal(value, ours_state["state"][key][name])
+
+
+@pytest.mark.parametrize("config", SGD_CONFIGS, ids=_config_id)
+def test_kernel_matches_reference(kernel_device, config):
+    reference_model = _make_model().to(kernel_device)
+    kernel_model = _make_model().to(kernel_device)
+    reference_opt = UndecayedSGD(_groups(reference_model), lr=0.1, backend="reference", **config)
+    kernel_opt = UndecayedSGD(_groups(kernel_model), lr=0.1, backend="kernel", **config)
+    generator = torch.Generator().manual_seed(2)
+    for step in range(10):
+        _set_grads([reference_model, kernel_model], step, generator)
+        reference_opt.step()
+        kernel_opt.step()
+    for p, q in zip(reference_model.parameters(), kernel_model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        if config["momentum"]:
+            torch.testing.assert_close(
+                kernel_opt.state[q]["momentum_buffer"],
+                reference_opt.state[p]["momentum_buffer"],
+                rtol=1e-5,
+                atol=1e-6,
+            )
+
+
+def _random_step_inputs(shapes, dtype, device, density, seed, with_decay_mask):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(shape):
+        return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+    params = [rand(s) for s in shapes]
+    keeps = [torch.rand(s, generator=generator).to(device) < density for s in shapes]
+    decays = [
+        (torch.rand(s, generator=generator).to(device) < 0.5) if with_decay_mask else None
+        for s in shapes
+    ]
+    for p, k in zip(params, keeps, strict=True):
+        p.masked_fill_(~k, 0)
+    return params, keeps, decays, rand
+
+
+def _run_both(shapes, dtype, device, density, steps, hyper, seed=0, with_decay_mask=True):
+    """Run the reference and the kernel (via the op) on the same inputs; return both states."""
+    params, keeps, decays, rand = _random_step_inputs(
+        shapes, dtype, device, density, seed, with_decay_mask
+    )
+    sum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    results = {}
+    all_grads = [[rand(s) for s in shapes] for _ in range(steps)]
+    for backend in ("reference", "kernel"):
+        ps = [p.clone() for p in params]
+        bufs = [None] * len(ps)
+        sums = [torch.zeros(s, dtype=sum_dtype, device=device) for s in shapes]
+        for grads in all_grads:
+            from recallprune.optim.functional import undecayed_sgd
+
+            undecayed_sgd(ps, grads, bufs, keeps, decays, sums, backend=backend, **hyper)
+        results[backend] = (ps, bufs, sums)
+    return results, keeps
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=5),
+    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    nesterov=st.booleans(),
+    maximize=st.booleans(),
+    weight_decay=st.sampled_from([0.0, 1e-3, 0.1]),
+    density=st.floats(0.0, 1.0),
+    steps=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_property_against_reference(
+    sizes, momentum, nesterov, maximize, weight_decay, density, steps, seed
+):
+    pytest.importorskip("recallprune._C")
+    hyper = dict(
+        lr=0.05,
+        momentum=momentum,
+        dampening=0.0,
+        weight_decay=weight_decay,
+        nesterov=nesterov and momentum > 0,
+        maximize=maximize,
+    )
+    results, keeps = _run_both(
+        [(n,) for n in sizes], torch.float32, "cpu", density, steps, hyper, seed
+    )
+    ref_params, ref_bufs, ref_sums = results["reference"]
+    ker_params, ker_bufs, ker_sums = results["kernel"]
+    for ref, ker in zip(ref_params + ref_sums, ker_params + ker_sums, strict=True):
+        torch.testing.assert_close(ker, ref, rtol=1e-5, atol=1e-6)
+    for ref, ker in zip(ref_bufs, ker_bufs, strict=True):
+        if momentum == 0:
+            assert ref is None and ker is None
+        else:
+            torch.testing.assert_close(ker, ref, rtol=1e-5, atol=1e-6)
+    for (ps, bufs, _), keep in itertools.product(results.values(), [keeps]):
+        for p, buf, k in zip(ps, bufs, keep, strict=True):
+            assert torch.all(p[~k] == 0)
+            if buf is not None:
+                assert torch.all(buf[~k] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shapes", [[(1,)], [(7, 3), (0,), (1025,)], [(3, 5, 7), (100_003,)]])
+def test_kernel_dtypes_and_odd_sizes(kernel_device, dtype, shapes):
+    hyper = dict(
+        lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, maximize=False
+    )
+    results, keeps = _run_both(shapes, dtype, kernel_device, 0.6, 3, hyper)
+    # The reference rounds to the parameter dtype after every op; the kernel once per step.
+    tol = {
+        torch.float32: dict(rtol=1e-5, atol=1e-6),
+        torch.float64: dict(rtol=1e-12, atol=1e-12),
+        torch.float16: dict(rtol=4e-3, atol=4e-3),
+        torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+    }[dtype]
+    for a, b in zip(results["reference"][0], results["kernel"][0], strict=True):
+        assert b.dtype == dtype
+        torch.testing.assert_close(b, a, **tol)
+    for a, b in zip(results["reference"][2], results["kernel"][2], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    for p, k in zip(results["kernel"][0], keeps, strict=True):
+        assert torch.all(p[~k] == 0)
+
+
+def test_kernel_misaligned_and_noncontiguous(kernel_device):
+    storage = torch.randn(2001, device=kernel_device)
+    misaligned = nn.Parameter(storage[1:1001].view(40, 25))  # offset by one element
+    transposed = nn.Parameter(torch.randn(30, 20, device=kernel_device).t())  # not contiguous
+    plain = nn.Parameter(torch.randn(333, device=kernel_device))
+    params = [misaligned, transposed, plain]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    kernel_opt = UndecayedSGD(params, lr=0.1, momentum=0.9, weight_decay=0.01, backend="kernel")
+    reference_opt = UndecayedSGD(
+        twins, lr=0.1, momentum=0.9, weight_decay=0.01, backend="reference"
+    )
+    keep = torch.rand(40, 25, device=kernel_device) > 0.5
+    kernel_opt.set_mask(misaligned, keep)
+    reference_opt.set_mask(twins[0], keep)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        for p, q in zip(params, twins, strict=True):
+            grad = torch.randn(p.shape, generator=generator).to(kernel_device)
+            p.grad = grad.t().contiguous().t() if p is plain else grad  # a strided-free grad
+            q.grad = grad.clone()
+        kernel_opt.step()
+        reference_opt.step()
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert torch.all(misaligned[~keep] == 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+def test_pruned_entries_stay_exactly_zero(backend):
+    if backend == "kernel":
+        pytest.importorskip("recallprune._C")
+    model = _make_model()
+    opt = UndecayedSGD(
+        model.parameters(),
+        lr=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-3,
+        backend=backend,
+    )
+    generator = torch.Generator().manual_seed(4)
+    masks = {}
+    for p in model.parameters():
+        masks[p] = torch.rand(p.shape, generator=generator) > 0.5
+    _set_grads([model], 0, generator)
+    opt.step()  # momentum exists before the masks: set_mask must zero it too
+    for p, keep in masks.items():
+        opt.set_mask(p, keep)
+        assert torch.all(p[~keep] == 0)
+        assert torch.all(opt.state[p]["momentum_buffer"][~keep] == 0)
+    for step in range(6):
+        _set_grads([model], step, generator)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad[~masks[p]] = float("nan")  # pruned gradients must not leak in
+        opt.step()
+        for p, keep in masks.items():
+            assert torch.all(p[~keep] == 0), f"step {step}"
+            assert torch.all(opt.state[p]["momentum_buffer"][~keep] == 0)
+            assert torch.isfinite(p).all()
+            assert p[keep].ne(0).any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+def test_decay_mask_suppresses_decay_exactly_where_asked(backend):
+    if backend == "kernel":
+        pytest.importorskip("recallprune._C")
+    torch.manual_seed(5)
+    w = nn.Parameter(torch.randn(1000))
+    start = w.detach().clone()
+    decay = torch.rand(1000) > 0.3
+    opt = UndecayedSGD([w], lr=0.5, weight_decay=0.1, backend=backend)
+    opt.set_decay_mask(w, decay)
+    w.grad = torch.zeros(1000)
+    opt.step()
+    # With a zero gradient only the decay moves weights: w - lr * wd * w where decayed.
+    assert torch.equal(w[~decay], start[~decay])
+    torch.testing.assert_close(w[decay], start[decay] * (1 - 0.5 * 0.1), rtol=1e-6, atol=0)
+    opt.set_decay_mask(w, None)
+    w.grad = torch.zeros(1000)
+    before = w.detach().clone()
+    opt.step()
+    torch.testing.assert_close(w.detach(), before * (1 - 0.05), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+def test_grad_average_is_the_mean_of_gradients_seen(backend):
+    if backend == "kernel":
+        pytest.importorskip("recallprune._C")
+    torch.manual_seed(6)
+    w = nn.Parameter(torch.randn(257, dtype=torch.bfloat16))
+    v = nn.Parameter(torch.randn(64))
+    opt = UndecayedSGD(
+        [w, v],
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=0.1,
+        maximize=True,
+        track_grad_avg=True,
+        backend=backend,
+    )
+    seen_w, seen_v = [], []
+    for step in range(7):
+        w.grad = torch.randn(257, dtype=torch.bfloat16)
+        seen_w.append(w.grad.float())
+        if step % 2 == 0:
+            v.grad = torch.randn(64)
+            seen_v.append(v.grad.clone())
+        else:
+            v.grad = None
+        opt.step()
+    assert opt.state[w]["grad_sum"].dtype == torch.float32
+    torch.testing.assert_close(
+        opt.grad_average(w), torch.stack(seen_w).mean(0), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        opt.grad_average(v), torch.stack(seen_v).mean(0), rtol=1e-5, atol=1e-6
+    )
+    assert int(opt.state[v]["grad_count"]) == len(seen_v)
+    # The average travels in the state_dict and keeps its float32 dtype.
+    twin = UndecayedSGD(
+        [nn.Parameter(w.detach().clone()), nn.Parameter(v.detach().clone())],
+        lr=0.01,
+        track_grad_avg=True,
+    )
+    twin.load_state_dict(opt.state_dict())
+    twin_w = twin.param_groups[0]["params"][0]
+    assert twin.state[twin_w]["grad_sum"].dtype == torch.float32
+    assert torch.equal(twin.grad_average(twin_w), opt.grad_average(w))
+    opt.reset_grad_average()
+    assert torch.equal(opt.grad_average(w), torch.zeros(257))
+
+
+def test_grad_average_skips_pruned_entries():
+    w = nn.Parameter(torch.ones(10))
+    opt = UndecayedSGD([w], lr=0.1, track_grad_avg=True)
+    keep = torch.arange(10) < 5
+    opt.set_mask(w, keep)
+    for _ in range(3):
+        w.grad = torch.full((10,), 2.0)
+        opt.step()
+    assert torch.equal(opt.grad_average(w), torch.where(keep, 2.0, 0.0))
+
+
+def test_masks_travel_in_state_dict_and_checkpoints_move_both_ways():
+    model, twin = _make_model(), _make_model()
+    opt = UndecayedSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    generator = torch.Generator().manual_seed(7)
+    weight = model[0].weight
+    keep = torch.rand(weight.shape, generator=generator) > 0.5
+    opt.set_mask(weight, keep)
+    opt.set_decay_mask(model[3].weight, torch.rand(model[3].weight.shape) > 0.5)
+    for step in range(3):
+        _set_grads([model], step, generator)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+
+    # Into torch.optim.SGD: momentum carries over, and SGD keeps going from it.
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    sgd.load_state_dict(saved)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(sgd.state[q]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+
+    # Back into a fresh UndecayedSGD: masks keep their dtype and values.
+    fresh_model = _make_model()
+    fresh = UndecayedSGD(fresh_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    fresh.load_state_dict(saved)
+    fresh_keep = fresh.get_mask(fresh_model[0].weight)
+    assert fresh_keep.dtype == torch.bool and torch.equal(fresh_keep, keep)
+    assert torch.equal(
+        fresh.get_decay_mask(fresh_model[3].weight), opt.get_decay_mask(model[3].weight)
+    )
+    assert torch.all(fresh_model[0].weight[~keep] == 0)
+
+    # From torch.optim.SGD into UndecayedSGD: identical continuation (reference backend).
+    a, b = _make_model(), _make_model()
+    sgd = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, foreach=False)
+    for step in range(3):
+        _set_grads([a, b], step, generator)
+        sgd.step()
+    b.load_state_dict(a.state_dict())
+    ours = UndecayedSGD(
+        b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, backend="reference"
+    )
+    ours.load_state_dict(copy.deepcopy(sgd.state_dict()))
+    for step in range(3):
+        _set_grads([a, b], step, generator)
+        sgd.step()
+        ours.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+def test_amp_grad_scaler_matches_unscaled_training(backend):
+    if backend == "kernel":
+        pytest.importorskip("recallprune._C")
+    torch.manual_seed(8)
+    data, target = torch.randn(32, 13), torch.randint(0, 3, (32,))
+    ours_model, torch_model = _make_model(), _make_model()
+    ours = UndecayedSGD(
+        ours_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, backend=backend
+    )
+    assert ours._step_supports_amp_scaling
+    plain = torch.optim.SGD(torch_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for step in range(4):
+        for model, opt in ((ours_model, ours), (torch_model, plain)):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(data), target)
+            if opt is ours:
+                scaler.scale(loss).backward()
+                if step == 0:
+                    model[0].weight.grad[0, 0] = float("inf")  # overflow on the first step
+                scaler.step(opt)
+                scaler.update()
+            elif step > 0:
+                loss.backward()
+                opt.step()
+        if step == 0:
+            # Nothing moved, and no uninitialised momentum was left behind.
+            for p, q in zip(ours_model.parameters(), torch_model.parameters(), strict=True):
+                assert torch.equal(p, q)
+                buf = ours.state.get(p, {}).get("momentum_buffer")
+                assert buf is None or torch.equal(buf, torch.zeros_like(buf))
+    assert scaler.get_scale() == 2.0**7  # one overflow halved the scale
+    for p, q in zip(ours_model.parameters(), torch_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_found_inf_skips_the_step():
+    pytest.importorskip("recallprune._C")
+    w = torch.randn(100)
+    start = w.clone()
+    buf = torch.full((100,), 7.0)
+    grad_sum = torch.zeros(100)
+    torch.ops.recallprune.undecayed_sgd_(
+        [w],
+        [torch.randn(100)],
+        [buf],
+        [],
+        [],
+        [grad_sum],
+        lr=0.1,
+        momentum=0.9,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+        maximize=False,
+        is_first_step=False,
+        grad_scale=torch.tensor([4.0]),
+        found_inf=torch.tensor([1.0]),
+    )
+    assert torch.equal(w, start) and torch.equal(buf, torch.full((100,), 7.0))
+    assert torch.equal(grad_sum, torch.zeros(100))
+
+
+def test_decay_param_groups():
+    model = _make_model()
+    decayed, undecayed = decay_param_groups(model, 5e-4)
+    assert decayed["weight_decay"] == 5e-4 and undecayed["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decayed["params"]) == ["0.weight", "3.weight", "4.weight"]
+    assert sorted(names[id(p)] for p in undecayed["params"]) == [
+        "0.bias",
+        "1.bias",
+        "1.weight",
+        "3.bias",
+        "4.bias",
+    ]
+    opt = UndecayedSGD(decay_param_groups(model, 5e-4), lr=0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 0.0]
+
+
+def test_reference_function_is_the_oracle_for_masks():
+    # Checks the reference against the update written out element by element.
+    torch.manual_seed(9)
+    w, g = torch.randn(50), torch.randn(50)
+    keep, decay = torch.rand(50) > 0.3, torch.rand(50) > 0.5
+    w = w * keep
+    expected_buf = torch.where(keep, torch.where(decay, g + 0.1 * w, g), 0)
+    expected_w = torch.where(keep, w - 0.5 * expected_buf, 0)
+    ws, bufs = [w.clone()], [None]
+    undecayed_sgd_reference(
+        ws,
+        [g],
+        bufs,
+        [keep],
+        [decay],
+        None,
+        lr=0.5,
+        momentum=0.9,
+        dampening=0.0,
+        weight_decay=0.1,
+        nesterov=False,
+        maximize=False,
+    )
+    torch.testing.assert_close(bufs[0], expected_buf, rtol=0, atol=1e-7)
+    torch.testing.assert_close(ws[0], expected_w, rtol=0, atol=1e-7)
+
+
+class TestErrors:
+    def test_sgd_validation_errors_are_the_same(self):
+        w = [nn.Parameter(torch.zeros(3))]
+        for kwargs in (
+            dict(lr=-0.1),
+            dict(momentum=-1),
+            dict(weight_decay=-1),
+            dict(nesterov=True),
+            dict(nesterov=True, momentum=0.9, dampening=0.1),
+        ):
+            with pytest.raises(ValueError) as expected:
+                torch.optim.SGD(w, **{"lr": 0.1, **kwargs})
+            with pytest.raises(ValueError) as ours:
+                UndecayedSGD(w, **{"lr": 0.1, **kwargs})
+            assert str(ours.value) == str(expected.value)
+
+    def test_bad_backend(self):
+        with pytest.raises(ValueError, match="backend must be one of"):
+            UndecayedSGD([nn.Parameter(torch.zeros(3))], backend="cuda")
+
+    def test_masks_checked(self):
+        w = nn.Parameter(torch.zeros(4, 5))
+        opt = UndecayedSGD([w], lr=0.1)
+        with pytest.raises(
+            ValueError, match=r"shape \(5, 4\), expected the parameter's shape \(4, 5\)"
+        ):
+            opt.set_mask(w, torch.ones(5, 4, dtype=torch.bool))
+        with pytest.raises(TypeError, match="expected a torch.bool mask, got torch.float32"):
+            opt.set_mask(w, torch.ones(4, 5))
+        with pytest.raises(ValueError, match="is on meta, expected the parameter's device cpu"):
+            opt.set_decay_mask(w, torch.ones(4, 5, dtype=torch.bool, device="meta"))
+        with pytest.raises(ValueError, match="not held by this optimizer"):
+            opt.set_mask(nn.Parameter(torch.zeros(4, 5)), torch.ones(4, 5, dtype=torch.bool))
+        with pytest.raises(TypeError, match="expected a bool tensor or None, got list"):
+            opt.set_mask(w, [[True] * 5] * 4)
+
+    def test_sparse_gradient_on_kernel_path(self):
+        pytest.importorskip("recallprune._C")
+        embedding = nn.Embedding(10, 3, sparse=True)
+        embedding(torch.tensor([1, 2])).sum().backward()
+        with pytest.raises(RuntimeError, match="sparse gradient"):
+            UndecayedSGD(embedding.parameters(), lr=0.1, backend="kernel").step()
+        # backend="auto" takes the reference path for it, like torch.optim.SGD.
+        twin = nn.Embedding(10, 3, sparse=True)
+        twin.load_state_dict(embedding.state_dict())
+        twin(torch.tensor([1, 2])).sum().backward()
+        UndecayedSGD(embedding.parameters(), lr=0.1).step()
+        torch.optim.SGD(twin.parameters(), lr=0.1).step()
+        assert torch.equal(embedding.weight, twin.weight)
+
+    def test_op_checks_its_arguments(self):
+        pytest.importorskip("recallprune._C")
+        op = torch.ops.recallprune.undecayed_sgd_
+        kwargs = dict(
+            lr=0.1,
+            momentum=0.0,
+            dampening=0.0,
+            weight_decay=0.0,
+            nesterov=False,
+            maximize=False,
+            is_first_step=False,
+        )
+        w = torch.zeros(8)
+        with pytest.raises(RuntimeError, match=r"grads\[0\] must have the parameter's shape"):
+            op([w], [torch.zeros(9)], [], [], [], [], **kwargs)
+        with pytest.raises(RuntimeError, match=r"keep_masks\[0\] must be bool or uint8, got Float"):
+            op([w], [torch.zeros(8)], [], [torch.zeros(8)], [], [], **kwargs)
+        with pytest.raises(RuntimeError, match="momentum_buffers must be empty when momentum is 0"):
+            op([w], [torch.zeros(8)], [torch.zeros(8)], [], [], [], **kwargs)
+        with pytest.raises(RuntimeError, match=r"params\[0\] must be a dense contiguous tensor"):
+            op([torch.zeros(4, 2).t()], [torch.zeros(2, 4)], [], [], [], [], **kwargs)
+        with pytest.raises(RuntimeError, match=r"grad_sums\[0\] must be Float for a Half"):
+            op([w.half()], [w.half()], [], [], [], [torch.zeros(8).half()], **kwargs)
+
+    def test_corrupt_checkpoint_mask(self):
+        w = nn.Parameter(torch.zeros(4, 5))
+        opt = UndecayedSGD([w], lr=0.1)
+        opt.set_mask(w, torch.ones(4, 5, dtype=torch.bool))
+        state = opt.state_dict()
+        state["state"][0]["keep_mask"] = torch.ones(3, dtype=torch.bool)
+        with pytest.raises(ValueError, match="shape"):
+            UndecayedSGD([nn.Parameter(torch.zeros(4, 5))], lr=0.1).load_state_dict(state)
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+def test_first_step_overflow_leaves_zero_momentum(backend):
+    if backend == "kernel":
+        pytest.importorskip("recallprune._C")
+    from recallprune.optim.functional import undecayed_sgd
+
+    params, bufs = [torch.randn(37)], [None]
+    start = params[0].clone()
+    hyper = dict(
+        lr=0.1, momentum=0.9, dampening=0.5, weight_decay=0.0, nesterov=False, maximize=False
+    )
+    grad = torch.randn(37)
+    undecayed_sgd(
+        params,
+        [grad],
+        bufs,
+        [None],
+        [None],
+        None,
+        backend=backend,
+        grad_scale=torch.tensor(2.0),
+        found_inf=torch.tensor(1.0),
+        **hyper,
+    )
+    assert torch.equal(params[0], start) and torch.equal(bufs[0], torch.zeros(37))
+    # Both backends then start from the zero buffer: buf = (1 - dampening) * g.
+    undecayed_sgd(
+        params,
+        [grad],
+        bufs,
+        [None],
+        [None],
+        None,
+        backend=backend,
+        grad_scale=torch.tensor(2.0),
+        found_inf=torch.tensor(0.0),
+        **hyper,
+    )
+    torch.testing.assert_close(bufs[0], 0.5 * grad / 2, rtol=1e-6, atol=0)
