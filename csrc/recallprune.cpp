@@ -22,4 +22,16 @@ TORCH_LIBRARY(recallprune, m) {
       "Tensor?[] keep_masks, Tensor?[] decay_masks, Tensor(c!)[] grad_sums, *, float lr, "
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // Confusion counts of one batch added to `counts` (int64 [C*C], row = true class).
+  // input: logits [N, C, S] (float) or predicted labels [N, S] (int32/int64);
+  // target: labels [N, S] (int32/int64). Entries with target == ignore_index are skipped;
+  // other entries with a label outside [0, C) are added to `invalid` (int64 [1]).
+  m.def(
+      "confusion_update_(Tensor(a!) counts, Tensor(b!) invalid, Tensor input, Tensor target, "
+      "int num_classes, int? ignore_index=None) -> ()");
+  // The same for one batch into fresh tensors: returns (counts [C, C], invalid [1]).
+  m.def(
+      "confusion_matrix(Tensor input, Tensor target, int num_classes, int? ignore_index=None) "
+      "-> (Tensor, Tensor)");
 }

@@ -9,6 +9,9 @@
 #include <optional>
 
 namespace recallprune {
+// Internal linkage on purpose: the CPU kernels are compiled once per instruction set
+// (csrc/cpu/kernels_*.cpp), and each copy of this math must stay in its own object.
+namespace {
 
 // Hyper-parameters in the math type of the tensors (float for fp32/fp16/bf16).
 template <typename opmath_t>
@@ -54,6 +57,8 @@ C10_HOST_DEVICE inline opmath_t undecayed_sgd_element(opmath_t w, opmath_t grad,
   }
   return w + s.neg_lr * g;
 }
+
+}  // namespace
 
 // Checks that need no device: list lengths, shapes, dtypes, layouts, one device.
 // The kernels require dense contiguous tensors; the Python wrapper routes others

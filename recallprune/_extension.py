@@ -11,7 +11,7 @@ import os
 
 import torch
 
-_OPS = ("undecayed_sgd_",)
+_OPS = ("undecayed_sgd_", "confusion_update_")
 
 _loaded = False
 _load_error: str | None = None
@@ -34,10 +34,18 @@ def _load() -> None:
 
 
 def _register_fakes() -> None:
-    # The optimizer op mutates its inputs and returns nothing: its fake kernel does nothing.
-    @torch.library.register_fake("recallprune::undecayed_sgd_")
-    def _(*args, **kwargs):
-        return None
+    # Ops that only mutate their inputs: their fake kernels do nothing.
+    for op in ("recallprune::undecayed_sgd_", "recallprune::confusion_update_"):
+        torch.library.register_fake(op)(_mutates_only)
+
+    @torch.library.register_fake("recallprune::confusion_matrix")
+    def _(input, target, num_classes, ignore_index=None):
+        counts = input.new_empty((num_classes, num_classes), dtype=torch.int64)
+        return counts, input.new_empty((1,), dtype=torch.int64)
+
+
+def _mutates_only(*args, **kwargs) -> None:
+    return None
 
 
 def has_ops(device: torch.device | str | None = None) -> bool:

@@ -73,3 +73,34 @@ def undecayed_sgd_reference(
             param.add_(grad, alpha=-lr)
         if keep is not None:
             param.masked_fill_(~keep, 0)
+
+
+def confusion_update_reference(
+    counts: Tensor,
+    invalid: Tensor,
+    input: Tensor,
+    target: Tensor,
+    num_classes: int,
+    ignore_index: int | None = None,
+) -> None:
+    """Add one batch to ``counts`` (int64 ``[C * C]``, row = true class) without a host sync.
+
+    ``input``: logits ``[N, C, S]`` (prediction = ``argmax`` over dim 1: first index on ties,
+    NaN counted as the largest value, as ``torch.argmax`` does) or labels ``[N, S]``;
+    ``target``: labels ``[N, S]``. Entries whose target equals ``ignore_index`` are skipped;
+    other entries whose target or predicted label lies outside ``[0, C)`` are counted in
+    ``invalid`` (int64 ``[1]``) instead of ``counts``.
+    """
+    pred = input.argmax(dim=1) if input.is_floating_point() else input
+    pred = pred.reshape(-1).to(torch.int64)
+    target = target.reshape(-1).to(torch.int64)
+    ok = (target >= 0) & (target < num_classes) & (pred >= 0) & (pred < num_classes)
+    if ignore_index is not None:
+        ignored = target == ignore_index
+        bad = ~ok & ~ignored
+        ok = ok & ~ignored
+    else:
+        bad = ~ok
+    invalid.add_(bad.sum().reshape(1))
+    bins = torch.where(ok, target * num_classes + pred, 0)
+    counts.index_add_(0, bins, ok.to(torch.int64))

@@ -1,0 +1,22 @@
+// The CPU kernels compiled for AVX2 + FMA (chosen at run time where torch uses AVX2).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+// The pragma enables the instructions but not their feature macros, which the ATen and
+// Sleef headers test: define them for this file only.
+#define __AVX__ 1
+#define __AVX2__ 1
+#define __FMA__ 1
+#define __F16C__ 1
+#define __BMI__ 1
+#define __BMI2__ 1
+#define __LZCNT__ 1
+#define __POPCNT__ 1
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#include "kernels.inl"
+#else
+#include "kernels.h"
+namespace recallprune::cpu::AVX2 {
+const KernelTable* table() { return DEFAULT::table(); }
+}  // namespace recallprune::cpu::AVX2
+#endif

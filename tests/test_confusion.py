@@ -1,0 +1,261 @@
+"""ConfusionCounter: kernels against the reference and scikit-learn, ties and NaN, invalid
+labels, ignore_index, segmentation shapes, errors, state, and the distributed sync."""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
+
+from recallprune import ConfusionCounter, confusion_matrix
+
+from .conftest import requires_cuda, requires_ops
+
+LOGIT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _logits(n, c, dtype, seed, nan_rows=True):
+    """Random logits with many ties (rounded values) and some NaN, as torch.argmax sees them."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=generator) * 2
+    x[::3] = x[::3].round()  # ties: argmax must take the first index
+    if nan_rows and n > 0 and c > 1:
+        x[::7, c // 2] = float("nan")  # NaN wins, as in torch.argmax
+        x[::11, :] = float("nan")  # all NaN: index 0
+    return x.to(dtype)
+
+
+def _sklearn(target, pred, c):
+    return torch.from_numpy(
+        sklearn_confusion_matrix(target.numpy(), pred.numpy(), labels=np.arange(c))
+    ).to(torch.int64)
+
+
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
+@pytest.mark.parametrize("c", [2, 3, 10, 31, 32, 33, 127, 128, 1000])
+@pytest.mark.parametrize("n", [1, 17, 4099])
+def test_kernel_matches_reference_and_sklearn(kernel_device, dtype, c, n):
+    x = _logits(n, c, dtype, seed=c * 7 + n)
+    target = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(n))
+    expected = _sklearn(target, x.float().argmax(1), c)
+    reference = confusion_matrix(x, target, c, backend="reference")
+    kernel = confusion_matrix(x.to(kernel_device), target.to(kernel_device), c, backend="kernel")
+    assert torch.equal(reference, expected)
+    assert torch.equal(kernel.cpu(), expected)
+
+
+@pytest.mark.parametrize("ignore_index", [None, 0, 255, -100])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 4, 1), (6, 3, 2, 2, 2)])
+def test_segmentation_shapes_and_ignore_index(kernel_device, ignore_index, shape):
+    generator = torch.Generator().manual_seed(sum(shape))
+    c = shape[1]
+    x = torch.randn(shape, generator=generator)
+    target_shape = shape[:1] + shape[2:]
+    target = torch.randint(0, c, target_shape, generator=generator)
+    if ignore_index is not None:
+        target[torch.rand(target_shape, generator=generator) < 0.3] = ignore_index
+    counter = ConfusionCounter(c, device=kernel_device, ignore_index=ignore_index, backend="kernel")
+    counter.update(x.to(kernel_device), target.to(kernel_device))
+    flat_pred = x.movedim(1, -1).reshape(-1, c).argmax(1)
+    flat_target = target.reshape(-1)
+    keep = flat_target != ignore_index if ignore_index is not None else slice(None)
+    assert torch.equal(counter.compute().cpu(), _sklearn(flat_target[keep], flat_pred[keep], c))
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int64, torch.int32, torch.uint8])
+def test_label_input(kernel_device, label_dtype):
+    generator = torch.Generator().manual_seed(3)
+    pred = torch.randint(0, 6, (500,), generator=generator)
+    target = torch.randint(0, 6, (500,), generator=generator)
+    counts = confusion_matrix(
+        pred.to(kernel_device, label_dtype), target.to(kernel_device, label_dtype), 6
+    )
+    assert torch.equal(counts.cpu(), _sklearn(target, pred, 6))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 600),
+    c=st.integers(1, 70),
+    inner=st.sampled_from([1, 1, 3]),
+    dtype=st.sampled_from(LOGIT_DTYPES),
+    ignore=st.sampled_from([None, 0, -1, 300]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_kernel_equals_reference(n, c, inner, dtype, ignore, seed):
+    pytest.importorskip("recallprune._C")
+    generator = torch.Generator().manual_seed(seed)
+    x = _logits(n * inner, c, dtype, seed).reshape(n, inner, c).movedim(2, 1)
+    # Targets include invalid labels and the ignore label now and then.
+    target = torch.randint(-1, c + 1, (n, inner), generator=generator)
+    results = []
+    for backend in ("kernel", "reference"):
+        counter = ConfusionCounter(c, ignore_index=ignore, backend=backend)
+        counter.update(x, target)
+        counter.update(x[: n // 2], target[: n // 2])
+        results.append((counter._counts.clone(), counter.invalid_count))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+def test_invalid_targets_raise_at_compute_and_keep_valid_counts(backend):
+    if backend == "kernel":
+        pytest.importorskip("recallprune._C")
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 5, generator=generator)
+    target = torch.randint(0, 5, (300,), generator=generator)
+    bad = target.clone()
+    bad[:7] = 5
+    bad[7:10] = -3
+    counter = ConfusionCounter(5, backend=backend)
+    counter.update(x, bad)  # no error here: update never looks at the values on the host
+    assert int(counter.invalid_count) == 10
+    with pytest.raises(
+        ValueError, match=r"^10 target or predicted label\(s\) were outside \[0, 5\)"
+    ):
+        counter.compute()
+    with pytest.raises(ValueError, match="10 target"):
+        counter.recall()
+    expected = _sklearn(target[10:], x[10:].argmax(1), 5)
+    assert torch.equal(counter._counts.view(5, 5), expected)  # the valid entries are intact
+    counter.reset()
+    assert int(counter.invalid_count) == 0
+    counter.update(x, target)
+    assert torch.equal(counter.compute(), _sklearn(target, x.argmax(1), 5))
+    # Predicted labels out of range are invalid too.
+    pred = x.argmax(1)
+    pred[0] = 9
+    with pytest.raises(ValueError, match="^1 target"):
+        confusion_matrix(pred, target, 5, backend=backend)
+
+
+def test_recall_accuracy_support():
+    counter = ConfusionCounter(4)
+    target = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    pred = torch.tensor([0, 0, 1, 1, 0, 2, 2, 3, 2])
+    counter.update(pred, target)
+    assert torch.equal(counter.support(), torch.tensor([3, 2, 4, 0]))
+    recall = counter.recall()
+    torch.testing.assert_close(recall[:3], torch.tensor([2 / 3, 1 / 2, 3 / 4], dtype=torch.float64))
+    assert torch.isnan(recall[3])  # no support: NaN, not 0
+    assert counter.accuracy().item() == pytest.approx(6 / 9)
+    empty = ConfusionCounter(3)
+    assert torch.isnan(empty.accuracy())
+
+
+def test_state_dict_round_trip_and_sync_without_distributed():
+    counter = ConfusionCounter(3)
+    counter.update(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2]))
+    state = counter.state_dict()
+    other = ConfusionCounter(3)
+    other.load_state_dict(state)
+    assert torch.equal(other.compute(), counter.compute())
+    counter.sync()  # not initialised: a no-op
+    assert torch.equal(other.compute(), counter.compute())
+    with pytest.raises(ValueError, match="counts for 3 classes, this counter has 4"):
+        ConfusionCounter(4).load_state_dict(state)
+
+
+class TestErrors:
+    def test_shapes_dtypes_devices(self):
+        counter = ConfusionCounter(4)
+        with pytest.raises(ValueError, match=r"logits must have shape \[N, C, ...\] with C = "):
+            counter.update(torch.randn(5, 3), torch.zeros(5, dtype=torch.int64))
+        with pytest.raises(ValueError, match=r"target must have shape \(5,\)"):
+            counter.update(torch.randn(5, 4), torch.zeros(6, dtype=torch.int64))
+        with pytest.raises(TypeError, match="target must hold integer class labels"):
+            counter.update(torch.randn(5, 4), torch.zeros(5))
+        with pytest.raises(ValueError, match="same shape"):
+            counter.update(torch.zeros(5, dtype=torch.int64), torch.zeros(4, dtype=torch.int64))
+        with pytest.raises(ValueError, match="input is on meta but target is on cpu"):
+            counter.update(torch.randn(5, 4, device="meta"), torch.zeros(5, dtype=torch.int64))
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            ConfusionCounter(0)
+        with pytest.raises(ValueError, match="backend must be one of"):
+            ConfusionCounter(3, backend="gpu")
+
+    def test_op_checks(self):
+        pytest.importorskip("recallprune._C")
+        counts, invalid = torch.zeros(9, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+        op = torch.ops.recallprune.confusion_update_
+        with pytest.raises(RuntimeError, match="counts must be a contiguous int64 tensor of 16"):
+            op(counts, invalid, torch.randn(2, 4, 1), torch.zeros(2, 1, dtype=torch.int64), 4)
+        with pytest.raises(RuntimeError, match="target must be int64 or int32"):
+            op(counts, invalid, torch.randn(2, 3, 1), torch.zeros(2, 1), 3)
+
+
+@requires_ops
+def test_opcheck(kernel_device):
+    x = _logits(40, 6, torch.float32, 0).to(kernel_device)
+    target = torch.randint(0, 7, (40, 1)).to(kernel_device)
+    counts = torch.zeros(36, dtype=torch.int64, device=kernel_device)
+    invalid = torch.zeros(1, dtype=torch.int64, device=kernel_device)
+    for batch in (x.view(40, 6, 1), x.argmax(1, keepdim=True)):
+        torch.library.opcheck(
+            torch.ops.recallprune.confusion_update_.default, (counts, invalid, batch, target, 6, 6)
+        )
+        torch.library.opcheck(
+            torch.ops.recallprune.confusion_matrix.default, (batch, target, 6, None)
+        )
+
+
+@requires_cuda
+@requires_ops
+def test_cuda_update_never_syncs():
+    counter = ConfusionCounter(1000, device="cuda")
+    x = torch.randn(4096, 1000, device="cuda")
+    target = torch.randint(-1, 1001, (4096,), device="cuda")
+    small = ConfusionCounter(10, device="cuda", ignore_index=255)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        counter.update(x, target)
+        counter.update(x.bfloat16(), target.int())
+        small.update(x[:, :10], target % 10)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(counter.invalid_count) > 0
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank, world_size, port, shards, results):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        x, target = shards[rank]
+        counter = ConfusionCounter(5)
+        counter.update(x, target)
+        counter.sync()
+        # compute() would raise for the invalid label: read the raw counts.
+        results[rank] = (counter.state_dict()["counts"], counter.invalid_count)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_sums_counts_across_two_processes():
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(1000, 5, generator=generator)
+    target = torch.randint(0, 5, (1000,), generator=generator)
+    target[3] = 7  # one invalid label, on rank 0
+    shards = [(x[:400], target[:400]), (x[400:], target[400:])]
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_distributed_worker, args=(2, _free_port(), shards, results), nprocs=2, join=True)
+    valid = target != 7
+    expected = _sklearn(target[valid], x[valid].argmax(1), 5)
+    for rank in range(2):
+        counts, invalid = results[rank]
+        assert torch.equal(counts, expected)
+        assert int(invalid) == 1
