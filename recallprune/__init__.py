@@ -1,6 +1,8 @@
 """recallprune: measure and reduce the recall distortion that pruning causes in classifiers."""
 
+from . import distortion
 from ._extension import has_ops, load_error
+from .distortion import analyze, intensification_ratio
 from .metrics import ConfusionCounter, confusion_matrix
 from .optim import UndecayedSGD, decay_param_groups
 
@@ -10,8 +12,11 @@ __all__ = [
     "ConfusionCounter",
     "UndecayedSGD",
     "__version__",
+    "analyze",
     "confusion_matrix",
     "decay_param_groups",
+    "distortion",
     "has_ops",
+    "intensification_ratio",
     "load_error",
 ]
