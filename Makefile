@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DEPS_STAMP := $(VENV)/.stamp-deps
 EXT_STAMP := $(VENV)/.stamp-ext
-EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+EXT_SOURCES := $(shell find csrc -type f) setup.py
 
 .PHONY: setup demo test lint format bench clean
 

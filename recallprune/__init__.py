@@ -5,11 +5,16 @@ from ._extension import has_ops, load_error
 from .distortion import analyze, intensification_ratio
 from .metrics import ConfusionCounter, confusion_matrix
 from .optim import UndecayedSGD, decay_param_groups
+from .pruning import Gradual, Iterative, OneShot, Pruner
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfusionCounter",
+    "Gradual",
+    "Iterative",
+    "OneShot",
+    "Pruner",
     "UndecayedSGD",
     "__version__",
     "analyze",

@@ -7,6 +7,7 @@ Set ``RECALLPRUNE_DISABLE_EXT=1`` to force the fallback.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -55,7 +56,13 @@ def has_ops(device: torch.device | str | None = None) -> bool:
         return False
     if device is None:
         return True
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _has_kernels_for(device_type)
+
+
+@functools.cache
+def _has_kernels_for(device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
     return all(

@@ -14,22 +14,54 @@
 
 #include <bit>
 #include <cmath>
+#include <cstring>
 
 namespace recallprune::cpu::CPU_CAPABILITY {
 namespace {
 
 // ---- UndecayedSGD ---------------------------------------------------------------------
 
-// Bytes of a mask -> a lane mask (all bits set where the byte is non-zero).
+// Bytes of a bool mask (0 or 1) -> a lane mask (all bits set where the byte is 1). The
+// widening loop has no branch, so the compiler turns it into a few vector instructions and
+// the cost does not depend on the mask's values.
 template <typename T>
 inline at::vec::Vectorized<T> load_mask(const uint8_t* mask) {
   using Vec = at::vec::Vectorized<T>;
   alignas(64) T lanes[Vec::size()];
   for (int j = 0; j < Vec::size(); ++j) {
-    lanes[j] = mask[j] ? T(1) : T(0);
+    lanes[j] = static_cast<T>(mask[j]);
   }
   return Vec::loadu(lanes) != Vec(T(0));
 }
+
+// The same with the instruction set's own byte-to-lane widening.
+#if defined(CPU_CAPABILITY_AVX512)
+template <>
+inline at::vec::Vectorized<float> load_mask<float>(const uint8_t* mask) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(mask));
+  return _mm512_castsi512_ps(_mm512_movm_epi32(_mm_test_epi8_mask(bytes, bytes)));
+}
+template <>
+inline at::vec::Vectorized<double> load_mask<double>(const uint8_t* mask) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask));
+  return _mm512_castsi512_pd(
+      _mm512_movm_epi64(static_cast<__mmask8>(_mm_test_epi8_mask(bytes, bytes))));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <>
+inline at::vec::Vectorized<float> load_mask<float>(const uint8_t* mask) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mask));
+  const __m256i lanes = _mm256_cvtepu8_epi32(bytes);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(lanes, _mm256_setzero_si256()));
+}
+template <>
+inline at::vec::Vectorized<double> load_mask<double>(const uint8_t* mask) {
+  int32_t word;
+  std::memcpy(&word, mask, sizeof(word));
+  const __m256i lanes = _mm256_cvtepu8_epi64(_mm_cvtsi32_si128(word));
+  return _mm256_castsi256_pd(_mm256_cmpgt_epi64(lanes, _mm256_setzero_si256()));
+}
+#endif
 
 // Vectorised body for float and double: the same steps as undecayed_sgd_element, with
 // fused multiply-adds where torch's CPU kernels use them. Returns where it stopped.

@@ -91,8 +91,12 @@ def undecayed_sgd(
     # Group by (device, dtype, first step?) for the kernels; the rest goes to the reference.
     kernel_groups: dict[tuple, list[int]] = defaultdict(list)
     reference_indices: list[int] = []
+    backend_of: dict[torch.device, str] = {}  # resolved once per device
     for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
-        chosen = _resolve_backend(backend, param.device, differentiable)
+        device = param.device
+        if device not in backend_of:
+            backend_of[device] = _resolve_backend(backend, device, differentiable)
+        chosen = backend_of[device]
         if chosen == "kernel" and grad.is_sparse:
             if backend == "kernel":
                 raise RuntimeError(

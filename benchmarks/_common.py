@@ -1,0 +1,371 @@
+"""Timing helpers shared by the recallprune benchmarks.
+
+Median-of-N timing with warm-up (wall clock on the CPU, CUDA events plus synchronisation on
+the GPU), memory-bandwidth baselines (``dst.copy_(src)`` for "fraction of copy bandwidth",
+and an in-place ``a.add_(b)``), device naming, JSON writing and plain-text tables.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Copy buffers larger than this (per side) add nothing: far past every cache the copy's
+# bandwidth no longer depends on its size, so a larger copy is measured at this size.
+MAX_COPY_BYTES_PER_SIDE = 1 << 30
+
+
+@dataclass
+class Timing:
+    """Per-call times of one measured function, in seconds."""
+
+    times_s: list[float]
+    warmup: int
+    timer: str  # "perf_counter" or "cuda_event"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def repeats(self) -> int:
+        return len(self.times_s)
+
+    @classmethod
+    def merge(cls, timings: Sequence[Timing]) -> Timing:
+        """One timing from several rounds of the same function."""
+        notes: list[str] = []
+        for t in timings:
+            notes.extend(n for n in t.notes if n not in notes)
+        return cls(
+            [x for t in timings for x in t.times_s],
+            sum(t.warmup for t in timings),
+            timings[0].timer,
+            notes,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        times = sorted(self.times_s)
+        return {
+            "median_ms": self.median_s * 1e3,
+            "min_ms": times[0] * 1e3,
+            "max_ms": times[-1] * 1e3,
+            "iqr_ms": (_quantile(times, 0.75) - _quantile(times, 0.25)) * 1e3,
+            "repeats": self.repeats,
+            "warmup": self.warmup,  # untimed calls in all
+            "timer": self.timer,
+            "notes": list(self.notes),
+        }
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], object],
+    device: torch.device | str,
+    *,
+    repeats: int,
+    warmup: int,
+    max_seconds: float | None = None,
+    min_repeats: int = 5,
+) -> Timing:
+    """Time ``fn()`` ``repeats`` times after ``warmup`` untimed calls.
+
+    On CUDA every call is bracketed by CUDA events (the device is synchronised before the
+    first and after the last); on the CPU by ``time.perf_counter``. When ``max_seconds`` is
+    given, the number of repeats is lowered (never below ``min_repeats``) so that the timed
+    calls take about that long in all: slow cases then run fewer repeats.
+    """
+    device = torch.device(device)
+    notes: list[str] = []
+    warmup_times = []
+    for _ in range(max(warmup, 1 if max_seconds is not None else 0)):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        warmup_times.append(time.perf_counter() - start)
+
+    if max_seconds is not None and repeats > min_repeats:
+        # The fastest warm-up call sets the budget: one slow spell must not cut the repeats.
+        estimate = min(warmup_times)
+        affordable = int(max_seconds / max(estimate, 1e-9))
+        capped = max(min_repeats, min(repeats, affordable))
+        if capped < repeats:
+            notes.append(f"repeats lowered from {repeats} to {capped} (max_seconds={max_seconds})")
+            repeats = capped
+
+    if device.type == "cuda":
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(repeats)
+        ]
+        synchronize(device)
+        for begin, end in events:
+            begin.record()
+            fn()
+            end.record()
+        synchronize(device)
+        times = [begin.elapsed_time(end) / 1e3 for begin, end in events]
+        return Timing(times, len(warmup_times), "cuda_event", notes)
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return Timing(times, len(warmup_times), "perf_counter", notes)
+
+
+def bandwidth_fn(
+    nbytes_moved: int, device: torch.device | str, kind: str = "copy"
+) -> tuple[Callable[[], None], int, list[str]]:
+    """A plain memory-bound op over flat buffers that move ``nbytes_moved``.
+
+    ``kind="copy"``: ``dst.copy_(src)`` over byte buffers of half the bytes each (read
+    ``src``, write ``dst``). ``kind="add_"``: ``a.add_(b)`` over fp32 buffers of a third
+    each (read ``a`` and ``b``, write ``a``): an in-place read-modify-write like an
+    optimizer step, which, unlike the copy's store to ``dst``, pays no write-allocate read
+    on CPUs. Buffers are capped at ``MAX_COPY_BYTES_PER_SIDE``.
+
+    Returns ``(fn, bytes_moved, notes)``; bandwidth = ``bytes_moved`` / time of ``fn()``.
+    """
+    if kind not in ("copy", "add_"):
+        raise ValueError(f"kind must be 'copy' or 'add_', got {kind!r}")
+    device = torch.device(device)
+    arrays = 2 if kind == "copy" else 3
+    side = max(4, nbytes_moved // arrays) // 4 * 4
+    notes = []
+    if side > MAX_COPY_BYTES_PER_SIDE:
+        notes.append(
+            f"buffers capped at {MAX_COPY_BYTES_PER_SIDE} bytes each (asked for {side}); "
+            "bandwidth no longer depends on the size there"
+        )
+        side = MAX_COPY_BYTES_PER_SIDE
+    if kind == "copy":
+        a = torch.ones(side, dtype=torch.uint8, device=device)
+        b = torch.zeros_like(a)
+
+        def fn() -> None:
+            b.copy_(a)
+
+    else:
+        a = torch.ones(side // 4, dtype=torch.float32, device=device)
+        b = torch.zeros_like(a)
+
+        def fn() -> None:
+            a.add_(b)
+
+    return fn, arrays * side, notes
+
+
+def bandwidth_baseline(
+    nbytes_moved: int,
+    device: torch.device | str,
+    *,
+    kind: str = "copy",
+    repeats: int,
+    warmup: int,
+    max_seconds: float | None = None,
+) -> dict[str, Any]:
+    """Time ``bandwidth_fn(...)``: its timing summary plus ``bytes_moved`` and ``gbps``."""
+    fn, moved, notes = bandwidth_fn(nbytes_moved, device, kind)
+    timing = time_fn(fn, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds)
+    timing.notes.extend(notes)
+    return {
+        **timing.summary(),
+        "kind": kind,
+        "bytes_moved": moved,
+        "gbps": moved / timing.median_s / 1e9,
+    }
+
+
+def time_interleaved(
+    builders: Mapping[str, Callable[[], Callable[[], object]]],
+    device: torch.device | str,
+    *,
+    rounds: int,
+    repeats: int,
+    warmup: int,
+    max_seconds: float | None = None,
+    min_repeats: int = 5,
+    after_first_round: Callable[[str, Callable[[], object]], None] | None = None,
+) -> tuple[dict[str, Timing], dict[str, str]]:
+    """Time several cases round-robin, so that a slow spell of a shared machine hits all.
+
+    ``builders[name]()`` sets a case up afresh and returns the function to time; it is
+    called once per round, and the function is dropped after its round (freeing its state
+    before the next case is built). Each round times every case with ``ceil(repeats /
+    rounds)`` calls after ``ceil(warmup / rounds)`` warm-up calls (``max_seconds`` and
+    ``min_repeats`` likewise split, see :func:`time_fn`); the order of the cases rotates
+    from round to round. ``after_first_round(name, fn)`` runs after a case's first round.
+
+    Returns ``(timings, errors)``: the merged timing of every case that ran, and the error
+    message of every case whose builder raised (it is not tried again).
+    """
+    names = list(builders)
+    per_round = {
+        "repeats": math.ceil(repeats / rounds),
+        "warmup": math.ceil(warmup / rounds),
+        "max_seconds": None if max_seconds is None else max_seconds / rounds,
+        "min_repeats": math.ceil(min_repeats / rounds),
+    }
+    parts: dict[str, list[Timing]] = {name: [] for name in names}
+    errors: dict[str, str] = {}
+    for r in range(rounds):
+        shift = (r * len(names)) // rounds
+        for name in names[shift:] + names[:shift]:
+            if name in errors:
+                continue
+            try:
+                fn = builders[name]()
+            except (RuntimeError, TypeError, ValueError) as error:
+                errors[name] = f"{type(error).__name__}: {error}"
+                continue
+            parts[name].append(time_fn(fn, device, **per_round))
+            if r == 0 and after_first_round is not None:
+                after_first_round(name, fn)
+            del fn
+    timings = {name: Timing.merge(p) for name, p in parts.items() if p}
+    return timings, errors
+
+
+def device_name(device: torch.device | str) -> str:
+    """The CPU model (``model name`` in /proc/cpuinfo) or the CUDA device's name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def slugify(text: str) -> str:
+    """``"Intel(R) Xeon(R) Processor"`` -> ``"intel-xeon-processor"``."""
+    text = re.sub(r"\((r|tm|c)\)", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "unknown"
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    """What a result depends on besides the code: versions, device, threads, date."""
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": device_name(device),
+        "num_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            cuda=torch.version.cuda,
+            gpu_memory_gib=props.total_memory / 2**30,
+            gpu_multiprocessors=props.multi_processor_count,
+        )
+    return info
+
+
+def git_state(path: Path | str | None = None) -> dict[str, Any]:
+    """The commit of the repository holding ``path`` (this folder) and whether it is dirty."""
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": bool(status.strip())}
+
+
+def write_json(path: Path | str, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` as indented JSON, creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, default=_json_default)
+        f.write("\n")
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    if isinstance(value, torch.dtype | torch.device):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: text left-aligned, numbers right-aligned, ``None`` as ``-``."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value)
+
+    text = [[cell(v) for v in row] for row in rows]
+    numeric = [
+        all(isinstance(row[i], int | float) or row[i] is None for row in rows)
+        for i in range(len(headers))
+    ]
+    widths = [max([len(h)] + [len(r[i]) for r in text]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    out = [line(headers), line(["-" * w for w in widths])]
+    out.extend(line(r) for r in text)
+    return "\n".join(out)
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    print(f"\n{title}")
+    print(format_table(headers, rows), flush=True)

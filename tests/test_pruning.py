@@ -1,0 +1,333 @@
+"""Pruners: criteria against hand computations, exact counts, schedules, masks through
+UndecayedSGD, untouched model state, torch.nn.utils.prune interop, and errors."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from recallprune import Gradual, Iterative, OneShot, Pruner, UndecayedSGD
+from recallprune.pruning import criteria, select_lowest
+
+
+def _mlp(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+        nn.Linear(12, 3),
+    ).to(dtype)  # fmt: skip
+
+
+def _batches(n=4, seed=1, batch=10):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(batch, 8, generator=generator),
+            torch.randint(0, 3, (batch,), generator=generator),
+        )
+        for _ in range(n)
+    ]
+
+
+def _reference_gradients(model, batch):
+    """The authors' procedure: one batch, train mode, cross-entropy, plain autograd."""
+    twin = copy.deepcopy(model).train()
+    twin.zero_grad()
+    nn.functional.cross_entropy(twin(batch[0]), batch[1]).backward()
+    return {name: p.grad for name, p in twin.named_parameters()}
+
+
+def test_undecayed_scores_equal_the_reference_procedure():
+    model = _mlp()
+    batch = _batches(1)[0]
+    grads = _reference_gradients(model, batch)
+    pruner = Pruner(model, "undecayed", lam=5e-4)
+    scores = pruner.scores(data=[batch], n_batches=1)
+    assert set(scores) == {"0.weight", "3.weight", "5.weight"}
+    for name, p in model.named_parameters():
+        if name in scores:
+            w, g = p.detach(), grads[name]
+            assert torch.equal(scores[name], (-w * g + 5e-4 * w**2).abs())
+
+
+def test_undecayed_scores_by_hand_on_a_tiny_model():
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
+    x, y = torch.tensor([[1.0, 1.0]]), torch.tensor([0])
+    # logits = W x = [-1, 3.5]; softmax p = [e^-1, e^3.5] / sum; dL/dlogits = p - onehot(0).
+    p = torch.softmax(torch.tensor([-1.0, 3.5]), 0)
+    grad = torch.outer(p - torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))
+    lam = 0.1
+    expected = (-model.weight.detach() * grad + lam * model.weight.detach() ** 2).abs()
+    scores = Pruner(model, "undecayed", lam=lam, include=[""]).scores(data=[(x, y)])
+    torch.testing.assert_close(scores["weight"], expected, rtol=1e-6, atol=1e-7)
+    gradient = Pruner(model, "gradient", include=[""]).scores(data=[(x, y)])
+    torch.testing.assert_close(gradient["weight"], (model.weight.detach() * grad).abs())
+    magnitude = Pruner(model, "magnitude", include=[""]).scores()
+    assert torch.equal(magnitude["weight"], torch.tensor([[1.0, 2.0], [0.5, 3.0]]))
+
+
+def test_undecayed_ranks_like_magnitude_at_a_stationary_point():
+    generator = torch.Generator().manual_seed(2)
+    w = torch.randn(5000, generator=generator)
+    lam = 5e-4
+    up = criteria.undecayed_score(w, -lam * w, lam)  # g = -lam * w
+    torch.testing.assert_close(up, 2 * lam * w * w)
+    for count in (1, 100, 2500, 4999):
+        assert torch.equal(
+            select_lowest(up, count), select_lowest(criteria.magnitude_score(w), count)
+        )
+    # Away from it, the rankings differ.
+    noisy = criteria.undecayed_score(w, torch.randn(5000, generator=generator), lam)
+    assert not torch.equal(select_lowest(noisy, 2500), select_lowest(w.abs(), 2500))
+
+
+def test_lam_comes_from_the_optimizer_group():
+    model = _mlp()
+    opt = UndecayedSGD(
+        [{"params": model[0].parameters(), "weight_decay": 1e-3},
+         {"params": list(model[3].parameters()) + list(model[5].parameters()), "weight_decay": 0.0},
+         {"params": model[1].parameters()}], lr=0.1, weight_decay=5e-4,
+    )  # fmt: skip
+    pruner = Pruner(model, "undecayed", optimizer=opt)
+    assert pruner._lam_for(model[0].weight) == 1e-3
+    assert pruner._lam_for(model[5].weight) == 0.0
+    with pytest.raises(ValueError, match="needs lam"):
+        Pruner(model, "undecayed").scores(data=_batches(1))
+
+
+def test_gradients_from_the_optimizer_average():
+    model = nn.Linear(4, 3)
+    opt = UndecayedSGD(model.parameters(), lr=0.0, weight_decay=0.1, track_grad_avg=True)
+    seen = []
+    for x, y in _batches(3, batch=6):
+        x = x[:, :4]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        seen.append(model.weight.grad.clone())
+        opt.step()
+    pruner = Pruner(model, "undecayed", optimizer=opt)
+    scores = pruner.scores(grad_source="average")
+    g = torch.stack(seen).mean(0)
+    w = model.weight.detach()
+    torch.testing.assert_close(scores["weight"], (-w * g + 0.1 * w * w).abs(), rtol=1e-5, atol=1e-8)
+
+
+def test_gathering_gradients_leaves_the_model_as_it_was():
+    model = _mlp().eval()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    Pruner(model, "gradient").scores(data=_batches(3), n_batches=3)
+    assert not model.training and not any(m.training for m in model.modules())
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    model.train()
+    Pruner(model, "gradient").scores(data=_batches(1))
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("criterion", ["magnitude", "gradient", "undecayed", "random"])
+def test_exact_counts(scope, criterion):
+    model = _mlp()
+    pruner = Pruner(model, criterion, scope=scope, lam=5e-4, exclude=["5"])
+    assert set(pruner.params) == {"0.weight", "3.weight"}
+    sizes = {name: p.numel() for name, p in pruner.params.items()}
+    pruner.prune(0.3, data=_batches(2), n_batches=2)
+    if scope == "global":
+        assert pruner.num_pruned() == round(0.3 * sum(sizes.values()))
+    else:
+        for name, mask in pruner.masks.items():
+            assert mask.numel() - int(mask.sum()) == round(0.3 * sizes[name])
+    before = {n: m.clone() for n, m in pruner.masks.items()}
+    pruner.prune(0.5, data=_batches(2))
+    for name, mask in pruner.masks.items():
+        assert not torch.any(mask & ~before[name])  # pruned weights never come back
+        assert torch.all(pruner.params[name][~mask] == 0)
+    pruner.prune(sparsity=0.9, data=_batches(2))
+    assert pruner.num_pruned() == round(0.9 * sum(sizes.values())) or scope == "layer"
+    assert pruner.sparsity() == pytest.approx(0.9, abs=2 / sum(sizes.values()))
+
+
+def test_ties_are_broken_by_position_and_regrow():
+    scores = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, float("nan"), 1.0])
+    assert select_lowest(scores, 4).tolist() == [True, True, True, False, True, False, False]
+    assert select_lowest(scores, 7).all() and not select_lowest(scores, 0).any()
+    model = nn.Linear(10, 10)
+    pruner = Pruner(model, "magnitude")
+    pruner.prune(sparsity=0.8)
+    pruner.prune(sparsity=0.3, regrow=True)
+    assert pruner.num_pruned() == 30
+
+
+def test_iterative_schedule_sparsity_after_rounds():
+    model = _mlp()
+    pruner = Pruner(model, "magnitude")
+    total = pruner.num_weights()
+    schedule = Iterative(rounds=6, fraction=0.2)
+    expected_pruned = 0
+    while not schedule.done:
+        schedule.prune_round(pruner)
+        expected_pruned += round(0.2 * (total - expected_pruned))
+        assert pruner.num_pruned() == expected_pruned
+        assert pruner.sparsity() == pytest.approx(
+            schedule.sparsity_after(schedule.round), abs=schedule.round / total
+        )
+    assert schedule.sparsity_after(6) == pytest.approx(1 - 0.8**6)
+    with pytest.raises(RuntimeError, match="all 6 rounds"):
+        schedule.prune_round(pruner)
+
+
+def test_gradual_schedule_hits_its_sparsities():
+    model = nn.Linear(100, 50)
+    pruner = Pruner(model, "magnitude")
+    schedule = Gradual(
+        final_sparsity=0.8, start_step=10, end_step=50, frequency=10, initial_sparsity=0.1
+    )
+    hit = {}
+    for step in range(60):
+        if schedule.step(pruner, step):
+            hit[step] = pruner.sparsity()
+    assert sorted(hit) == [10, 20, 30, 40, 50]
+    for step, sparsity in hit.items():
+        expected = 0.8 + (0.1 - 0.8) * (1 - (step - 10) / 40) ** 3
+        assert schedule.sparsity_at(step) == pytest.approx(expected)
+        assert sparsity == pytest.approx(round(expected * 5000) / 5000)
+    assert schedule.sparsity_at(50) == 0.8 and schedule.sparsity_at(70) == 0.8
+
+
+def test_one_shot():
+    pruner = Pruner(_mlp(), "random", seed=3)
+    OneShot(0.75).prune(pruner)
+    assert pruner.num_pruned() == round(0.75 * pruner.num_weights())
+
+
+def test_training_with_undecayed_sgd_keeps_pruned_weights_and_momentum_zero():
+    model = _mlp()
+    opt = UndecayedSGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    data = _batches(6)
+    for x, y in data[:3]:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    pruner = Pruner(model, "undecayed", optimizer=opt)
+    pruner.prune(0.6, data=data)
+    for x, y in data:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    for name, p in pruner.params.items():
+        mask = pruner.masks[name]
+        assert torch.all(p[~mask] == 0)
+        assert torch.all(opt.state[p]["momentum_buffer"][~mask] == 0)
+        assert torch.equal(opt.get_mask(p), mask)
+
+
+def test_rewinding_restores_early_weights_on_survivors_only():
+    model = _mlp()
+    opt = UndecayedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    schedule = Iterative(rounds=2, fraction=0.5, retrain="rewind")
+    schedule.snapshot(model)
+    early = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for x, y in _batches(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    pruner = Pruner(model, "magnitude", optimizer=opt)
+    schedule.prune_round(pruner)
+    for name, p in model.named_parameters():
+        if name in pruner.masks:
+            mask = pruner.masks[name]
+            assert torch.equal(p[mask], early[name][mask])
+            assert torch.all(p[~mask] == 0)
+        else:
+            assert torch.equal(p, early[name])
+        assert "momentum_buffer" not in opt.state.get(p, {})
+
+
+def test_torch_prune_round_trip_and_state_dict():
+    model = _mlp()
+    pruner = Pruner(model, "magnitude", exclude=["5"])
+    pruner.prune(0.4)
+    masks = {n: m.clone() for n, m in pruner.masks.items()}
+    pruner.to_torch_prune()
+    assert torch.equal(model[0].weight_mask.bool(), masks["0.weight"])
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        out = model.eval()(x)
+    back = Pruner.from_torch_prune(model)
+    assert set(back.masks) == set(masks)
+    for name, mask in masks.items():
+        assert torch.equal(back.masks[name], mask)
+    assert not hasattr(model[0], "weight_orig")
+    with torch.no_grad():
+        assert torch.equal(model(x), out)
+    state = back.state_dict()
+    fresh = Pruner(model, "magnitude", exclude=["5"])
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.masks[n], masks[n]) for n in masks)
+    with pytest.raises(ValueError, match="this pruner prunes"):
+        Pruner(model, "magnitude").load_state_dict(state)
+
+
+def test_bf16_weights():
+    model = _mlp(dtype=torch.bfloat16)
+    pruner = Pruner(model, "undecayed", lam=5e-4)
+    batches = [(x.bfloat16(), y) for x, y in _batches(1)]
+    pruner.prune(0.5, data=batches)
+    assert pruner.num_pruned() == round(0.5 * pruner.num_weights())
+    assert model[0].weight.dtype == torch.bfloat16
+
+
+def test_global_threshold_on_a_10m_parameter_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2500, 2000), nn.Linear(2000, 2500), nn.Linear(2500, 10))
+    pruner = Pruner(model, "magnitude", exclude=["2"])
+    assert pruner.num_weights() == 10_000_000
+    pruner.prune(0.9)
+    assert pruner.num_pruned() == 9_000_000
+    kept = torch.cat(
+        [
+            p.detach().abs()[m]
+            for p, m in zip(pruner.params.values(), pruner.masks.values(), strict=True)
+        ]
+    )
+    dropped_max = max(
+        float(p.detach().abs()[~m].max())
+        for p, m in zip(pruner.params.values(), pruner.masks.values(), strict=True)
+    )
+    assert float(kept.min()) >= dropped_max  # one global threshold
+
+
+class TestErrors:
+    def test_amounts(self):
+        pruner = Pruner(_mlp(), "magnitude")
+        for bad in (-0.1, 1.5, float("nan")):
+            with pytest.raises(ValueError, match="amount must be a number in \\[0, 1\\]"):
+                pruner.prune(bad)
+        with pytest.raises(ValueError, match="exactly one of amount"):
+            pruner.prune(0.1, sparsity=0.2)
+
+    def test_names_and_models(self):
+        with pytest.raises(
+            ValueError, match="exclude: no module of the model is named or matches 'fc9'"
+        ):
+            Pruner(_mlp(), "magnitude", exclude=["fc9"])
+        with pytest.raises(ValueError, match="nothing to prune"):
+            Pruner(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), "magnitude")
+        with pytest.raises(ValueError, match="nothing to prune"):
+            Pruner(nn.Linear(3, 3), "magnitude", exclude=["*"])
+        with pytest.raises(ValueError, match="criterion must be one of"):
+            Pruner(_mlp(), "taylor")
+        with pytest.raises(ValueError, match="scope must be one of"):
+            Pruner(_mlp(), "magnitude", scope="local")
+
+    def test_gradient_criteria_need_data(self):
+        with pytest.raises(ValueError, match="needs gradients: pass data="):
+            Pruner(_mlp(), "gradient").prune(0.1)
+        with pytest.raises(ValueError, match="needs an attached UndecayedSGD"):
+            Pruner(_mlp(), "gradient").prune(0.1, grad_source="average")
