@@ -27,8 +27,10 @@ $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py --quiet build_ext --inplace
 	touch $@
 
+# The default study (digits, LeNet-300-100, 5 seeds, 4 criteria + control, 18 rounds).
+# Rerunning resumes: finished runs are reused.
 demo: setup
-	$(PY) examples/train_pruned.py
+	$(VENV)/bin/recallprune study --out runs/demo-digits-mlp
 
 test: setup lint
 	$(PY) -m pytest -q
@@ -43,6 +45,7 @@ format: $(DEPS_STAMP)
 
 bench: setup
 	$(PY) benchmarks/bench_optimizer.py
+	$(PY) benchmarks/bench_confusion.py
 
 clean:
 	rm -rf build recallprune/*.so $(EXT_STAMP)

@@ -369,3 +369,51 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     print(f"\n{title}")
     print(format_table(headers, rows), flush=True)
+
+
+def check_no_host_sync(fn: Callable[[], object], device: torch.device | str) -> bool | None:
+    """CUDA: whether one call of ``fn()`` runs under ``set_sync_debug_mode("error")``
+    without raising (``None`` on other devices)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        synchronize(device)
+
+
+def extension_state() -> dict[str, Any]:
+    """Which build of recallprune._C ran: its path, modification time and hash."""
+    import hashlib
+
+    import recallprune
+    from recallprune import _C
+
+    path = Path(_C.__file__)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    mtime = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+    return {
+        "recallprune": recallprune.__version__,
+        "extension": str(path),
+        "extension_sha256": digest,
+        "extension_mtime": mtime.isoformat(timespec="seconds"),
+    }
+
+
+def devices_for(choice: str) -> list[torch.device]:
+    """``"cpu"``, ``"cuda"`` (exits if CUDA is missing) or ``"all"`` (CPU, plus CUDA when
+    available)."""
+    if choice == "cpu":
+        return [torch.device("cpu")]
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: CUDA is not available")
+        return [torch.device("cuda")]
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -312,10 +312,20 @@ def build_step(method: Method, t: Tensors) -> Callable[[], None]:
 
         def step() -> None:
             torch.ops.recallprune.undecayed_sgd_(
-                params, t.grads, bufs, keeps, [], [],
-                lr=LR, momentum=MOMENTUM, dampening=0.0, weight_decay=WEIGHT_DECAY,
-                nesterov=False, maximize=False, is_first_step=False,
-            )  # fmt: skip
+                params,
+                t.grads,
+                bufs,
+                keeps,
+                [],
+                [],
+                lr=LR,
+                momentum=MOMENTUM,
+                dampening=0.0,
+                weight_decay=WEIGHT_DECAY,
+                nesterov=False,
+                maximize=False,
+                is_first_step=False,
+            )
 
     with torch.no_grad():
         step()  # creates the momentum buffers

@@ -191,9 +191,13 @@ def ratio_statistics(ratios: Sequence[float], confidence: float = 0.95) -> dict[
     values = np.asarray([r for r in ratios if math.isfinite(r)], dtype=np.float64)
     n = len(values)
     result = dict(
-        mean=math.nan, ci_low=math.nan, ci_high=math.nan, t_statistic=math.nan,
-        p_value=math.nan, wilcoxon_p_value=math.nan,
-    )  # fmt: skip
+        mean=math.nan,
+        ci_low=math.nan,
+        ci_high=math.nan,
+        t_statistic=math.nan,
+        p_value=math.nan,
+        wilcoxon_p_value=math.nan,
+    )
     if n == 0:
         return result
     mean = float(values.mean())
@@ -317,5 +321,7 @@ def welch_test(dense: Any, pruned: Any) -> tuple[float, float]:
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
     if len(a) < 2 or len(b) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
         return math.nan, math.nan
-    test = stats.ttest_ind(a, b, equal_var=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nearly identical samples
+        test = stats.ttest_ind(a, b, equal_var=False)
     return float(test.statistic), float(test.pvalue)

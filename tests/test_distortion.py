@@ -109,10 +109,17 @@ def test_analyze_end_to_end_and_json():
         dense[seed] = _confusion(np.array(DENSE) + jitter)
         noise = generator.integers(-3, 4, size=4)  # so that the seeds' ratios differ
         doubled = np.array([175, 155, 135, 115]) + 2 * jitter + noise
-        pruned.append({"seed": seed, "criterion": "magnitude", "sparsity": 0.9,
-                       "confusion": torch.tensor(_confusion(doubled))})  # fmt: skip
-        pruned.append({"seed": seed, "criterion": "control", "sparsity": 0.9,
-                       "confusion": dense[seed]})  # fmt: skip
+        pruned.append(
+            {
+                "seed": seed,
+                "criterion": "magnitude",
+                "sparsity": 0.9,
+                "confusion": torch.tensor(_confusion(doubled)),
+            }
+        )
+        pruned.append(
+            {"seed": seed, "criterion": "control", "sparsity": 0.9, "confusion": dense[seed]}
+        )
     analysis = D.analyze(dense, pruned)
     magnitude = analysis.summary("magnitude", 0.9)
     assert magnitude.n_seeds == 5

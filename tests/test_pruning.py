@@ -14,9 +14,13 @@ from recallprune.pruning import criteria, select_lowest
 def _mlp(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+        nn.Linear(8, 16),
+        nn.BatchNorm1d(16),
+        nn.ReLU(),
+        nn.Linear(16, 12),
+        nn.ReLU(),
         nn.Linear(12, 3),
-    ).to(dtype)  # fmt: skip
+    ).to(dtype)
 
 
 def _batches(n=4, seed=1, batch=10):
@@ -87,10 +91,17 @@ def test_undecayed_ranks_like_magnitude_at_a_stationary_point():
 def test_lam_comes_from_the_optimizer_group():
     model = _mlp()
     opt = UndecayedSGD(
-        [{"params": model[0].parameters(), "weight_decay": 1e-3},
-         {"params": list(model[3].parameters()) + list(model[5].parameters()), "weight_decay": 0.0},
-         {"params": model[1].parameters()}], lr=0.1, weight_decay=5e-4,
-    )  # fmt: skip
+        [
+            {"params": model[0].parameters(), "weight_decay": 1e-3},
+            {
+                "params": list(model[3].parameters()) + list(model[5].parameters()),
+                "weight_decay": 0.0,
+            },
+            {"params": model[1].parameters()},
+        ],
+        lr=0.1,
+        weight_decay=5e-4,
+    )
     pruner = Pruner(model, "undecayed", optimizer=opt)
     assert pruner._lam_for(model[0].weight) == 1e-3
     assert pruner._lam_for(model[5].weight) == 0.0
