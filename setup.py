@@ -58,6 +58,7 @@ def _extensions():
         "-Wall",
         "-Wno-unused-function",
         "-Wno-unknown-pragmas",
+        "-Wno-psabi",  # ABI notes about vector returns in the per-instruction-set files
     ]
     extra_link_args = ["-fopenmp"]
     include_dirs = [os.path.join(here, "csrc")]

@@ -13,8 +13,10 @@
 namespace recallprune {
 namespace {
 
-// Rows per unit of parallel work.
-constexpr int64_t kRowsPerTask = 4096;
+// Logit values per unit of parallel work (and per block of predicted labels): large enough
+// to amortise scheduling, small enough that a few thousand rows of 1000 classes still
+// spread over the threads.
+constexpr int64_t kValuesPerTask = 1 << 16;
 // Largest C*C for private per-thread histograms (4 copies each, to break the store-to-load
 // dependency of consecutive increments of one bin): 4 * 4096 * 8 B = 128 KiB per thread.
 constexpr int64_t kPrivateBins = 4096;
@@ -36,13 +38,14 @@ void update_cpu(at::Tensor& counts, at::Tensor& invalid, const at::Tensor& input
   const int64_t ignore = ignore_index.value_or(0);
   const auto& kernels = cpu::kernels();
 
-  at::parallel_for(0, rows, std::max<int64_t>(1, kRowsPerTask / inner), [&](int64_t r0, int64_t r1) {
+  const int64_t values_per_row = (logits ? num_classes : 1) * inner;
+  const int64_t block_rows = std::max<int64_t>(1, kValuesPerTask / values_per_row);
+  at::parallel_for(0, rows, block_rows, [&](int64_t r0, int64_t r1) {
     const int thread = at::get_thread_num();
     int64_t* hist = private_bins ? histograms.data() + static_cast<size_t>(thread) * kCopies * bins
                                  : nullptr;
     int64_t bad = 0;
     std::vector<int64_t> pred;
-    const int64_t block_rows = std::max<int64_t>(1, kRowsPerTask / inner);
     for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
       const int64_t b1 = std::min(r1, b0 + block_rows);
       const int64_t entries = (b1 - b0) * inner;

@@ -11,6 +11,8 @@
 #define __BMI2__ 1
 #define __LZCNT__ 1
 #define __POPCNT__ 1
+// GCC flags its own intrinsics headers (the undefined-vector idiom) as maybe-uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "kernels.inl"
