@@ -15,6 +15,7 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 namespace recallprune::cpu::CPU_CAPABILITY {
 namespace {
@@ -64,8 +65,10 @@ inline at::vec::Vectorized<double> load_mask<double>(const uint8_t* mask) {
 #endif
 
 // Vectorised body for float and double: the same steps as undecayed_sgd_element, with
-// fused multiply-adds where torch's CPU kernels use them. Returns where it stopped.
-template <typename T>
+// fused multiply-adds where torch's CPU kernels use them. The common switches (a keep mask,
+// momentum, weight decay) are template parameters, so the hot loop carries no test of them.
+// Returns where it stopped.
+template <typename T, bool kMasked, bool kMomentum, bool kDecay>
 int64_t sgd_vectorized(T* param, const T* grad, T* momentum_buffer, const uint8_t* keep_mask,
                        const uint8_t* decay_mask, T* grad_sum, int64_t begin, int64_t end,
                        const SgdScalars<T>& s, const T* grad_scale) {
@@ -73,7 +76,6 @@ int64_t sgd_vectorized(T* param, const T* grad, T* momentum_buffer, const uint8_
   const Vec zero(T(0));
   const Vec neg_lr(s.neg_lr), momentum(s.momentum), one_minus_dampening(s.one_minus_dampening),
       weight_decay(s.weight_decay);
-  const bool masked = keep_mask != nullptr;
   int64_t i = begin;
   for (; i + Vec::size() <= end; i += Vec::size()) {
     Vec g = Vec::loadu(grad + i);
@@ -81,36 +83,66 @@ int64_t sgd_vectorized(T* param, const T* grad, T* momentum_buffer, const uint8_
       g = g / Vec(*grad_scale);
     }
     const Vec w = Vec::loadu(param + i);
-    const Vec keep = masked ? load_mask<T>(keep_mask + i) : zero;
+    Vec keep;
+    if constexpr (kMasked) {
+      keep = load_mask<T>(keep_mask + i);
+    }
     if (grad_sum != nullptr) {
       const Vec old_sum = Vec::loadu(grad_sum + i);
       const Vec new_sum = old_sum + g;
-      (masked ? Vec::blendv(old_sum, new_sum, keep) : new_sum).store(grad_sum + i);
+      if constexpr (kMasked) {
+        Vec::blendv(old_sum, new_sum, keep).store(grad_sum + i);
+      } else {
+        new_sum.store(grad_sum + i);
+      }
     }
     if (s.maximize) {
       g = g.neg();
     }
-    if (s.has_weight_decay) {
+    if constexpr (kDecay) {
       const Vec decayed = at::vec::fmadd(w, weight_decay, g);
       g = decay_mask != nullptr ? Vec::blendv(g, decayed, load_mask<T>(decay_mask + i)) : decayed;
     }
-    if (s.has_momentum) {
+    if constexpr (kMomentum) {
       Vec buf = s.is_first_step ? g
                                 : at::vec::fmadd(g, one_minus_dampening,
                                                  Vec::loadu(momentum_buffer + i) * momentum);
       g = s.nesterov ? at::vec::fmadd(buf, momentum, g) : buf;
-      if (masked) {
+      if constexpr (kMasked) {
         buf = Vec::blendv(zero, buf, keep);
       }
       buf.store(momentum_buffer + i);
     }
     Vec new_w = at::vec::fmadd(g, neg_lr, w);
-    if (masked) {
+    if constexpr (kMasked) {
       new_w = Vec::blendv(zero, new_w, keep);
     }
     new_w.store(param + i);
   }
   return i;
+}
+
+// Picks the instantiation of sgd_vectorized for the switches of this step.
+template <typename T>
+int64_t sgd_vectorized_dispatch(T* param, const T* grad, T* momentum_buffer,
+                                const uint8_t* keep_mask, const uint8_t* decay_mask, T* grad_sum,
+                                int64_t begin, int64_t end, const SgdScalars<T>& s,
+                                const T* grad_scale) {
+  const auto run = [&](auto masked, auto with_momentum, auto decay) {
+    return sgd_vectorized<T, decltype(masked)::value, decltype(with_momentum)::value,
+                          decltype(decay)::value>(param, grad, momentum_buffer, keep_mask,
+                                                  decay_mask, grad_sum, begin, end, s,
+                                                  grad_scale);
+  };
+  const auto with_decay = [&](auto masked, auto with_momentum) {
+    return s.has_weight_decay ? run(masked, with_momentum, std::true_type{})
+                              : run(masked, with_momentum, std::false_type{});
+  };
+  const auto with_momentum = [&](auto masked) {
+    return s.has_momentum ? with_decay(masked, std::true_type{})
+                          : with_decay(masked, std::false_type{});
+  };
+  return keep_mask != nullptr ? with_momentum(std::true_type{}) : with_momentum(std::false_type{});
 }
 
 template <typename scalar_t>
@@ -126,7 +158,7 @@ void sgd_typed(const SgdRange& r, const SgdHyper& h) {
   const opmath_t* scale = h.grad_scale != nullptr ? &scale_value : nullptr;
   int64_t i = r.begin;
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    i = sgd_vectorized<scalar_t>(param, grad, momentum_buffer, r.keep_mask, r.decay_mask,
+    i = sgd_vectorized_dispatch<scalar_t>(param, grad, momentum_buffer, r.keep_mask, r.decay_mask,
                                  grad_sum, r.begin, r.end, s, scale);
   }
   // Scalar tail (and the whole range for fp16/bf16, computed in float).
