@@ -96,6 +96,7 @@ def test_files_and_their_consistency(tiny_study):
         assert row, (s["criterion"], s["sparsity"])
         assert float(row.group(1)) == pytest.approx(s["mean"], abs=5e-4)
         assert f"| {s['criterion']} | {s['sparsity']:.3f} |" in report
+    assert "n/a ± n/a" not in report  # every accuracy cell filled
     assert "Does intensification grow with sparsity?" in report
     assert "weaker with UP than with magnitude" in report
     assert "de-intensification at low sparsity" in report

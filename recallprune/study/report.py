@@ -92,8 +92,13 @@ def _mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, floa
     return mean, half
 
 
+def _level(sparsity: float) -> float:
+    """A sparsity as a table key (the analysis and the runs round it alike)."""
+    return round(sparsity, 6)
+
+
 def _summaries(results) -> dict[tuple[str, float], dict[str, Any]]:
-    return {(s["criterion"], round(s["sparsity"], 6)): s for s in results["analysis"]["summaries"]}
+    return {(s["criterion"], _level(s["sparsity"])): s for s in results["analysis"]["summaries"]}
 
 
 def answers(results: dict[str, Any]) -> list[str]:
@@ -242,9 +247,7 @@ def render_report(results: dict[str, Any], out: Path) -> str:
         row = [f"{s:.3f}"]
         for arm in arms:
             summary = summaries.get((arm, s))
-            rnd = [
-                r for r in runs if r["criterion"] == arm and abs(r["nominal_sparsity"] - s) < 1e-9
-            ]
+            rnd = [r for r in runs if r["criterion"] == arm and _level(r["nominal_sparsity"]) == s]
             accs = [r["accuracy"] for r in rnd] if s > 0 else [r["accuracy"] for r in dense_runs]
             mean, half = _mean_ci(accs)
             row.append(f"{_fmt(mean, 4)} ± {_fmt(half, 4)}" if summary else "n/a")
@@ -299,7 +302,7 @@ def render_report(results: dict[str, Any], out: Path) -> str:
     top = sparsities[-1] if sparsities else 0.0
     header = ["class", "dense"] + [f"{arm} @ {top:.3f}" for arm in arms]
     class_tests = {
-        (t["criterion"], round(t["sparsity"], 6), t["class_index"]): t
+        (t["criterion"], _level(t["sparsity"]), t["class_index"]): t
         for t in analysis["class_tests"]
     }
     rows = []
@@ -307,7 +310,7 @@ def render_report(results: dict[str, Any], out: Path) -> str:
         dense_recall = [r["recall"][c] for r in dense_runs]
         row = [str(c), _fmt(_mean_ci(dense_recall)[0])]
         for arm in arms:
-            test = class_tests.get((arm, round(top, 6), c))
+            test = class_tests.get((arm, _level(top), c))
             if test is None:
                 row.append("n/a")
                 continue
@@ -429,7 +432,7 @@ def write_plots(results: dict[str, Any], out: Path) -> None:
             accs = [
                 r["accuracy"]
                 for r in runs
-                if r["criterion"] == arm and abs(r["nominal_sparsity"] - s) < 1e-9
+                if r["criterion"] == arm and _level(r["nominal_sparsity"]) == s
             ]
             mean, half = _mean_ci(accs)
             xs.append(s)
