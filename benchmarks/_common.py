@@ -417,3 +417,68 @@ def devices_for(choice: str) -> list[torch.device]:
             raise SystemExit("--device cuda: CUDA is not available")
         return [torch.device("cuda")]
     return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+def add_timing_arguments(parser, unit: str, name: str, defaults: dict[str, float]) -> None:
+    """The flags both benchmarks share. ``unit``: what one timed call is ("steps", "calls");
+    ``name``: the JSON's stem; ``defaults``: repeats, warmup and max_seconds of a full run."""
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "all"),
+        default="all",
+        help="cpu, cuda, or all (default: cpu, plus cuda when available)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed {unit} per method, in all (default {defaults['repeats']})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"untimed {unit}, split over the rounds (default {defaults['warmup']})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="round-robin rounds over the methods; the repeats are split over them, so a slow "
+        "spell of a shared machine hits every method alike (default 3)",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help=f"lower the repeats of a slow method (never below 5) so that its timed {unit} "
+        f"take about this long in all (default {defaults['max_seconds']}; 0: never lower)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes and few repeats: a smoke run"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"JSON path for all devices (default: benchmarks/results/{name}-<device>.json "
+        "per device, -quick appended with --quick)",
+    )
+
+
+def resolve_timing_arguments(args, parser, defaults: dict[str, float], quick_max_seconds: float):
+    """Fill the timing flags left unset (smaller values with --quick) and check them."""
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else int(defaults["repeats"])
+    if args.warmup is None:
+        args.warmup = 1 if args.quick else int(defaults["warmup"])
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.max_seconds is None:
+        args.max_seconds = quick_max_seconds if args.quick else defaults["max_seconds"]
+    if args.max_seconds <= 0:
+        args.max_seconds = None
+    if args.repeats < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--repeats and --rounds must be >= 1 and --warmup >= 0")

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from _common import (
     RESULTS_DIR,
+    add_timing_arguments,
     check_no_host_sync,
     device_name,
     devices_for,
@@ -47,6 +48,7 @@ from _common import (
     extension_state,
     git_state,
     print_table,
+    resolve_timing_arguments,
     slugify,
     synchronize,
     time_interleaved,
@@ -408,34 +410,12 @@ def _int_list(text: str) -> list[int]:
     return [int(float(v)) for v in text.split(",") if v.strip()]
 
 
+CONFUSION_DEFAULTS = {"repeats": 50, "warmup": 6, "max_seconds": 0.75}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--device",
-        choices=("cpu", "cuda", "all"),
-        default="all",
-        help="cpu, cuda, or all (default: cpu, plus cuda when available)",
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="timed calls per method, in all (default 50)"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed calls, split over the rounds (default 6)"
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help="round-robin rounds over the methods; the repeats are split over them, so a slow "
-        "spell of a shared machine hits every method alike (default 3)",
-    )
-    parser.add_argument(
-        "--max-seconds",
-        type=float,
-        default=None,
-        help="lower the repeats of a slow method (never below 5) so that its timed calls "
-        "take about this long in all, per case (default 0.75; 0: never lower)",
-    )
+    add_timing_arguments(parser, "calls", "confusion", CONFUSION_DEFAULTS)
     parser.add_argument(
         "--classes", type=_int_list, default=None, help="comma-separated C (default 2,10,100,1000)"
     )
@@ -448,29 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dtypes", default=None, help="comma-separated subset of fp32, bf16 (default both)"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny grid and few repeats: a smoke run"
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="JSON path for all devices (default: benchmarks/results/confusion-<device>.json "
-        "per device, -quick appended with --quick)",
-    )
     args = parser.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else 50
-    if args.warmup is None:
-        args.warmup = 1 if args.quick else 6
-    if args.rounds is None:
-        args.rounds = 1 if args.quick else 3
-    if args.max_seconds is None:
-        args.max_seconds = 0.2 if args.quick else 0.75
-    if args.max_seconds <= 0:
-        args.max_seconds = None
+    resolve_timing_arguments(args, parser, CONFUSION_DEFAULTS, quick_max_seconds=0.2)
     if args.classes is None:
         args.classes = list(QUICK_CLASSES if args.quick else CLASSES)
     if args.sizes is None:
@@ -479,8 +438,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.dtypes) - set(DTYPES)
     if unknown:
         parser.error(f"--dtypes: unknown {sorted(unknown)}")
-    if args.repeats < 1 or args.warmup < 0 or args.rounds < 1:
-        parser.error("--repeats and --rounds must be >= 1 and --warmup >= 0")
     if min(args.classes + args.sizes) < 1:
         parser.error("--classes and --sizes must be positive")
     return args

@@ -33,8 +33,6 @@ smoke run of a few seconds). Results go to ``benchmarks/results/optimizer-<devic
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import math
 import sys
 import time
@@ -46,18 +44,22 @@ from typing import Any
 import torch
 from _common import (
     RESULTS_DIR,
+    add_timing_arguments,
     bandwidth_fn,
+    check_no_host_sync,
     device_name,
+    devices_for,
     environment,
+    extension_state,
     git_state,
     print_table,
+    resolve_timing_arguments,
     slugify,
     synchronize,
     time_interleaved,
     write_json,
 )
 
-import recallprune
 from recallprune import UndecayedSGD, has_ops, load_error
 
 LR = 0.01
@@ -338,22 +340,6 @@ def build_step(method: Method, t: Tensors) -> Callable[[], None]:
     return no_grad_step
 
 
-def check_no_host_sync(step: Callable[[], None], device: torch.device) -> bool | None:
-    """CUDA: whether one step runs under ``set_sync_debug_mode("error")`` without raising."""
-    if device.type != "cuda":
-        return None
-    synchronize(device)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-        return True
-    except RuntimeError:
-        return False
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-        synchronize(device)
-
-
 # -- one workload ---------------------------------------------------------------------------
 
 SPEEDUP_BASELINES = (  # key in the JSON, table header
@@ -536,94 +522,24 @@ def print_workload(result: dict[str, Any], device: torch.device) -> None:
     print_table(title, headers, table)
 
 
-def extension_state() -> dict[str, Any]:
-    """Which build of recallprune._C ran: its path, modification time and hash."""
-    from recallprune import _C
-
-    path = Path(_C.__file__)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    mtime = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
-    return {
-        "recallprune": recallprune.__version__,
-        "extension": str(path),
-        "extension_sha256": digest,
-        "extension_mtime": mtime.isoformat(timespec="seconds"),
-    }
-
-
 # -- main -----------------------------------------------------------------------------------
+
+
+OPTIMIZER_DEFAULTS = {"repeats": 30, "warmup": 5, "max_seconds": 3.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--device",
-        choices=("cpu", "cuda", "all"),
-        default="all",
-        help="cpu, cuda, or all (default: cpu, plus cuda when available)",
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="timed steps per method, in all (default 30)"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed steps, split over the rounds (default 5)"
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help="round-robin rounds over the methods; the repeats are split over them, so a slow "
-        "spell of a shared machine hits every method alike (default 3)",
-    )
-    parser.add_argument(
-        "--max-seconds",
-        type=float,
-        default=None,
-        help="lower the repeats of a slow method (never below 5) so that its timed steps "
-        "take about this long in all (default 3; 0: never lower)",
-    )
+    add_timing_arguments(parser, "steps", "optimizer", OPTIMIZER_DEFAULTS)
     parser.add_argument(
         "--workloads",
         default=None,
         help="comma-separated subset of: resnet18, single-16M, small-2000, 1B",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes and few repeats: a smoke run"
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="JSON path for all devices (default: benchmarks/results/optimizer-<device>.json "
-        "per device, -quick appended with --quick)",
-    )
     parser.add_argument("--verbose", action="store_true", help="print each method as it ends")
     args = parser.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else 30
-    if args.warmup is None:
-        args.warmup = 1 if args.quick else 5
-    if args.rounds is None:
-        args.rounds = 1 if args.quick else 3
-    if args.max_seconds is None:
-        args.max_seconds = 0.5 if args.quick else 3.0
-    if args.max_seconds <= 0:
-        args.max_seconds = None
-    if args.repeats < 1 or args.warmup < 0 or args.rounds < 1:
-        parser.error("--repeats and --rounds must be >= 1 and --warmup >= 0")
+    resolve_timing_arguments(args, parser, OPTIMIZER_DEFAULTS, quick_max_seconds=0.5)
     return args
-
-
-def devices_for(choice: str) -> list[torch.device]:
-    if choice == "cpu":
-        return [torch.device("cpu")]
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: CUDA is not available")
-        return [torch.device("cuda")]
-    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
