@@ -15,7 +15,7 @@ import torch
 
 from recallprune.study import runner
 from recallprune.study.cli import main
-from recallprune.study.config import StudyConfig, rounds_for
+from recallprune.study.config import StudyConfig, read_config_file, rounds_for
 from recallprune.study.datasets import load_dataset
 from recallprune.study.models import build_model, output_layer_name
 
@@ -220,9 +220,7 @@ def test_config_file_and_flag_override(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("learning_rate = 3\n")
     with pytest.raises(ValueError, match="unknown config keys \\['learning_rate'\\]"):
-        StudyConfig.from_dict(
-            __import__("recallprune.study.config").study.config.read_config_file(bad)
-        )
+        StudyConfig.from_dict(read_config_file(bad))
 
 
 def test_analyze_command_json_and_npz(tmp_path, capsys):

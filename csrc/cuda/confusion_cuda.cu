@@ -12,13 +12,20 @@
 
 #include <cuda_runtime.h>
 
+#include <array>
+#include <atomic>
+
 namespace recallprune {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
-// Largest C*C kept in shared memory (32-bit counters, 48 KiB).
-constexpr int64_t kSharedBins = 12288;
+// Largest C*C kept in shared memory: 32-bit counters in the 48 KiB a block may use without
+// opting in, less room for the kernels' static shared variables.
+constexpr int64_t kSharedBytes = 48 * 1024 - 256;
+constexpr int64_t kSharedBins = kSharedBytes / sizeof(unsigned int);
+static_assert(kSharedBins * sizeof(unsigned int) + sizeof(unsigned int) <= 48 * 1024,
+              "the histogram and block_invalid must fit in 48 KiB of shared memory");
 // Rows of at least this many classes get a warp each; shorter rows a thread each.
 constexpr int64_t kWarpPerRowClasses = 128;
 
@@ -138,6 +145,8 @@ __global__ void __launch_bounds__(kThreads)
   unsigned int bad = 0;
   for (int64_t r = blockIdx.x * warps_per_block + threadIdx.x / kWarp; r < rows;
        r += static_cast<int64_t>(gridDim.x) * warps_per_block) {
+    const int64_t truth = target[r];
+    if (k.has_ignore && truth == k.ignore_index) continue;  // the same for the whole warp
     const scalar_t* row = logits + r * classes;
     opmath_t best = static_cast<opmath_t>(row[0]);
     int64_t best_index = 0;
@@ -157,7 +166,7 @@ __global__ void __launch_bounds__(kThreads)
         best_index = other_index;
       }
     }
-    if (lane == 0) bad += count_pair(k, hist, target[r], best_index);
+    if (lane == 0) bad += count_pair(k, hist, truth, best_index);
   }
   flush_block(k, hist, &block_invalid, bad);
 }
@@ -180,11 +189,26 @@ __global__ void __launch_bounds__(kThreads)
 
 // Blocks to launch: enough to fill the GPU, and enough that no block counts more than
 // 2^30 entries (its 32-bit shared counters cannot overflow).
-int64_t grid_size(int64_t work_items, int64_t items_per_block) {
+int multiprocessors() {
+  // Cached per device: the attribute query is not free, and updates are frequent.
+  static std::array<std::atomic<int>, 64> cache{};
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device < 0 || device >= static_cast<int>(cache.size())) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return sms;
+  }
+  int sms = cache[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
+int64_t grid_size(int64_t work_items, int64_t items_per_block) {
+  const int sms = multiprocessors();
   const int64_t needed = (work_items + items_per_block - 1) / items_per_block;
   const int64_t floor_for_counters = (work_items >> 30) + 1;
   return std::max<int64_t>(1, std::max(floor_for_counters, std::min<int64_t>(needed, sms * 8)));
