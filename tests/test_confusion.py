@@ -38,7 +38,7 @@ def _sklearn(target, pred, c):
 
 
 @pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
-@pytest.mark.parametrize("c", [2, 3, 10, 31, 32, 33, 127, 128, 1000])
+@pytest.mark.parametrize("c", [2, 3, 10, 31, 32, 33, 127, 128, 255, 256, 1000])
 @pytest.mark.parametrize("n", [1, 17, 4099])
 def test_kernel_matches_reference_and_sklearn(kernel_device, dtype, c, n):
     x = _logits(n, c, dtype, seed=c * 7 + n)

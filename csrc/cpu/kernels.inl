@@ -242,6 +242,9 @@ int64_t argmax_row(const T* x, int64_t n) {
   return 0;  // unreachable: top came from the row
 }
 
+// Rows shorter than this take the gather argmax below (class indices stay exact in T).
+constexpr int64_t kGatherClasses = 256;
+
 // Argmax of Vec::size() short rows at once: lane j walks row j through a strided gather,
 // so the compares are vector-wide and branch-free.
 template <typename T>
@@ -253,7 +256,7 @@ void argmax_short_rows(const T* x, int64_t num_classes, int64_t rows, int64_t* o
   for (; r + Vec::size() <= rows; r += Vec::size()) {
     const T* block = x + r * num_classes;
     Vec best = at::vec::gather<sizeof(T)>(block, row_offsets);
-    Vec index(T(0));  // class indices < 32 are exact in T
+    Vec index(T(0));  // class indices below kGatherClasses are exact in T
     for (int64_t c = 1; c < num_classes; ++c) {
       const Vec value = at::vec::gather<sizeof(T)>(block + c, row_offsets);
       const Vec take = (value > best) | ((value != value) & (best == best));
@@ -279,7 +282,7 @@ template <typename T>
 void argmax_rows(const T* logits, int64_t num_classes, int64_t inner, int64_t rows,
                  int64_t* pred) {
   if (inner == 1) {
-    if (num_classes < 32) {
+    if (num_classes < kGatherClasses) {
       argmax_short_rows(logits, num_classes, rows, pred);
     } else {
       for (int64_t r = 0; r < rows; ++r) {
