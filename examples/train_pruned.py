@@ -14,7 +14,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import recallprune
-from recallprune import UndecayedSGD, decay_param_groups
+from recallprune import Pruner, UndecayedSGD, decay_param_groups
 
 
 def load_data(seed: int):
@@ -68,16 +68,12 @@ def main(argv=None) -> None:
     print(f"dense model: test accuracy {dense_accuracy:.4f} after {args.epochs} epochs")
 
     # Global magnitude pruning of the hidden layers' weights (the output layer is kept).
-    weights = [model[0].weight, model[2].weight]
-    scores = torch.cat([w.detach().abs().flatten() for w in weights])
-    n_pruned = int(args.sparsity * scores.numel())
-    threshold = scores.kthvalue(n_pruned).values
-    for weight in weights:
-        optimizer.set_mask(weight, weight.detach().abs() > threshold)
-    kept = sum(int(optimizer.get_mask(w).sum()) for w in weights)
+    pruner = Pruner(model, "magnitude", exclude=["4"], optimizer=optimizer)
+    pruner.prune(sparsity=args.sparsity)
+    weights = list(pruner.params.values())
     print(
-        f"pruned {scores.numel() - kept} of {scores.numel()} hidden weights "
-        f"({1 - kept / scores.numel():.1%}) by magnitude"
+        f"pruned {pruner.num_pruned()} of {pruner.num_weights()} hidden weights "
+        f"({pruner.sparsity():.1%}) by magnitude"
     )
     print(f"pruned model before fine-tuning: test accuracy {accuracy(model, x_test, y_test):.4f}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distortion import recall_and_accuracy
 from ..metrics import ConfusionCounter
 from ..optim import UndecayedSGD, decay_param_groups
 from ..pruning import Pruner
@@ -181,18 +183,16 @@ def make_record(
     train_loss: float,
     seconds: float,
 ) -> dict[str, Any]:
-    support = confusion.sum(dim=1)
-    recall = confusion.diagonal().double() / support.double()
-    total = int(confusion.sum())
+    recall, accuracy = recall_and_accuracy(confusion)
     return {
         "seed": seed,
         "criterion": criterion,
         "round": round_index,
         "nominal_sparsity": nominal,
         "sparsity": sparsity,
-        "accuracy": float(confusion.trace()) / total if total else None,
-        "recall": [None if torch.isnan(r) else float(r) for r in recall],
-        "support": support.tolist(),
+        "accuracy": None if math.isnan(accuracy) else accuracy,
+        "recall": [None if math.isnan(r) else float(r) for r in recall],
+        "support": confusion.sum(dim=1).tolist(),
         "confusion": confusion.tolist(),
         "train_loss": train_loss,
         "seconds": round(seconds, 3),
