@@ -104,6 +104,166 @@ def test_files_and_their_consistency(tiny_study):
     assert len(csv_lines) == len(runs) + 1
 
 
+def _bh(p):
+    """Benjamini-Hochberg by hand (tests/test_distortion.py checks it against scipy)."""
+    p = np.asarray(p, dtype=float)
+    order = np.argsort(p)
+    scaled = p[order] * len(p) / np.arange(1, len(p) + 1)
+    out = np.empty(len(p))
+    out[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    return out
+
+
+def test_results_fields_recomputed_from_the_raw_matrices(tiny_study):
+    from scipy import stats
+    from statsmodels.stats.power import TTestPower
+
+    from recallprune import distortion as D
+
+    out, results = tiny_study
+    runs = results["runs"]
+    dense = {r["seed"]: np.asarray(r["confusion"], dtype=float) for r in runs if r["round"] == 0}
+
+    def gaps(counts):
+        recall = np.diag(counts) / counts.sum(axis=1)
+        return recall - np.trace(counts) / counts.sum()
+
+    ratios = {}
+    for r in runs:
+        if r["criterion"] != "dense":
+            d0, dt = gaps(dense[r["seed"]]), gaps(np.asarray(r["confusion"], dtype=float))
+            key = (r["criterion"], round(r["nominal_sparsity"], 6))
+            ratios.setdefault(key, {})[r["seed"]] = float(np.sum(d0 * dt) / np.sum(d0**2))
+    summaries = {
+        (s["criterion"], round(s["sparsity"], 6)): s for s in results["analysis"]["summaries"]
+    }
+    criteria_cells = sorted(k for k in ratios if k[0] != "control")
+    raw_p, control_p = [], []
+    for key in criteria_cells:
+        s, values = summaries[key], ratios[key]
+        control = ratios[("control", key[1])]
+        seeds = sorted(values)
+        x = np.array([values[k] for k in seeds])
+        c = np.array([control[k] for k in seeds])
+        assert s["n_seeds"] == len(seeds) == 2
+        assert s["ratios"] == pytest.approx(list(x))
+        assert s["mean"] == pytest.approx(x.mean())
+        assert s["p_value"] == pytest.approx(stats.ttest_1samp(x, 1.0).pvalue)
+        assert s["diff_vs_control"] == pytest.approx((x - c).mean())
+        half = stats.t.ppf(0.975, 1) * stats.sem(x - c)
+        assert s["diff_vs_control_ci_low"] == pytest.approx((x - c).mean() - half)
+        assert s["diff_vs_control_ci_high"] == pytest.approx((x - c).mean() + half)
+        assert s["p_vs_control"] == pytest.approx(stats.ttest_rel(x, c).pvalue)
+        effect = TTestPower().solve_power(nobs=2, alpha=0.05, power=0.8)
+        assert s["min_detectable_effect"] == pytest.approx(effect * np.std(x, ddof=1), rel=1e-5)
+        noise = [
+            D.measurement_sd(
+                dense[k],
+                np.asarray(
+                    next(
+                        r["confusion"]
+                        for r in runs
+                        if r["seed"] == k
+                        and r["criterion"] == key[0]
+                        and round(r["nominal_sparsity"], 6) == key[1]
+                    )
+                ),
+                200,
+                np.random.default_rng(D.bootstrap_seed(k, key[0], key[1])),
+            )
+            for k in seeds
+        ]
+        assert s["measurement_sd"] == pytest.approx(np.sqrt(np.mean(np.square(noise))))
+        assert 0 < s["measurement_sd"] < 1
+        raw_p.append(s["p_value"])
+        control_p.append(s["p_vs_control"])
+    adjusted = _bh(raw_p)
+    adjusted_control = _bh(control_p)
+    for key, p, q in zip(criteria_cells, adjusted, adjusted_control, strict=True):
+        s = summaries[key]
+        assert s["p_adjusted"] == pytest.approx(p)
+        assert s["p_vs_control_adjusted"] == pytest.approx(q)
+        assert s["verdict"] == D.verdict(s["mean"], p)
+    for key, s in summaries.items():
+        if key[0] == "control" or key[1] == 0:
+            assert s["p_vs_control_adjusted"] in (None, s["p_vs_control_adjusted"])
+        if key[0] == "control":
+            assert s["diff_vs_control"] is None and s["p_vs_control"] is None
+    # The environment the runs were computed in, in results.json and in the report.
+    environment = results["environment"]
+    assert environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert environment["torch"] == torch.__version__ and environment["device"] == "cpu"
+    assert environment["threads"] == torch.get_num_threads()
+    assert f"instruction set {environment['cpu_capability']}" in (out / "report.md").read_text()
+
+
+def test_analyze_refuses_bad_input_with_clear_errors(tmp_path, capsys):
+    good = [[40, 10], [5, 45]]
+    base = {"dense": {"0": good, "1": [[42, 8], [6, 44]]}}
+    record = {"seed": 0, "criterion": "mp", "sparsity": 0.5, "confusion": [[45, 5], [10, 40]]}
+    cases = {
+        "twice": (dict(base, pruned=[record, record]), "same seed, criterion and sparsity"),
+        "negative": (
+            dict(base, pruned=[dict(record, confusion=[[-51, 1], [8, 40]])]),
+            "count [0, 0] = -51.0 is negative",
+        ),
+        "fraction": (
+            dict(base, pruned=[dict(record, confusion=[[4.5, 1], [8, 40]])]),
+            "is not a whole number",
+        ),
+        "nan": (
+            dict(base, pruned=[dict(record, confusion=[[float("nan"), 1], [8, 40]])]),
+            "is not finite",
+        ),
+        "huge": (
+            dict(base, pruned=[dict(record, confusion=[[1e300, 1], [8, 40]])]),
+            "larger than 2**53",
+        ),
+        "collide": (
+            {"dense": {"0": good, "00": good}, "pruned": [record]},
+            "seeds '0' and '00' are both seed 0",
+        ),
+        "fractional seed": (dict(base, pruned=[dict(record, seed=0.5)]), "is not an integer"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '-')}.json"
+        path.write_text(json.dumps(content))
+        assert main(["analyze", str(path)]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err, (name, err)
+    npz = tmp_path / "float-seeds.npz"
+    np.savez(
+        npz,
+        dense=np.stack([good, good]),
+        dense_seed=np.array([0.0, 1.5]),
+        pruned=np.stack([good]),
+        pruned_seed=np.array([0]),
+        pruned_criterion=np.array(["mp"]),
+        pruned_sparsity=np.array([0.5]),
+    )
+    assert main(["analyze", str(npz)]) == 2
+    assert "dense_seed: seed 1.5 is not an integer" in capsys.readouterr().err
+    # Whole-number float seeds are seeds.
+    np.savez(
+        npz,
+        dense=np.stack([good, [[42, 8], [6, 44]]]),
+        dense_seed=np.array([0.0, 1.0]),
+        pruned=np.stack([[[45, 5], [10, 40]], [[46, 4], [12, 38]]]),
+        pruned_seed=np.array([0.0, 1.0]),
+        pruned_criterion=np.array(["mp", "mp"]),
+        pruned_sparsity=np.array([0.5, 0.5]),
+    )
+    assert main(["analyze", str(npz)]) == 0
+    assert "mp" in capsys.readouterr().out
+
+
+def test_study_refuses_repeated_criteria(tmp_path, capsys):
+    out = tmp_path / "twice"
+    assert main(["-q", "study", *TINY, "--criteria", "magnitude", "magnitude", "--out", str(out)])
+    assert "criteria must be distinct" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+
+
 def test_resume_after_interruption_gives_the_same_results(tiny_study, tmp_path, monkeypatch):
     _, complete = tiny_study
     out = tmp_path / "resumed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import fields
@@ -93,6 +94,7 @@ def _config_from_args(args) -> StudyConfig:
 
 
 def cmd_study(args) -> int:
+    from .environment import describe
     from .report import write_outputs
 
     config = _config_from_args(args)
@@ -100,7 +102,7 @@ def cmd_study(args) -> int:
     start = time.perf_counter()
     runs = study.run()
     if study.dist.is_main:
-        write_outputs(config.to_dict(), runs, Path(config.out))
+        write_outputs(config.to_dict(), runs, Path(config.out), describe(config.device))
         minutes = (time.perf_counter() - start) / 60
         reused = f", {study.reused} reused" if study.reused else ""
         print(
@@ -118,48 +120,123 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _seed(value: Any, where: str) -> int:
+    """A seed as an integer: ints, whole floats and decimal strings; anything else refused
+    (a fractional seed would be truncated into another seed)."""
+    if isinstance(value, np.generic):  # from an NPZ file
+        value = value.item()
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: seed {value!r} is not an integer")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.lstrip("-").isdigit():
+            raise ValueError(f"{where}: seed {value!r} is not an integer")
+        return int(text)
+    number = float(value)
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f"{where}: seed {value!r} is not an integer")
+    return int(number)
+
+
+def _seed_map(pairs, where: str) -> dict[int, Any]:
+    """``{seed: matrix}`` from (raw seed, matrix) pairs, refusing raw seeds that name the same
+    integer (JSON keys "0" and "00", say), which would silently drop a matrix."""
+    out: dict[int, Any] = {}
+    raw: dict[int, Any] = {}
+    for value, matrix in pairs:
+        seed = _seed(value, where)
+        if seed in out:
+            raise ValueError(
+                f"{where}: seeds {raw[seed]!r} and {value!r} are both seed {seed}; give each "
+                "dense model once"
+            )
+        out[seed], raw[seed] = matrix, value
+    return out
+
+
 def load_matrices(path: Path) -> tuple[dict[Any, np.ndarray], list[dict[str, Any]]]:
-    """Confusion matrices a user brings (see the README's format): JSON or NPZ."""
+    """Confusion matrices a user brings (see the README's format): JSON or NPZ. Seeds are
+    read as integers; the counts themselves are checked by the analysis."""
     if not path.exists():
         raise StudyError(f"{path} does not exist")
     try:
         if path.suffix == ".npz":
             data = np.load(path, allow_pickle=False)
-            dense = {int(s): m for s, m in zip(data["dense_seed"], data["dense"], strict=True)}
+            dense = _seed_map(zip(data["dense_seed"], data["dense"], strict=True), "dense_seed")
             pruned = [
-                {"seed": int(s), "criterion": str(c), "sparsity": float(t), "confusion": m}
-                for s, c, t, m in zip(
-                    data["pruned_seed"],
-                    data["pruned_criterion"],
-                    data["pruned_sparsity"],
-                    data["pruned"],
-                    strict=True,
+                {
+                    "seed": _seed(s, f"pruned_seed[{i}]"),
+                    "criterion": str(c),
+                    "sparsity": float(t),
+                    "confusion": m,
+                }
+                for i, (s, c, t, m) in enumerate(
+                    zip(
+                        data["pruned_seed"],
+                        data["pruned_criterion"],
+                        data["pruned_sparsity"],
+                        data["pruned"],
+                        strict=True,
+                    )
                 )
             ]
         else:
             data = json.loads(path.read_text())
-            dense = {int(s): np.asarray(m) for s, m in data["dense"].items()}
-            pruned = [dict(r, confusion=np.asarray(r["confusion"])) for r in data["pruned"]]
-    except (KeyError, ValueError, TypeError, OSError) as error:
+            dense = _seed_map(
+                ((s, np.asarray(m, dtype=np.float64)) for s, m in data["dense"].items()), "dense"
+            )
+            pruned = [
+                dict(
+                    r,
+                    seed=_seed(r["seed"], f"pruned[{i}]"),
+                    confusion=np.asarray(r["confusion"], dtype=np.float64),
+                )
+                for i, r in enumerate(data["pruned"])
+            ]
+    except (KeyError, ValueError, TypeError, OSError, AttributeError) as error:
+        detail = f"no {error.args[0]!r} entry" if isinstance(error, KeyError) else error
         raise StudyError(
-            f"{path} is not a confusion-matrix file as the README describes ({error!r})"
+            f"{path} is not a confusion-matrix file as the README describes: {detail}"
         ) from error
     return dense, pruned
 
 
 def cmd_analyze(args) -> int:
     dense, pruned = load_matrices(Path(args.file))
-    analysis = D.analyze(dense, pruned, level=args.level, relative=args.relative)
-    print(
-        f"{'criterion':<14} {'sparsity':>8} {'seeds':>5} {'ratio':>7} {'95% CI':>17} "
-        f"{'p':>8} {'Wilcoxon':>8}  verdict"
+    analysis = D.analyze(
+        dense,
+        pruned,
+        level=args.level,
+        relative=args.relative,
+        control=args.control or None,
+        bootstrap=args.bootstrap,
     )
+    vs_control = analysis.control is not None
+    header = (
+        f"{'criterion':<14} {'sparsity':>8} {'seeds':>5} {'ratio':>7} {'95% CI':>17} "
+        f"{'p':>8} {'p adj':>8} {'MDE':>6} {'meas sd':>7}  verdict"
+    )
+    if vs_control:
+        header += f" | {'vs ' + analysis.control:>12} {'p adj':>8}  verdict vs control"
+    print(header)
     for s in analysis.summaries:
         ci = f"[{s.ci_low:.3f}, {s.ci_high:.3f}]"
-        print(
+        line = (
             f"{s.criterion:<14} {s.sparsity:>8.3f} {s.n_seeds:>5} {s.mean:>7.3f} {ci:>17} "
-            f"{s.p_value:>8.2g} {s.wilcoxon_p_value:>8.2g}  {s.verdict}"
+            f"{s.p_value:>8.2g} {s.p_adjusted:>8.2g} {s.min_detectable_effect:>6.3f} "
+            f"{s.measurement_sd:>7.3f}  {s.verdict}"
         )
+        if vs_control and s.diff_vs_control is not None:
+            line += (
+                f" | {s.diff_vs_control:>+12.3f} {s.p_vs_control_adjusted:>8.2g}  "
+                f"{s.verdict_vs_control}"
+            )
+        print(line)
+    print(
+        f"p adj: Benjamini-Hochberg within each family of tests; verdicts at level {args.level} "
+        "on adjusted p. MDE: the smallest |ratio - 1| these seeds could detect (power 0.8); "
+        "meas sd: the ratio's spread under resampling of the test set."
+    )
     if args.out:
         atomic_write_text(Path(args.out), json.dumps(analysis.to_dict(), indent=1) + "\n")
         print(f"wrote {args.out}")
@@ -182,8 +259,22 @@ def build_parser() -> argparse.ArgumentParser:
         "analyze", help="the distortion analysis of confusion matrices from elsewhere"
     )
     analyze.add_argument("file", help="JSON or NPZ file of dense and pruned confusion matrices")
-    analyze.add_argument("--level", type=float, default=0.05)
+    analyze.add_argument(
+        "--level", type=float, default=0.05, help="significance level of the verdicts (0.05)"
+    )
     analyze.add_argument("--relative", action="store_true", help="use gaps r / a - 1")
+    analyze.add_argument(
+        "--control",
+        default=D.CONTROL,
+        help="criterion name of the control arm, compared with every other criterion at the "
+        "same seed and sparsity (default: 'control'; '' for none)",
+    )
+    analyze.add_argument(
+        "--bootstrap",
+        type=int,
+        default=200,
+        help="test-set resamples per model for the measurement noise (default 200; 0: skip)",
+    )
     analyze.add_argument("--out", help="write the analysis as JSON here")
     return parser
 

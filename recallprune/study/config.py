@@ -66,6 +66,12 @@ class StudyConfig:
             raise ValueError(
                 f"criteria must be a non-empty subset of {CRITERIA}, got {self.criteria}"
             )
+        repeated = sorted({c for c in self.criteria if self.criteria.count(c) > 1})
+        if repeated:
+            raise ValueError(
+                f"criteria must be distinct, got {self.criteria} ({', '.join(repeated)} twice): "
+                "a repeated arm would count the same models as more seeds"
+            )
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}")
         if not 0 < self.fraction < 1:

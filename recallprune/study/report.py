@@ -46,10 +46,17 @@ def analysis_inputs(runs: list[dict[str, Any]]):
     return dense, pruned
 
 
-def build_results(config: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+def build_results(
+    config: dict[str, Any], runs: list[dict[str, Any]], environment: dict[str, Any] | None = None
+) -> dict[str, Any]:
     dense, pruned = analysis_inputs(runs)
-    analysis = D.analyze(dense, pruned, level=config.get("level", 0.05))
-    return {"config": config, "runs": runs, "analysis": analysis.to_dict()}
+    analysis = D.analyze(dense, pruned, level=config.get("level", 0.05), control=CONTROL)
+    return {
+        "config": config,
+        "environment": environment,
+        "runs": runs,
+        "analysis": analysis.to_dict(),
+    }
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -66,9 +73,9 @@ def _p(x: Any) -> str:
     return f"{x:.2g}" if x >= 1e-3 else f"{x:.1e}"
 
 
-def _nanmean(values: list[Any]) -> float:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
+def _float(x: Any) -> float:
+    """A JSON number (None for NaN) as a float."""
+    return math.nan if x is None else float(x)
 
 
 def _percent(x: Any) -> float | None:
@@ -81,15 +88,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return math.nan, math.nan
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return mean, math.nan
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * stats.sem(values))
-    return mean, half
+def _mean_half(values: list[Any], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the t-interval (the analysis's statistics)."""
+    result = D.mean_statistics([_float(v) for v in values], 0.0, confidence)
+    return result["mean"], result["ci_high"] - result["mean"]
 
 
 def _level(sparsity: float) -> float:
@@ -101,98 +103,285 @@ def _summaries(results) -> dict[tuple[str, float], dict[str, Any]]:
     return {(s["criterion"], _level(s["sparsity"])): s for s in results["analysis"]["summaries"]}
 
 
-def answers(results: dict[str, Any]) -> list[str]:
-    """The paper's three questions, answered from this run's numbers."""
-    level = results["analysis"]["level"]
-    summaries = _summaries(results)
-    criteria = [c for c in results["config"]["criteria"]]
-    sparsities = sorted({s for _, s in summaries if s > 0})
-    out = []
+def _per_seed(summary: dict[str, Any] | None) -> dict[Any, float]:
+    if not summary:
+        return {}
+    return {seed: _float(r) for seed, r in zip(summary["seeds"], summary["ratios"], strict=True)}
 
-    # 1. Does intensification grow with sparsity?
-    lines = []
-    for criterion in [*criteria, CONTROL]:
-        xs, ys = [], []
+
+def _versus_control(summaries, criterion: str, sparsity: float) -> dict[Any, float]:
+    """Per seed: the criterion's ratio minus the control's at the same round (the ratio alone
+    where the study has no control arm)."""
+    ratios = _per_seed(summaries.get((criterion, sparsity)))
+    control = _per_seed(summaries.get((CONTROL, sparsity)))
+    if not control:
+        return ratios
+    return {seed: r - control[seed] for seed, r in ratios.items() if seed in control}
+
+
+def _what_would_help(
+    effect: float, values: list[float], noise_sd: float, level: float, what: str
+) -> str:
+    """For an inconclusive answer: what the seeds could detect, how many seeds the observed
+    effect would need, and whether test-set noise or training variation dominates."""
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < 2:
+        return "Too few seeds to say what would help."
+    sd = float(np.std(finite, ddof=1))
+    detectable = D.min_detectable_effect(sd, len(finite), level)
+    needed = D.seeds_needed(effect, sd, level)
+    parts = [
+        f"these {len(finite)} seeds could detect {what} of {_fmt(detectable)} (power 0.8, "
+        f"level {level})",
+        f"the observed {effect:+.3f} would need about {needed} seeds"
+        if needed
+        else "the observed difference is too small to detect with up to 1000 seeds",
+    ]
+    if math.isfinite(noise_sd) and sd > 0:
+        share = min(1.0, noise_sd**2 / sd**2)
+        parts.append(
+            f"test-set resampling accounts for about {share:.0%} of the seeds' variance, so "
+            + (
+                "a larger test set would help more than more seeds"
+                if share >= 0.5
+                else "training variation dominates: more seeds would help, a larger test set little"
+            )
+        )
+    return "What would help: " + "; ".join(parts) + "."
+
+
+def _rms(values: list[Any]) -> float:
+    finite = [_float(v) for v in values if v is not None and math.isfinite(_float(v))]
+    return math.sqrt(float(np.mean(np.square(finite)))) if finite else math.nan
+
+
+def _answer_trend(results, summaries, criteria, sparsities, level) -> str:
+    """1. Per criterion and seed, the rank correlation of (ratio - control ratio) with
+    sparsity; the seeds' correlations tested against 0 (seeds are the independent units, not
+    the seed-level pairs), Benjamini-Hochberg over the criteria."""
+    has_control = any(c == CONTROL for c, _ in summaries)
+    rows = []
+    for criterion in criteria:
+        by_seed: dict[Any, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
         for s in sparsities:
-            summary = summaries.get((criterion, s))
-            for ratio in (summary or {}).get("ratios", []):
-                if ratio is not None:
-                    xs.append(s)
-                    ys.append(ratio)
-        if len(set(xs)) < 3:
+            for seed, value in _versus_control(summaries, criterion, s).items():
+                if math.isfinite(value):
+                    by_seed[seed][0].append(s)
+                    by_seed[seed][1].append(value)
+        rhos = []
+        for xs, ys in by_seed.values():
+            if len(set(xs)) >= 3 and np.ptp(ys) > 0:
+                rhos.append(float(stats.spearmanr(xs, ys).statistic))
+        if len(rhos) < 2:
             continue
-        rho, p = stats.spearmanr(xs, ys)
-        low, high = summaries[(criterion, sparsities[0])], summaries[(criterion, sparsities[-1])]
-        trend = (
-            "grows"
-            if rho > 0 and p < level
-            else ("shrinks" if rho < 0 and p < level else "no clear trend")
+        test = D.mean_statistics(rhos, 0.0)
+        rows.append((criterion, rhos, test))
+    adjusted = D.adjust_p_values([t["p_value"] for _, _, t in rows])
+    lines = []
+    for (criterion, rhos, test), p_adj in zip(rows, adjusted, strict=True):
+        low = summaries[(criterion, sparsities[0])]
+        high = summaries[(criterion, sparsities[-1])]
+        trend = "no clear trend"
+        if math.isfinite(p_adj) and p_adj < level:
+            trend = "grows" if test["mean"] > 0 else "shrinks"
+        line = (
+            f"  - {criterion}: {trend} (mean Spearman rho over seeds {test['mean']:.2f} "
+            f"[{_fmt(test['ci_low'], 2)}, {_fmt(test['ci_high'], 2)}], p {_p(test['p_value'])}, "
+            f"adjusted {_p(p_adj)}); mean ratio {_fmt(low['mean'])} at sparsity "
+            f"{sparsities[0]:.3f}, {_fmt(high['mean'])} at {sparsities[-1]:.3f}"
         )
-        lines.append(
-            f"  - {criterion}: {trend} (Spearman rho {rho:.2f}, p {_p(p)}); mean ratio "
-            f"{_fmt(low['mean'])} at sparsity {sparsities[0]:.3f}, {_fmt(high['mean'])} at "
-            f"{sparsities[-1]:.3f}"
-        )
-    out.append(
-        "1. **Does intensification grow with sparsity?** Rank correlation of the per-seed "
-        "ratio with sparsity, per criterion (the control arm prunes nothing):\n" + "\n".join(lines)
+        if trend == "no clear trend":
+            line += ". " + _what_would_help(test["mean"], rhos, math.nan, level, "a mean rho")
+        lines.append(line)
+    measure = "ratio minus the control's ratio" if has_control else "ratio"
+    return (
+        "1. **Does intensification grow with sparsity?** Per seed, the rank correlation of the "
+        f"{measure} with sparsity; the seeds' correlations tested against 0 (t-test, "
+        "Benjamini-Hochberg over the criteria):\n" + "\n".join(lines)
     )
 
-    # 2. Is it weaker with UP than with magnitude?
-    if "undecayed" in criteria and "magnitude" in criteria:
-        high = [s for s in sparsities if s >= HIGH_SPARSITY] or sparsities[-1:]
-        diffs = []
-        wins = 0
-        for s in high:
-            up, mp = summaries[("undecayed", s)], summaries[("magnitude", s)]
-            wins += up["mean"] is not None and mp["mean"] is not None and up["mean"] < mp["mean"]
-            for a, b in zip(mp["ratios"], up["ratios"], strict=False):
-                if a is not None and b is not None:
-                    diffs.append(a - b)
-        mean_diff = float(np.mean(diffs)) if diffs else math.nan
-        p = float(stats.ttest_1samp(diffs, 0.0).pvalue) if len(diffs) > 1 else math.nan
-        verdict = (
-            "yes"
-            if mean_diff > 0 and p < level
-            else "no"
-            if mean_diff < 0 and p < level
-            else "not shown"
+
+def _answer_up_vs_mp(summaries, sparsities, level) -> str | None:
+    """2. Per seed, MP - UP averaged over the high sparsities (the control cancels out of a
+    difference of two arms paired by seed and round), tested over seeds."""
+    high = [s for s in sparsities if s >= HIGH_SPARSITY] or sparsities[-1:]
+    per_seed: dict[Any, list[float]] = defaultdict(list)
+    wins = 0
+    for s in high:
+        up, mp = summaries[("undecayed", s)], summaries[("magnitude", s)]
+        wins += _float(up["mean"]) < _float(mp["mean"])
+        up_ratios = _per_seed(up)
+        for seed, ratio in _per_seed(mp).items():
+            if seed in up_ratios and math.isfinite(ratio - up_ratios[seed]):
+                per_seed[seed].append(ratio - up_ratios[seed])
+    differences = [float(np.mean(v)) for v in per_seed.values()]
+    test = D.mean_statistics(differences, 0.0)
+    answer = "not shown"
+    if math.isfinite(test["p_value"]) and test["p_value"] < level:
+        answer = "yes" if test["mean"] > 0 else "no: it is stronger with UP"
+    text = (
+        f"2. **Is intensification weaker with UP than with magnitude pruning?** {answer}: at "
+        f"sparsity >= {high[0]:.3f} ({len(high)} levels), UP's mean ratio is below MP's at "
+        f"{wins} of {len(high)} levels; MP - UP, averaged over these levels per seed, is "
+        f"{_fmt(test['mean'])} [{_fmt(test['ci_low'])}, {_fmt(test['ci_high'])}] over "
+        f"{len(differences)} seeds (paired t-test p {_p(test['p_value'])}; the control arm "
+        "cancels out of this difference)."
+    )
+    if answer == "not shown":
+        noise = math.sqrt(
+            _rms(
+                [
+                    summaries[(c, s)]["measurement_sd"]
+                    for c in ("magnitude", "undecayed")
+                    for s in high
+                ]
+            )
+            ** 2
+            * 2
         )
-        out.append(
-            f"2. **Is intensification weaker with UP than with magnitude pruning?** {verdict}: at "
-            f"sparsity >= {high[0]:.3f} ({len(high)} levels), UP's mean ratio is below MP's at "
-            f"{wins} of {len(high)} levels; the mean paired difference MP - UP over seeds and "
-            f"levels is {_fmt(mean_diff)} (t-test p {_p(p)}, n = {len(diffs)})."
-        )
-    # 3. De-intensification at low sparsity?
+        text += " " + _what_would_help(test["mean"], differences, noise, level, "a difference")
+    return text
+
+
+def _answer_low_sparsity(summaries, criteria, sparsities, level) -> str:
+    """3. De-intensification at low sparsity: against the control arm where the study has one
+    (adjusted paired tests), and against ratio = 1 (adjusted)."""
     low = [s for s in sparsities if s <= LOW_SPARSITY]
-    found = []
+    has_control = any(c == CONTROL for c, _ in summaries)
+    below_control, below_one = [], []
     for criterion in criteria:
         for s in low:
             summary = summaries[(criterion, s)]
-            if summary["verdict"] == D.DE_INTENSIFICATION:
-                found.append(
-                    f"{criterion} at {s:.3f} (ratio {_fmt(summary['mean'])}, "
-                    f"p {_p(summary['p_value'])})"
+            if summary.get("verdict_vs_control") == D.LESS_THAN_CONTROL:
+                below_control.append(
+                    f"{criterion} at {s:.3f} (ratio - control {_fmt(summary['diff_vs_control'])}, "
+                    f"adjusted p {_p(summary['p_vs_control_adjusted'])})"
                 )
-    control_low = [summaries[(CONTROL, s)]["mean"] for s in low if (CONTROL, s) in summaries]
-    lowest = ", ".join(
-        f"{c} {_fmt(summaries[(c, low[0])]['mean'])}"
-        for c in [*criteria, CONTROL]
-        if low and (c, low[0]) in summaries
-    )
-    out.append(
-        "3. **Is there de-intensification at low sparsity?** "
-        + (("yes: " + "; ".join(found)) if found else f"no significant case at level {level}")
-        + (f". Mean ratios at the lowest sparsity ({low[0]:.3f}): {lowest}" if low else "")
+            if summary["verdict"] == D.DE_INTENSIFICATION:
+                below_one.append(
+                    f"{criterion} at {s:.3f} (ratio {_fmt(summary['mean'])}, adjusted p "
+                    f"{_p(summary['p_adjusted'])})"
+                )
+    primary = below_control if has_control else below_one
+    text = "3. **Is there de-intensification at low sparsity?** "
+    if primary:
+        text += "yes: " + "; ".join(primary)
+    else:
+        text += f"no significant case at level {level} (adjusted) " + (
+            "against the control arm" if has_control else "against ratio = 1"
+        )
+    if has_control:
+        text += (
+            ". Against ratio = 1: "
+            + ("; ".join(below_one) if below_one else "no significant case")
+            + " (retraining alone moves the ratio too, so the comparison with the control is "
+            "the one that isolates pruning)"
+        )
+    if low:
+        lowest = ", ".join(
+            f"{c} {_fmt(summaries[(c, low[0])]['mean'])}"
+            for c in [*criteria, CONTROL]
+            if (c, low[0]) in summaries
+        )
+        text += f". Mean ratios at the lowest sparsity ({low[0]:.3f}): {lowest}"
+        if not primary:
+            focus = criteria[0]
+            values = list(_versus_control(summaries, focus, low[0]).values())
+            noise = _float(summaries[(focus, low[0])]["measurement_sd"])
+            text += ". " + _what_would_help(
+                float(np.mean(values)) if values else math.nan,
+                values,
+                noise,
+                level,
+                f"a difference ({focus} at {low[0]:.3f}"
+                + (", against the control)" if has_control else ", against 1)"),
+            )
+    return text + "."
+
+
+def answers(results: dict[str, Any]) -> list[str]:
+    """The paper's three questions, answered from this run's numbers with the tests against
+    the control arm where the study has one."""
+    level = results["analysis"]["level"]
+    summaries = _summaries(results)
+    criteria = list(results["config"]["criteria"])
+    sparsities = sorted({s for _, s in summaries if s > 0})
+    out = [_answer_trend(results, summaries, criteria, sparsities, level)]
+    if "undecayed" in criteria and "magnitude" in criteria:
+        out.append(_answer_up_vs_mp(summaries, sparsities, level))
+    out.append(_answer_low_sparsity(summaries, criteria, sparsities, level))
+    return out
+
+
+def _environment_text(environment: dict[str, Any] | None) -> str:
+    if not environment:
+        return "Environment: not recorded.\n\n"
+    e = environment
+    commit = e.get("git_commit") or "unknown"
+    device = e.get("device")
+    if e.get("device_name"):
+        device = f"{device} ({e['device_name']})"
+    return (
+        f"Environment: recallprune {e.get('recallprune')} (commit {commit}), torch "
+        f"{e.get('torch')}, Python {e.get('python')}; CPU {e.get('cpu')}, instruction set "
+        f"{e.get('cpu_capability')}"
         + (
-            f"; the control's ratio over these levels averages {_fmt(_nanmean(control_low))}"
-            if control_low
+            f" (ATEN_CPU_CAPABILITY={e['aten_cpu_capability_env']})"
+            if e.get("aten_cpu_capability_env")
             else ""
         )
-        + "."
+        + f", {e.get('threads')} threads; device {device}; {e.get('backend')} backend. "
+        "Training is chaotic: another instruction set or device changes the trajectories, so "
+        "compare reports only where these match, and trust only answers that hold across "
+        "them.\n\n"
     )
-    return out
+
+
+def _ratio_table(summaries, arms, sparsities) -> str:
+    rows = []
+    for arm in arms:
+        for s in sparsities:
+            summary = summaries.get((arm, s))
+            if summary is None:
+                continue
+            vs = "—"
+            if summary.get("diff_vs_control") is not None:
+                vs = (
+                    f"{_fmt(summary['diff_vs_control'])} [{_fmt(summary['diff_vs_control_ci_low'])}"
+                    f", {_fmt(summary['diff_vs_control_ci_high'])}], p "
+                    f"{_p(summary['p_vs_control'])} / {_p(summary['p_vs_control_adjusted'])}: "
+                    f"{summary['verdict_vs_control']}"
+                )
+            rows.append(
+                [
+                    arm,
+                    f"{s:.3f}",
+                    f"{_fmt(summary['mean'])} "
+                    f"[{_fmt(summary['ci_low'])}, {_fmt(summary['ci_high'])}]",
+                    f"{_p(summary['p_value'])} / {_p(summary['p_adjusted'])}",
+                    _p(summary["wilcoxon_p_value"]),
+                    summary["verdict"],
+                    vs,
+                    _fmt(summary["min_detectable_effect"]),
+                    _fmt(summary["measurement_sd"]),
+                    f"{_fmt(_percent(summary['accuracy_change']), 2)} pts",
+                ]
+            )
+    return _table(
+        [
+            "criterion",
+            "sparsity",
+            "ratio [95% CI]",
+            "p / adjusted",
+            "Wilcoxon p",
+            "verdict",
+            "ratio - control [95% CI], p / adjusted: verdict",
+            "detectable",
+            "measurement sd",
+            "accuracy change",
+        ],
+        rows,
+    )
 
 
 def render_report(results: dict[str, Any], out: Path) -> str:
@@ -206,7 +395,7 @@ def render_report(results: dict[str, Any], out: Path) -> str:
     for r in runs:
         by_key[(r["criterion"], r["round"])].append(r)
     dense_runs = by_key[(DENSE, 0)]
-    dense_acc, dense_half = _mean_ci([r["accuracy"] for r in dense_runs])
+    dense_acc, dense_half = _mean_half([r["accuracy"] for r in dense_runs])
     num_classes = len(dense_runs[0]["recall"]) if dense_runs else 0
 
     text = io.StringIO()
@@ -225,6 +414,7 @@ def render_report(results: dict[str, Any], out: Path) -> str:
         "after each round. "
         f"Device: {config['device']}.\n\n"
     )
+    w(_environment_text(results.get("environment")))
     w(
         f"Dense test accuracy: {_fmt(dense_acc, 4)} ± {_fmt(dense_half, 4)} (95% interval over "
         f"{len(dense_runs)} seeds).\n\n"
@@ -233,9 +423,15 @@ def render_report(results: dict[str, Any], out: Path) -> str:
         "Definitions (this library's, following the paper's wording): gap d[c,t] = recall[c,t] - "
         "accuracy[t]; model-level intensification ratio alpha[t] = sum_c d[c,0] d[c,t] / "
         "sum_c d[c,0]^2 (> 1: intensification, < 1: de-intensification). Intervals are 95% "
-        f"t-intervals over seeds; p: one-sample t-test of alpha = 1 (Wilcoxon beside it); "
-        f"verdicts at level {level}. Retraining alone and measurement noise move the ratio too "
-        "(regression to the mean pulls it below 1), so read each criterion beside the control.\n\n"
+        "t-intervals over seeds; p: one-sample t-test of alpha = 1 (Wilcoxon beside it), and "
+        "the paired t-test of alpha minus the control arm's alpha at the same seed and round. "
+        "Each family of tests (the criteria's ratio tests, the control's, the tests against the "
+        "control, the per-class tests of one sparsity) is corrected with Benjamini-Hochberg; "
+        f"verdicts come from the adjusted p-values at level {level}. Retraining alone and "
+        "measurement noise move the ratio too (regression to the mean pulls it below 1), which "
+        "is why each criterion is tested against the control. 'detectable': the smallest "
+        "|ratio - 1| these seeds could detect (power 0.8); 'measurement sd': the ratio's spread "
+        "under resampling of the test set.\n\n"
     )
 
     w("## Answers\n\n")
@@ -249,51 +445,18 @@ def render_report(results: dict[str, Any], out: Path) -> str:
             summary = summaries.get((arm, s))
             rnd = [r for r in runs if r["criterion"] == arm and _level(r["nominal_sparsity"]) == s]
             accs = [r["accuracy"] for r in rnd] if s > 0 else [r["accuracy"] for r in dense_runs]
-            mean, half = _mean_ci(accs)
+            mean, half = _mean_half(accs)
             row.append(f"{_fmt(mean, 4)} ± {_fmt(half, 4)}" if summary else "n/a")
         rows.append(row)
     w(_table(["sparsity", *arms], rows) + "\n\n")
 
     w(
         "## Intensification ratio\n\nModel-level ratio per criterion and sparsity: mean [95% "
-        "interval], p-value, Wilcoxon p, verdict, and the accuracy change from the dense model.\n\n"
+        "interval], raw and adjusted p of ratio = 1, Wilcoxon p, verdict; the difference from "
+        "the control arm with its raw and adjusted p and verdict; the detectable effect, the "
+        "measurement noise, and the accuracy change from the dense model.\n\n"
     )
-    rows = []
-    for arm in arms:
-        for s in sparsities:
-            summary = summaries.get((arm, s))
-            if summary is None:
-                continue
-            control = summaries.get((CONTROL, s))
-            rows.append(
-                [
-                    arm,
-                    f"{s:.3f}",
-                    f"{_fmt(summary['mean'])} "
-                    f"[{_fmt(summary['ci_low'])}, {_fmt(summary['ci_high'])}]",
-                    _fmt(control["mean"]) if control else "n/a",
-                    _p(summary["p_value"]),
-                    _p(summary["wilcoxon_p_value"]),
-                    summary["verdict"],
-                    f"{_fmt(_percent(summary['accuracy_change']), 2)} pts",
-                ]
-            )
-    w(
-        _table(
-            [
-                "criterion",
-                "sparsity",
-                "ratio [95% CI]",
-                "control ratio",
-                "p",
-                "Wilcoxon p",
-                "verdict",
-                "accuracy change",
-            ],
-            rows,
-        )
-        + "\n\n"
-    )
+    w(_ratio_table(summaries, arms, sparsities) + "\n\n")
 
     w(
         "## Per-class recall\n\nMean recall over seeds, dense and at the highest sparsity; n/a "
@@ -308,19 +471,19 @@ def render_report(results: dict[str, Any], out: Path) -> str:
     rows = []
     for c in range(num_classes):
         dense_recall = [r["recall"][c] for r in dense_runs]
-        row = [str(c), _fmt(_mean_ci(dense_recall)[0])]
+        row = [str(c), _fmt(_mean_half(dense_recall)[0])]
         for arm in arms:
             test = class_tests.get((arm, _level(top), c))
             if test is None:
                 row.append("n/a")
                 continue
-            mark = "*" if test["p_value"] is not None and test["p_value"] < level else ""
+            mark = "*" if _float(test.get("p_adjusted")) < level else ""
             row.append(f"{_fmt(test['pruned_recall_mean'])}{mark}")
         rows.append(row)
     w(_table(header, rows) + "\n\n")
     w(
-        f"`*`: the class's gap changed significantly (Welch's t-test, dense against pruned, "
-        f"level {level}).\n\n"
+        "`*`: the class's gap changed significantly (Welch's t-test, dense against pruned, "
+        f"Benjamini-Hochberg over this table's tests, level {level}).\n\n"
     )
     w("## Plots\n\n")
     for name, caption in zip(
@@ -434,7 +597,7 @@ def write_plots(results: dict[str, Any], out: Path) -> None:
                 for r in runs
                 if r["criterion"] == arm and _level(r["nominal_sparsity"]) == s
             ]
-            mean, half = _mean_ci(accs)
+            mean, half = _mean_half(accs)
             xs.append(s)
             means.append(mean)
             halves.append(0.0 if math.isnan(half) else half)
@@ -455,9 +618,14 @@ def write_plots(results: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(config: dict[str, Any], runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+def write_outputs(
+    config: dict[str, Any],
+    runs: list[dict[str, Any]],
+    out: Path,
+    environment: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write results.json, results.csv, report.md and the plots; returns the results."""
-    results = build_results(config, runs)
+    results = build_results(config, runs, environment)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     write_csv(results, out / "results.csv")
     write_plots(results, out)
@@ -474,4 +642,5 @@ def rebuild(out: Path) -> dict[str, Any]:
     results = read_json(path, "results file")
     if not isinstance(results, dict) or not {"config", "runs"} <= set(results):
         raise StudyError(f"{path} is not a recallprune results file (no 'config' and 'runs')")
-    return write_outputs(results["config"], results["runs"], out)
+    # The environment the runs were computed in, not this process's.
+    return write_outputs(results["config"], results["runs"], out, results.get("environment"))
