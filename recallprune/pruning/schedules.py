@@ -37,7 +37,10 @@ class Iterative:
     the sparsity is ``1 - (1 - fraction) ** r`` (up to rounding to whole weights).
 
     ``retrain="rewind"``: call :meth:`snapshot` at the rewinding step of the first training
-    run; :meth:`prune_round` then resets the surviving weights to that snapshot.
+    run; :meth:`prune_round` then resets the surviving weights (and the model's buffers) to
+    that snapshot. :meth:`control_round` runs a round that prunes nothing, for a control arm
+    retrained exactly as the pruned ones; :meth:`state_dict` and :meth:`load_state_dict`
+    let a run resume after its last finished round.
     """
 
     def __init__(self, rounds: int, fraction: float = 0.2, retrain: str = "finetune") -> None:
@@ -63,28 +66,53 @@ class Iterative:
 
     @torch.no_grad()
     def snapshot(self, model: nn.Module) -> None:
-        """Remember the weights to rewind to (an early step of the first training run)."""
-        self._snapshot = {name: p.detach().clone() for name, p in model.named_parameters()}
+        """Remember the state to rewind to (an early step of the first training run): the
+        parameters and the buffers, so that normalisation statistics match the weights."""
+        self._snapshot = {name: t.detach().clone() for name, t in model.state_dict().items()}
 
     def prune_round(self, pruner: Pruner, **prune_kwargs: Any) -> int:
         """Run the next round: prune ``fraction`` of the remaining weights and, when
         rewinding, reset the survivors (all parameters) to the snapshot."""
+        self._check_not_done()
+        pruned = pruner.prune(amount=self.fraction, **prune_kwargs)
+        self._end_round(pruner)
+        return pruned
+
+    def control_round(self, pruner: Pruner) -> None:
+        """Run the next round without pruning: a control arm's round, rewound (or not) as
+        the pruned arms' rounds are, so that it differs from them in the pruning alone."""
+        self._check_not_done()
+        self._end_round(pruner)
+
+    def _check_not_done(self) -> None:
         if self.done:
             raise RuntimeError(f"all {self.rounds} rounds have been run")
-        pruned = pruner.prune(amount=self.fraction, **prune_kwargs)
+
+    def _end_round(self, pruner: Pruner) -> None:
         self.round += 1
         if self.retrain == "rewind":
             self.rewind(pruner)
-        return pruned
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rounds run so far and the rewinding snapshot (``None`` before one is taken)."""
+        return {"round": self.round, "snapshot": self._snapshot}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after ``state["round"]`` rounds, rewinding to ``state["snapshot"]``."""
+        round_index = state["round"]
+        if isinstance(round_index, bool) or not isinstance(round_index, int):
+            raise TypeError(f"round must be an integer, got {round_index!r}")
+        if not 0 <= round_index <= self.rounds:
+            raise ValueError(f"round must lie in [0, {self.rounds}], got {round_index}")
+        self.round = round_index
+        self._snapshot = state.get("snapshot")
 
     @torch.no_grad()
     def rewind(self, pruner: Pruner) -> None:
-        """Reset every parameter to the snapshot; pruned weights stay zero."""
+        """Reset every parameter and buffer to the snapshot; pruned weights stay zero."""
         if self._snapshot is None:
             raise RuntimeError("retrain='rewind' needs snapshot(model) before the first round")
-        for name, p in pruner.model.named_parameters():
-            if name in self._snapshot:
-                p.copy_(self._snapshot[name])
+        pruner.model.load_state_dict(self._snapshot)
         pruner.apply()
         if pruner.optimizer is not None:
             # The rewound network starts its training afresh: no stale momentum.
