@@ -453,6 +453,13 @@ def _mean(values: Iterable[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
+def root_mean_square(values: Iterable[float]) -> float:
+    """Root mean square of the finite values (NaN if none): the pooled standard deviation of
+    noises of equal weight, such as the runs' measurement noise in one cell."""
+    values = [v for v in values if math.isfinite(v)]
+    return math.sqrt(float(np.mean(np.square(values)))) if values else math.nan
+
+
 def _seed_label(seed: Any) -> str:
     return repr(seed)
 
@@ -603,7 +610,7 @@ def analyze(
                 p_vs_control_adjusted=None,
                 verdict_vs_control=None,
                 min_detectable_effect=min_detectable_effect(statistics["sd"], len(ratios), level),
-                measurement_sd=math.sqrt(np.mean(np.square(noises))) if noises else math.nan,
+                measurement_sd=root_mean_square(noises),
                 mean_accuracy=mean_accuracy,
                 mean_dense_accuracy=mean_dense_accuracy,
                 accuracy_change=mean_accuracy - mean_dense_accuracy,

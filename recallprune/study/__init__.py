@@ -1,6 +1,7 @@
 """The end-to-end recall-distortion study (``recallprune study``)."""
 
 from .config import StudyConfig
-from .runner import Study, StudyError
+from .files import StudyError
+from .runner import Study
 
 __all__ = ["Study", "StudyConfig", "StudyError"]

@@ -16,7 +16,8 @@ import numpy as np
 
 from .. import distortion as D
 from .config import StudyConfig, read_config_file
-from .runner import Study, StudyError, atomic_write_text
+from .files import StudyError, atomic_write_text
+from .runner import Study
 
 log = logging.getLogger("recallprune.study")
 

@@ -103,9 +103,6 @@ class StudyConfig:
             raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
         return cls(**values)
 
-    def nominal_sparsity(self, round_index: int) -> float:
-        return 1.0 - (1.0 - self.fraction) ** round_index
-
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Settings from a TOML (``.toml``), YAML (``.yaml``/``.yml``, needs PyYAML) or JSON file;

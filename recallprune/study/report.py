@@ -16,7 +16,8 @@ import numpy as np
 from scipy import stats
 
 from .. import distortion as D
-from .runner import CONTROL, DENSE, StudyError, atomic_write_text, read_json
+from .files import StudyError, atomic_write_text, read_json
+from .records import CONTROL, DENSE
 
 PLOTS = ("intensification.png", "recall_gaps.png", "accuracy.png")
 HIGH_SPARSITY = 0.8  # "high sparsity" in the answers: nominal sparsity at least this
@@ -127,7 +128,7 @@ def _what_would_help(
     finite = [v for v in values if math.isfinite(v)]
     if len(finite) < 2:
         return "Too few seeds to say what would help."
-    sd = float(np.std(finite, ddof=1))
+    sd = D.mean_statistics(finite)["sd"]
     detectable = D.min_detectable_effect(sd, len(finite), level)
     needed = D.seeds_needed(effect, sd, level)
     parts = [
@@ -148,11 +149,6 @@ def _what_would_help(
             )
         )
     return "What would help: " + "; ".join(parts) + "."
-
-
-def _rms(values: list[Any]) -> float:
-    finite = [_float(v) for v in values if v is not None and math.isfinite(_float(v))]
-    return math.sqrt(float(np.mean(np.square(finite)))) if finite else math.nan
 
 
 def _answer_trend(results, summaries, criteria, sparsities, level) -> str:
@@ -229,9 +225,9 @@ def _answer_up_vs_mp(summaries, sparsities, level) -> str | None:
     )
     if answer == "not shown":
         noise = math.sqrt(
-            _rms(
+            D.root_mean_square(
                 [
-                    summaries[(c, s)]["measurement_sd"]
+                    _float(summaries[(c, s)]["measurement_sd"])
                     for c in ("magnitude", "undecayed")
                     for s in high
                 ]
@@ -575,8 +571,8 @@ def write_plots(results: dict[str, Any], out: Path) -> None:
             if r["criterion"] != arm or r["round"] != top_round:
                 continue
             d = dense[r["seed"]]
-            d_gap = [np.nan if v is None else v - d["accuracy"] for v in d["recall"]]
-            p_gap = [np.nan if v is None else v - r["accuracy"] for v in r["recall"]]
+            d_gap = D.recall_gaps([_float(v) for v in d["recall"]], _float(d["accuracy"]))
+            p_gap = D.recall_gaps([_float(v) for v in r["recall"]], _float(r["accuracy"]))
             ax.scatter(d_gap, p_gap, s=10, alpha=0.7)
         limits = ax.get_xlim()
         ax.plot(limits, limits, color="grey", linewidth=0.8)

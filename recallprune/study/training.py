@@ -1,0 +1,110 @@
+"""Training and evaluation of one model of the study: the device, seeded phases, shuffled
+batches (shared out under torchrun), the training loop with UndecayedSGD, and the test-set
+confusion counts from ConfusionCounter."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..metrics import ConfusionCounter
+from ..optim import UndecayedSGD, decay_param_groups
+from .datasets import Dataset
+from .distributed import Distributed
+
+EVAL_BATCH = 1024
+
+
+def phase_seed(*parts: Any) -> int:
+    """A stable seed for one phase of the study (independent of what ran before)."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, momentum: float, weight_decay: float
+) -> UndecayedSGD:
+    """The study's optimizer: no weight decay on biases and normalisation parameters."""
+    return UndecayedSGD(decay_param_groups(model, weight_decay), lr=lr, momentum=momentum)
+
+
+def batches(
+    n: int, batch_size: int, generator: torch.Generator, dist: Distributed
+) -> Iterator[torch.Tensor]:
+    """Shuffled index batches; under torchrun each rank takes its share of every batch."""
+    order = torch.randperm(n, generator=generator)
+    per_rank = max(1, batch_size // dist.world_size)
+    step = per_rank * dist.world_size
+    for start in range(0, n - dist.world_size + 1, step):
+        batch = dist.share(order[start : start + step])
+        if len(batch):
+            yield batch
+
+
+def train(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Dataset,
+    epochs: int,
+    batch_size: int,
+    device: torch.device,
+    dist: Distributed,
+    generator: torch.Generator,
+    scheduler: Any = None,
+    on_epoch: Callable[[int], None] | None = None,
+    progress: bool = False,
+) -> float:
+    """Train for ``epochs`` epochs; returns the mean loss of the last epoch. ``on_epoch(e)``
+    is called after epoch ``e`` (1-based)."""
+    network = model
+    if dist.active:
+        network = nn.parallel.DistributedDataParallel(model)
+    model.train()
+    x, y = data.x_train, data.y_train
+    loss_value = float("nan")
+    for epoch in tqdm(range(epochs), desc="epochs", leave=False, disable=not progress):
+        total, count = torch.zeros((), device=device), 0
+        for batch in batches(len(x), batch_size, generator, dist):
+            inputs, targets = x[batch].to(device), y[batch].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(network(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            count += 1
+        if scheduler is not None:
+            scheduler.step()
+        loss_value = float(total) / max(count, 1)
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
+    return loss_value
+
+
+def scoring_batches(
+    data: Dataset, batch_size: int, n_batches: int, generator: torch.Generator
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The training batches whose gradient the gradient criteria score with."""
+    order = torch.randperm(len(data.x_train), generator=generator)
+    return [
+        (data.x_train[indices], data.y_train[indices])
+        for indices in order.split(batch_size)[:n_batches]
+    ]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Dataset, device: torch.device, dist: Distributed
+) -> torch.Tensor:
+    """Confusion counts on the test set (summed over ranks), int64 ``[C, C]`` on the CPU."""
+    model.eval()
+    counter = ConfusionCounter(data.num_classes, device=device)
+    indices = dist.share(torch.arange(len(data.x_test)))
+    for start in range(0, len(indices), EVAL_BATCH):
+        batch = indices[start : start + EVAL_BATCH]
+        counter.update(model(data.x_test[batch].to(device)), data.y_test[batch].to(device))
+    counter.sync()
+    return counter.compute().cpu()
