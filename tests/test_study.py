@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from recallprune.study import runner
+from recallprune.study import StudyError, runner
 from recallprune.study.cli import main
 from recallprune.study.config import StudyConfig, read_config_file, rounds_for
 from recallprune.study.datasets import load_dataset
 from recallprune.study.models import build_model, output_layer_name
+
+from .studies import interrupt_evaluation
 
 TINY = [
     "--seeds",
@@ -46,7 +48,20 @@ def _study(out, *extra):
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "tiny"
-    return out, _study(out)
+    umask = os.umask(0o022)
+    try:
+        return out, _study(out)
+    finally:
+        os.umask(umask)
+
+
+def test_output_files_have_the_usual_permissions(tiny_study):
+    out, _ = tiny_study
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.parent.name for p in files} == {out.name, "runs", "checkpoints"}
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o644, path  # as open() makes them, not 0600
+    assert not list(out.rglob("*.tmp"))
 
 
 def test_files_and_their_consistency(tiny_study):
@@ -267,16 +282,7 @@ def test_study_refuses_repeated_criteria(tmp_path, capsys):
 def test_resume_after_interruption_gives_the_same_results(tiny_study, tmp_path, monkeypatch):
     _, complete = tiny_study
     out = tmp_path / "resumed"
-    calls = {"n": 0}
-    evaluate = runner.evaluate
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 9:
-            raise KeyboardInterrupt
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "evaluate", interrupted)
+    evaluate = interrupt_evaluation(monkeypatch, at=9)
     assert main(["-q", "study", *TINY, "--out", str(out)]) == 130
     saved = sorted(p.name for p in (out / "runs").iterdir())
     assert len(saved) == 8 and not (out / "results.json").exists()
@@ -307,8 +313,11 @@ def test_report_command_rebuilds(tiny_study, tmp_path):
 
 def test_bad_input(tiny_study, tmp_path, capsys):
     out, _ = tiny_study
-    assert main(["-q", "study", "--dataset", "imagenet", "--out", str(tmp_path / "a")]) == 2
-    assert "unknown dataset 'imagenet'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_status:
+        main(["-q", "study", "--dataset", "imagenet", "--out", str(tmp_path / "a")])
+    assert exit_status.value.code == 2
+    assert "invalid choice: 'imagenet'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
     assert main(["-q", "study", *TINY, "--model", "resnet9000", "--out", str(tmp_path / "b")]) == 2
     assert "unknown model 'resnet9000'" in capsys.readouterr().err
     code = main(
@@ -379,8 +388,10 @@ def test_config_file_and_flag_override(tmp_path):
     assert saved["lr"] == 0.07  # the flag wins over the file
     bad = tmp_path / "bad.toml"
     bad.write_text("learning_rate = 3\n")
-    with pytest.raises(ValueError, match="unknown config keys \\['learning_rate'\\]"):
-        StudyConfig.from_dict(read_config_file(bad))
+    with pytest.raises(StudyError, match=f"config file {bad}: unknown setting 'learning_rate'"):
+        read_config_file(bad)
+    with pytest.raises(ValueError, match="unknown setting 'learning_rate'"):
+        StudyConfig.from_dict({"learning_rate": 3})
 
 
 def test_analyze_command_json_and_npz(tmp_path, capsys):

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import sys
 import time
 from dataclasses import fields
@@ -14,41 +15,85 @@ from typing import Any
 
 import numpy as np
 
+from .. import __version__
 from .. import distortion as D
-from .config import StudyConfig, read_config_file
-from .files import StudyError, atomic_write_text
+from ..pruning.criteria import CRITERIA
+from ..pruning.pruner import SCOPES
+from ..pruning.schedules import RETRAIN_MODES
+from .config import NOT_IDENTITY, StudyConfig, check_setting, read_config_file
+from .datasets import DATASETS
+from .files import StudyError, atomic_write_text, os_problem, read_json
+from .models import MODELS
 from .runner import Study
 
 log = logging.getLogger("recallprune.study")
 
-# Command-line flag -> (type, help). Every flag defaults to "not given", so that a config
-# file's values stand unless a flag overrides them.
-_FLAGS: dict[str, tuple[Any, str]] = {
-    "dataset": (str, "digits | synthetic | mnist1d | mnist | fashion-mnist | cifar10 | cifar100"),
-    "model": (str, "mlp | cnn | resnet20 | resnet56 | vgg11 | vgg16 | a torchvision model name"),
-    "seeds": (int, "seeds, each a dense model and its pruned descendants"),
-    "criteria": (str, "magnitude undecayed gradient random"),
-    "fraction": (float, "fraction of the remaining weights pruned per round"),
-    "rounds": (int, "pruning rounds"),
-    "retrain": (str, "finetune | rewind (to the weights after --rewind-epoch epochs)"),
-    "scope": (str, "global | layer"),
-    "exclude": (str, "module names left dense (default: the output layer)"),
-    "n_batches": (int, "training batches of gradient for the gradient criteria"),
-    "epochs": (int, "epochs of dense training"),
-    "finetune_epochs": (int, "epochs of retraining after each round"),
-    "rewind_epoch": (int, "epoch whose weights rewinding restores"),
-    "batch_size": (int, "batch size"),
-    "lr": (float, "learning rate of dense training"),
-    "finetune_lr": (float, "learning rate of fine-tuning"),
-    "momentum": (float, "SGD momentum"),
-    "weight_decay": (float, "weight decay (also UP's lambda)"),
-    "difficulty": (float, "synthetic task: higher is harder (class_sep = 2 / difficulty)"),
-    "imbalance": (float, "synthetic task: 0 balanced; larger values skew class frequencies"),
-    "level": (float, "significance level of the verdicts"),
-    "device": (str, "cpu | cuda | cuda:N (default: cuda when available)"),
-    "data_root": (str, "folder of the torchvision datasets"),
+_DEFAULTS = StudyConfig()
+
+# Command-line flag -> (type, help, choices). Every flag defaults to "not given", so that a
+# config file's values stand unless a flag overrides them; the help shows StudyConfig's
+# defaults.
+_FLAGS: dict[str, tuple[Any, str, Any]] = {
+    "dataset": (str, "the task", DATASETS),
+    "model": (
+        str,
+        f"{', '.join(MODELS)}, or a torchvision classification model by name (resnet18, ...)",
+        None,
+    ),
+    "seeds": (int, "seeds, each a dense model and its pruned descendants", None),
+    "criteria": (str, "pruning criteria (a control arm that prunes nothing is added)", CRITERIA),
+    "fraction": (float, "fraction of the remaining weights pruned per round", None),
+    "rounds": (int, "pruning rounds", None),
+    "retrain": (
+        str,
+        "after each round: fine-tune, or rewind to the weights after --rewind-epoch epochs",
+        RETRAIN_MODES,
+    ),
+    "scope": (str, "one threshold across layers (global) or per layer", SCOPES),
+    "exclude": (str, "module names or patterns left dense", None),
+    "n_batches": (int, "training batches of gradient for the gradient criteria", None),
+    "epochs": (int, "epochs of dense training (cosine learning-rate schedule)", None),
+    "finetune_epochs": (int, "epochs of retraining after each round", None),
+    "rewind_epoch": (int, "epoch whose weights --retrain rewind restores", None),
+    "batch_size": (int, "batch size", None),
+    "lr": (float, "learning rate of dense training (and of retraining when rewinding)", None),
+    "finetune_lr": (float, "learning rate of fine-tuning", None),
+    "momentum": (float, "SGD momentum", None),
+    "weight_decay": (float, "weight decay (also UP's lambda)", None),
+    "difficulty": (float, "synthetic task: higher is harder (class_sep = 2 / difficulty)", None),
+    "imbalance": (float, "synthetic task: 0 balanced; larger skews class frequencies", None),
+    "level": (float, "significance level of the verdicts", None),
+    "device": (str, "cpu, cuda or cuda:N", None),
+    "data_root": (str, "folder of the torchvision datasets", None),
 }
 _LISTS = ("seeds", "criteria", "exclude")
+_SHOWN_DEFAULTS = {
+    "exclude": "the output layer",
+    "device": "cuda when available, else cpu",
+}
+
+
+def _default_text(name: str) -> str:
+    if name in _SHOWN_DEFAULTS:
+        return _SHOWN_DEFAULTS[name]
+    value = getattr(_DEFAULTS, name)
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, *, top_level: bool) -> None:
+    """-q / -v, before the subcommand or after it. A subcommand's flags default to 'not
+    given' (SUPPRESS), so that they never undo the same flag given before it."""
+    default = False if top_level else argparse.SUPPRESS
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="no progress bars, warnings only",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="log every run"
+    )
 
 
 def _study_parser(subparsers) -> None:
@@ -57,25 +102,44 @@ def _study_parser(subparsers) -> None:
         help="train, prune, measure and report (the main job)",
         description="Train a dense model per seed, prune it with each criterion through a "
         "ladder of sparsities (plus a control arm that prunes nothing), evaluate every model "
-        "with ConfusionCounter, and write results and a report.",
+        "with ConfusionCounter, and write results and a report. Interrupted, it resumes "
+        "with --resume DIR (or the same command and --out).",
     )
-    parser.add_argument("--config", help="TOML, YAML or JSON file of settings (flags override)")
-    for name, (kind, text) in _FLAGS.items():
+    _add_verbosity(parser, top_level=False)
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML, YAML or JSON file of settings, at its top level or in a [study] table "
+        "(flags override it)",
+    )
+    for name, (kind, text, choices) in _FLAGS.items():
         flag = "--" + name.replace("_", "-")
-        if name in _LISTS:
-            parser.add_argument(flag, type=kind, nargs="+", default=None, help=text)
-        else:
-            parser.add_argument(flag, type=kind, default=None, help=text)
+        help_text = f"{text} (default: {_default_text(name)})"
+        nargs = "+" if name in _LISTS else None
+        parser.add_argument(
+            flag, type=kind, nargs=nargs, choices=choices, default=None, help=help_text
+        )
     parser.add_argument(
         "--download",
         action="store_true",
         default=None,
-        help="download torchvision datasets into --data-root",
+        help="download torchvision datasets into --data-root (default: never download)",
     )
-    parser.add_argument("--out", help="output folder (default: runs/<dataset>-<model>-<time>)")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output folder (default: runs/<dataset>-<model>-<date>-<time>)",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="resume the study in DIR with the settings of its config.json",
+    )
 
 
 def _config_from_args(args) -> StudyConfig:
+    if args.resume:
+        return _resumed_config(args)
     values: dict[str, Any] = {}
     if args.config:
         values.update(read_config_file(args.config))
@@ -94,6 +158,57 @@ def _config_from_args(args) -> StudyConfig:
     return config
 
 
+def _resumed_config(args) -> StudyConfig:
+    """``--resume DIR``: the settings of DIR/config.json; flags may repeat them, or change
+    what does not change the results (--data-root, --download), nothing else."""
+    folder = Path(args.resume)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise StudyError(f"--resume {folder}: no study there (no {path.name})")
+    if args.config:
+        raise StudyError("--resume takes its settings from the study's config.json: drop --config")
+    if args.out and Path(args.out).resolve() != folder.resolve():
+        raise StudyError(f"--resume {folder} and --out {args.out} name different folders")
+    try:
+        config = StudyConfig.from_dict(read_json(path, "the study's config"))
+    except ValueError as error:
+        raise StudyError(f"{path}: {error}") from error
+    for f in fields(StudyConfig):
+        given = getattr(args, f.name, None)
+        if given is None or f.name == "out":
+            continue
+        if f.name in NOT_IDENTITY:
+            setattr(config, f.name, given)
+        elif check_setting(f.name, given) != getattr(config, f.name):
+            flag = "--" + f.name.replace("_", "-")
+            raise StudyError(
+                f"--resume {folder} runs the study with its own settings; {flag} "
+                f"{given} would change them (the study has {getattr(config, f.name)!r}): "
+                "drop the flag, or start a new study with another --out"
+            )
+    config.out = str(folder)
+    return config
+
+
+def resume_command(out: Path) -> str:
+    """The command that resumes the study in ``out``, as this process was started."""
+    script = sys.argv[0] if sys.argv else ""
+    if Path(script).name == "recallprune":
+        program = shlex.quote(script)
+    else:
+        program = f"{shlex.quote(sys.executable)} -m recallprune"
+    return f"{program} study --resume {shlex.quote(str(out))}"
+
+
+def _stopped_note(study: Study) -> str:
+    if not study.started:
+        return "nothing was written"
+    return (
+        f"{study.computed} runs computed in this session, {study.reused} reused; every "
+        f"finished run is saved in {study.out}. Resume with:\n  {resume_command(study.out)}"
+    )
+
+
 def cmd_study(args) -> int:
     from .environment import describe
     from .report import write_outputs
@@ -101,9 +216,22 @@ def cmd_study(args) -> int:
     config = _config_from_args(args)
     study = Study(config, Path(config.out), progress=not args.quiet)
     start = time.perf_counter()
-    runs = study.run()
+    try:
+        runs = study.run()
+        if study.dist.is_main:
+            write_outputs(config.to_dict(), runs, Path(config.out), describe(config.device))
+    except KeyboardInterrupt:
+        if study.dist.is_main:
+            print(f"interrupted: {_stopped_note(study)}", file=sys.stderr)
+        return 130
+    except _USER_ERRORS as error:
+        if not study.started:
+            raise
+        _print_error("study", error)
+        if study.dist.is_main:
+            print(_stopped_note(study), file=sys.stderr)
+        return 2
     if study.dist.is_main:
-        write_outputs(config.to_dict(), runs, Path(config.out), describe(config.device))
         minutes = (time.perf_counter() - start) / 60
         reused = f", {study.reused} reused" if study.reused else ""
         print(
@@ -248,55 +376,81 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="recallprune", description="Measure the recall distortion that pruning causes."
     )
-    parser.add_argument(
-        "-q", "--quiet", action="store_true", help="no progress bars, warnings only"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every run")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_verbosity(parser, top_level=True)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _study_parser(subparsers)
-    report = subparsers.add_parser("report", help="rebuild report.md and plots from results.json")
+    report = subparsers.add_parser(
+        "report",
+        help="rebuild report.md and plots from results.json",
+        description="Rebuild a study's report.md, results.csv and plots from its results.json.",
+    )
+    _add_verbosity(report, top_level=False)
     report.add_argument("dir", help="a study's output folder")
     analyze = subparsers.add_parser(
-        "analyze", help="the distortion analysis of confusion matrices from elsewhere"
+        "analyze",
+        help="the distortion analysis of confusion matrices from elsewhere",
+        description="The distortion analysis of dense and pruned confusion matrices from a "
+        "JSON or NPZ file (the README describes the format).",
     )
+    _add_verbosity(analyze, top_level=False)
     analyze.add_argument("file", help="JSON or NPZ file of dense and pruned confusion matrices")
     analyze.add_argument(
-        "--level", type=float, default=0.05, help="significance level of the verdicts (0.05)"
+        "--level",
+        type=float,
+        default=0.05,
+        help="significance level of the verdicts (default: 0.05)",
     )
-    analyze.add_argument("--relative", action="store_true", help="use gaps r / a - 1")
+    analyze.add_argument(
+        "--relative", action="store_true", help="use relative gaps r / a - 1 (default: r - a)"
+    )
     analyze.add_argument(
         "--control",
         default=D.CONTROL,
         help="criterion name of the control arm, compared with every other criterion at the "
-        "same seed and sparsity (default: 'control'; '' for none)",
+        "same seed and sparsity ('' for none; default: control)",
     )
     analyze.add_argument(
         "--bootstrap",
         type=int,
         default=200,
-        help="test-set resamples per model for the measurement noise (default 200; 0: skip)",
+        help="test-set resamples per model for the measurement noise (0: skip; default: 200)",
     )
-    analyze.add_argument("--out", help="write the analysis as JSON here")
+    analyze.add_argument("--out", metavar="FILE", help="write the analysis as JSON here")
     return parser
+
+
+# Errors that are the user's to fix: said in one line, with no traceback.
+_USER_ERRORS = (StudyError, ValueError, FileNotFoundError, KeyError, RuntimeError, OSError)
+
+
+def _print_error(command: str, error: BaseException) -> None:
+    if isinstance(error, KeyError) and error.args:
+        message = error.args[0]
+    elif isinstance(error, OSError) and error.errno is not None:
+        where = f"{error.filename}: " if error.filename else ""
+        message = f"{where}{os_problem(error)}"
+    else:
+        message = str(error)
+    print(f"recallprune {command}: error: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.quiet and args.verbose:
+        parser.error("-q and -v contradict each other: give one")
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("recallprune").setLevel(level)
     commands = {"study": cmd_study, "report": cmd_report, "analyze": cmd_analyze}
     try:
         return commands[args.command](args)
-    except (StudyError, ValueError, FileNotFoundError, KeyError, RuntimeError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"recallprune {args.command}: error: {message}", file=sys.stderr)
+    except _USER_ERRORS as error:
+        _print_error(args.command, error)
         return 2
     except KeyboardInterrupt:
-        print(
-            "interrupted: finished runs are saved; rerun the same command to resume",
-            file=sys.stderr,
-        )
+        print(f"recallprune {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -3,6 +3,7 @@ identity that decides whether an output folder holds this study."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -10,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ..pruning.criteria import CRITERIA
+from ..pruning.pruner import SCOPES
 from ..pruning.schedules import RETRAIN_MODES
 from .datasets import DATASETS
+from .files import StudyError, os_problem
 
 # Fields that may differ between a study and its resumption without changing its results.
-_NOT_IDENTITY = ("data_root", "download", "out")
+NOT_IDENTITY = ("data_root", "download", "out")
 
 
 def rounds_for(sparsity: float, fraction: float) -> int:
@@ -57,6 +60,10 @@ class StudyConfig:
     out: str = ""
 
     def validate(self) -> None:
+        """Check every setting's type, then its range; types are normalised in place (an
+        integer where a number is meant becomes a float)."""
+        for f in fields(self):
+            setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
         if self.dataset not in DATASETS:
             raise ValueError(
                 f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}"
@@ -80,6 +87,8 @@ class StudyConfig:
             raise ValueError(f"rounds must be at least 1, got {self.rounds}")
         if self.retrain not in RETRAIN_MODES:
             raise ValueError(f"retrain must be one of {RETRAIN_MODES}, got {self.retrain!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         for name in ("epochs", "finetune_epochs", "batch_size", "n_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -93,40 +102,158 @@ class StudyConfig:
 
     def identity(self) -> dict[str, Any]:
         """What must match for a folder's runs to be reused."""
-        return {k: v for k, v in self.to_dict().items() if k not in _NOT_IDENTITY}
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> StudyConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        """A config from settings (names as in the dataclass or with dashes), each checked."""
+        config = cls(**check_settings(values))
+        config.validate()
+        return config
+
+
+_KINDS = {f.name: f.type for f in fields(StudyConfig)}
+
+
+def _describe(value: Any) -> str:
+    kind = "a string" if isinstance(value, str) else f"a {type(value).__name__}"
+    return f"{value!r} ({kind})"
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {_describe(value)}")
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {_describe(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _string(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {_describe(value)}")
+    return value
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {_describe(value)}")
+    return value
+
+
+def _list(item, what: str, example: str):
+    def check(name: str, value: Any) -> list:
+        if not isinstance(value, list | tuple):
+            raise ValueError(
+                f"{name} must be a list of {what}, e.g. {example}, got {_describe(value)}"
+            )
+        return [item(f"{name}[{i}]", v) for i, v in enumerate(value)]
+
+    return check
+
+
+_CHECKS = {
+    "str": _string,
+    "int": _integer,
+    "float": _number,
+    "bool": _boolean,
+    "list[int]": _list(_integer, "integers", "[12]"),
+    "list[str]": _list(_string, "strings", '["magnitude"]'),
+    "list[str] | None": _list(_string, "strings", '["fc3"]'),
+}
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """``value`` as setting ``name`` takes it, or a ValueError that says what was expected:
+    a bare string is not a list (``seeds = "12"`` is not seeds 1 and 2), a bool is not a
+    number, a fraction is not an integer, a numeric string is not a number."""
+    kind = _KINDS[name]
+    if value is None and kind.endswith("| None"):
+        return None
+    return _CHECKS[kind](name, value)
+
+
+def check_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """Settings with their names normalised (dashes to underscores), every name known and
+    every value of its setting's type."""
+    if not isinstance(values, dict):
+        raise ValueError(f"settings must be a table of names and values, got {_describe(values)}")
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in _KINDS:
+            close = difflib.get_close_matches(name, _KINDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown setting {key!r}{hint}; known: {', '.join(sorted(_KINDS))}")
+        if name in out:
+            raise ValueError(f"setting {name!r} is given twice")
+        out[name] = check_setting(name, value)
+    return out
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Settings from a TOML (``.toml``), YAML (``.yaml``/``.yml``, needs PyYAML) or JSON file;
-    a ``[study]`` table is used when present."""
+    """Settings from a TOML (``.toml``), YAML (``.yaml``/``.yml``, needs PyYAML) or JSON file:
+    at the top level, or all in a ``[study]`` table. Anything else in the file (another
+    table, an unknown name, a value of the wrong type) is an error naming the file, never
+    silently ignored."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+    if not path.exists():
+        raise StudyError(f"config file {path} does not exist")
     suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise StudyError(f"config file {path}: expected .toml, .yaml, .yml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise StudyError(f"config file {path} cannot be read: {os_problem(error)}") from error
+    except UnicodeDecodeError as error:
+        raise StudyError(f"config file {path} is not UTF-8 text ({error})") from error
+    values = _parse(path, suffix, text)
+    if not isinstance(values, dict):
+        raise StudyError(f"config file {path} must hold a table of settings")
+    if "study" in values:
+        others = [key for key in values if key != "study"]
+        if others:
+            raise StudyError(
+                f"config file {path}: only the [study] table is read, and it holds "
+                f"{', '.join(map(repr, others))} besides it; move those settings into [study] "
+                "or remove them"
+            )
+        values = values["study"]
+        if not isinstance(values, dict):
+            raise StudyError(f"config file {path}: 'study' must be a table of settings")
+    try:
+        return check_settings(values)
+    except ValueError as error:
+        raise StudyError(f"config file {path}: {error}") from error
+
+
+def _parse(path: Path, suffix: str, text: str) -> Any:
     if suffix == ".toml":
         import tomllib
 
-        with path.open("rb") as handle:
-            values = tomllib.load(handle)
-    elif suffix in (".yaml", ".yml"):
         try:
-            import yaml
-        except ImportError as error:
-            raise RuntimeError("YAML config files need PyYAML (pip install pyyaml)") from error
-        values = yaml.safe_load(path.read_text()) or {}
-    elif suffix == ".json":
-        values = json.loads(path.read_text())
-    else:
-        raise ValueError(f"config file {path}: expected .toml, .yaml, .yml or .json")
-    if not isinstance(values, dict):
-        raise ValueError(f"config file {path} must hold a table of settings")
-    values = values.get("study", values)
-    return {key.replace("-", "_"): value for key, value in values.items()}
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise StudyError(f"config file {path} is not valid TOML: {error}") from error
+    if suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise StudyError(f"config file {path} is not valid JSON: {error}") from error
+    try:
+        import yaml
+    except ImportError as error:
+        raise StudyError(
+            f"config file {path}: YAML config files need PyYAML (pip install pyyaml)"
+        ) from error
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        reason = " ".join(str(error).split())
+        raise StudyError(f"config file {path} is not valid YAML: {reason}") from error

@@ -5,14 +5,32 @@ results and report written at the end. A folder is reused only by the study it h
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from .distributed import Distributed
-from .files import StudyError, atomic_save, atomic_write_text, read_json
+from .files import (
+    StudyError,
+    atomic_save,
+    atomic_write_text,
+    make_folder,
+    read_json,
+    remove,
+)
+from .records import check_results
+
+log = logging.getLogger("recallprune.study")
 
 CONFIG = "config.json"
 RESULTS = "results.json"
+
+
+def differing_settings(mine: dict[str, Any], theirs: Any) -> list[str]:
+    """The settings of ``mine`` (a config's identity) that ``theirs`` does not share."""
+    if not isinstance(theirs, dict):
+        return sorted(mine)
+    return sorted(k for k in mine if k not in theirs or theirs[k] != mine[k])
 
 
 class StudyFolder:
@@ -36,6 +54,11 @@ class StudyFolder:
     def results_path(self) -> Path:
         return self.path / RESULTS
 
+    def holds_runs(self) -> bool:
+        """Whether the folder holds a finished run (a record, or the results)."""
+        runs = self.path / "runs"
+        return self.results_path.exists() or (runs.is_dir() and any(runs.glob("*.json")))
+
     # -- whose folder it is ---------------------------------------------------------------
 
     def prepare(self, config: dict[str, Any], identity: dict[str, Any]) -> None:
@@ -46,7 +69,7 @@ class StudyFolder:
         if self.dist.is_main:
             try:
                 self.check(identity)
-                self.path.mkdir(parents=True, exist_ok=True)
+                make_folder(self.path, "output folder")
                 atomic_write_text(self.config_path, json.dumps(config, indent=2) + "\n")
             except StudyError as error:
                 problem = str(error)
@@ -55,21 +78,38 @@ class StudyFolder:
             raise StudyError(problem)
 
     def check(self, identity: dict[str, Any]) -> None:
-        """Refuse a folder that holds something other than this study."""
+        """Refuse a folder that holds something other than this study: a file, a folder of
+        other files, another study's runs, or a results file of the wrong shape. A folder
+        whose study stopped before its first run finished holds nothing to lose: this study
+        takes its place."""
         if self.path.exists() and not self.path.is_dir():
             raise StudyError(f"--out {self.path} exists and is not a folder")
         if self.config_path.exists():
             saved = read_json(self.config_path, "the study's config")
-            theirs = {k: v for k, v in saved.items() if k in identity}
-            differing = sorted(k for k in identity if theirs.get(k) != identity[k])
-            if differing:
+            differing = differing_settings(identity, saved)
+            if differing and self.holds_runs():
                 raise StudyError(
                     f"output folder {self.path} holds another study (its config differs in "
-                    f"{', '.join(differing)}); choose another --out, or rerun with its settings "
-                    "to resume it. Nothing was overwritten."
+                    f"{', '.join(differing)}); choose another --out, or resume it with "
+                    f"--resume {self.path}. Nothing was overwritten."
+                )
+            if differing:
+                log.info(
+                    "%s holds a study that stopped before its first run finished; this study "
+                    "takes its place",
+                    self.path,
                 )
             if self.results_path.exists():
-                read_json(self.results_path, "results file")  # corrupt: an error, not a restart
+                results = check_results(
+                    read_json(self.results_path, "results file"), self.results_path
+                )
+                theirs = differing_settings(identity, results["config"])
+                if theirs:
+                    raise StudyError(
+                        f"{self.results_path} holds the results of another study (its config "
+                        f"differs in {', '.join(theirs)}); move it away or choose another "
+                        "--out. Nothing was overwritten."
+                    )
         elif self.path.exists() and any(self.path.iterdir()):
             raise StudyError(
                 f"output folder {self.path} is not empty and holds no study (no {CONFIG}); "
@@ -100,4 +140,4 @@ class StudyFolder:
 
     def drop_checkpoint(self, path: Path) -> None:
         if self.dist.is_main:
-            path.unlink(missing_ok=True)
+            remove(path)

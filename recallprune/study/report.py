@@ -17,7 +17,7 @@ from scipy import stats
 
 from .. import distortion as D
 from .files import StudyError, atomic_write_text, read_json
-from .records import CONTROL, DENSE
+from .records import CONTROL, DENSE, RUN_FIELDS, check_results
 
 PLOTS = ("intensification.png", "recall_gaps.png", "accuracy.png")
 HIGH_SPARSITY = 0.8  # "high sparsity" in the answers: nominal sparsity at least this
@@ -504,27 +504,12 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
     num_classes = len(runs[0]["recall"]) if runs else 0
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(
-        [
-            "seed",
-            "criterion",
-            "round",
-            "nominal_sparsity",
-            "sparsity",
-            "accuracy",
-            *[f"recall_{c}" for c in range(num_classes)],
-            "confusion",
-        ]
-    )
+    leading = RUN_FIELDS[: RUN_FIELDS.index("accuracy") + 1]  # seed ... accuracy
+    writer.writerow([*leading, *[f"recall_{c}" for c in range(num_classes)], "confusion"])
     for r in runs:
         writer.writerow(
             [
-                r["seed"],
-                r["criterion"],
-                r["round"],
-                r["nominal_sparsity"],
-                r["sparsity"],
-                r["accuracy"],
+                *[r[key] for key in leading],
                 *["" if v is None else v for v in r["recall"]],
                 json.dumps(r["confusion"]),
             ]
@@ -635,8 +620,6 @@ def rebuild(out: Path) -> dict[str, Any]:
     path = out / "results.json"
     if not path.exists():
         raise StudyError(f"{path} does not exist: is {out} a study's output folder?")
-    results = read_json(path, "results file")
-    if not isinstance(results, dict) or not {"config", "runs"} <= set(results):
-        raise StudyError(f"{path} is not a recallprune results file (no 'config' and 'runs')")
+    results = check_results(read_json(path, "results file"), path)
     # The environment the runs were computed in, not this process's.
     return write_outputs(results["config"], results["runs"], out, results.get("environment"))

@@ -18,7 +18,7 @@ from ..pruning import Iterative, Pruner
 from .config import StudyConfig
 from .datasets import Dataset, load_dataset
 from .distributed import setup_distributed
-from .files import StudyError
+from .files import StudyError, load_checkpoint
 from .folder import StudyFolder
 from .models import build_model, output_layer_name
 from .records import CONTROL, DENSE, make_record
@@ -26,6 +26,7 @@ from .training import (
     evaluate,
     make_optimizer,
     phase_seed,
+    resolve_device,
     scoring_batches,
     train,
 )
@@ -36,16 +37,17 @@ __all__ = ["CONTROL", "DENSE", "Study", "StudyError"]
 
 
 class Study:
-    """One study in one output folder. ``run()`` does (or resumes) it and returns its
-    records."""
+    """One study in one output folder. ``run()`` checks it, does (or resumes) it and returns
+    its records; ``started`` says whether the folder has been claimed for it."""
 
     def __init__(self, config: StudyConfig, out: Path, progress: bool = True) -> None:
         config.validate()
         self.config = config
         self.progress = progress
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         self.dist = setup_distributed(self.device)
         self.folder = StudyFolder(Path(out), self.dist)
+        self.started = False
         self.reused = 0
         self.computed = 0
 
@@ -62,15 +64,9 @@ class Study:
 
     def run(self) -> list[dict[str, Any]]:
         config = self.config
+        data = self.check()
         self.folder.prepare(config.to_dict(), config.identity())
-        data = load_dataset(
-            config.dataset,
-            data_root=config.data_root,
-            download=config.download,
-            difficulty=config.difficulty,
-            imbalance=config.imbalance,
-        )
-        log.info("dataset: %s", data.description)
+        self.started = True
         records: list[dict[str, Any]] = []
         total = len(config.seeds) * (1 + len(self.arms()) * config.rounds)
         bar = tqdm(total=total, desc="runs", disable=not self.progress or not self.dist.is_main)
@@ -85,6 +81,48 @@ class Study:
             "%d runs: %d reused from %s, %d computed", total, self.reused, self.out, self.computed
         )
         return records
+
+    # -- before anything is written ---------------------------------------------------------
+
+    def check(self) -> Dataset:
+        """Everything that can fail before training, tried before the output folder is
+        touched: the dataset loads, the model builds for it and takes its inputs, the
+        optimizer accepts the settings, and every arm's pruner its scope and --exclude.
+        Returns the dataset."""
+        config = self.config
+        data = load_dataset(
+            config.dataset,
+            data_root=config.data_root,
+            download=config.download,
+            difficulty=config.difficulty,
+            imbalance=config.imbalance,
+        )
+        log.info("dataset: %s", data.description)
+        with torch.device("meta"):  # no memory, no random numbers drawn
+            model = build_model(config.model, data.input_shape, data.num_classes)
+            try:
+                logits = model(torch.empty(2, *data.input_shape))
+            except (RuntimeError, ValueError, NotImplementedError) as error:
+                raise ValueError(
+                    f"model {config.model!r} cannot take {config.dataset}'s inputs of shape "
+                    f"{list(data.input_shape)}: {error}"
+                ) from None
+        if tuple(logits.shape) != (2, data.num_classes):
+            raise ValueError(
+                f"model {config.model!r} gives outputs of shape {list(logits.shape[1:])} for "
+                f"{data.num_classes} classes"
+            )
+        for lr in (config.lr, self.retrain_lr()):
+            try:
+                optimizer = make_optimizer(model, lr, config.momentum, config.weight_decay)
+            except ValueError as error:
+                raise ValueError(
+                    f"optimizer settings (lr {lr}, momentum {config.momentum}, weight decay "
+                    f"{config.weight_decay}): {error}"
+                ) from None
+        for arm in self.arms():
+            self.pruner(model, arm, optimizer, seed=0)
+        return data
 
     # -- the pieces of a run ----------------------------------------------------------------
 
@@ -184,11 +222,11 @@ class Study:
             return records
 
         model = self.new_model(seed, data)
-        dense = torch.load(self.folder.checkpoint_path(seed, DENSE, 0), weights_only=True)
+        dense = load_checkpoint(self.folder.checkpoint_path(seed, DENSE, 0))
         if last == 0:
             state = dense
         else:
-            state = torch.load(self.folder.checkpoint_path(seed, arm, last), weights_only=True)
+            state = load_checkpoint(self.folder.checkpoint_path(seed, arm, last))
         model.load_state_dict(state["model"])
         masks = {k: v.to(self.device) for k, v in state["masks"].items()}
         schedule = self.schedule()

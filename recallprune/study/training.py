@@ -20,6 +20,33 @@ from .distributed import Distributed
 EVAL_BATCH = 1024
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device named ``name``, checked to be usable here (before any file is written)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device {name!r} is not a device name: use cpu, cuda or cuda:N ({error})"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {name!r}: CUDA is not available here (torch {torch.__version__}, "
+                f"{'no GPU visible' if torch.version.cuda else 'a CPU-only build'}); use "
+                "--device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    elif device.type != "cpu":
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as error:
+            raise ValueError(f"device {name!r} is not usable here: {error}") from None
+    return device
+
+
 def phase_seed(*parts: Any) -> int:
     """A stable seed for one phase of the study (independent of what ran before)."""
     return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
@@ -29,7 +56,9 @@ def make_optimizer(
     model: nn.Module, lr: float, momentum: float, weight_decay: float
 ) -> UndecayedSGD:
     """The study's optimizer: no weight decay on biases and normalisation parameters."""
-    return UndecayedSGD(decay_param_groups(model, weight_decay), lr=lr, momentum=momentum)
+    groups = decay_param_groups(model, weight_decay)
+    # Every group sets its own weight decay; the default is given so that SGD checks it.
+    return UndecayedSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def batches(
