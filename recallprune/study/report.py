@@ -16,10 +16,11 @@ import numpy as np
 from scipy import stats
 
 from .. import distortion as D
+from . import tables
 from .files import StudyError, atomic_write_text, read_json
+from .plots import PLOTS, write_plots
 from .records import CONTROL, DENSE, RUN_FIELDS, check_results
 
-PLOTS = ("intensification.png", "recall_gaps.png", "accuracy.png")
 HIGH_SPARSITY = 0.8  # "high sparsity" in the answers: nominal sparsity at least this
 LOW_SPARSITY = 0.5  # "low sparsity": at most this
 
@@ -74,11 +75,6 @@ def _p(x: Any) -> str:
     return f"{x:.2g}" if x >= 1e-3 else f"{x:.1e}"
 
 
-def _float(x: Any) -> float:
-    """A JSON number (None for NaN) as a float."""
-    return math.nan if x is None else float(x)
-
-
 def _percent(x: Any) -> float | None:
     return None if x is None else 100 * x
 
@@ -89,25 +85,13 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _mean_half(values: list[Any], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the t-interval (the analysis's statistics)."""
-    result = D.mean_statistics([_float(v) for v in values], 0.0, confidence)
-    return result["mean"], result["ci_high"] - result["mean"]
-
-
-def _level(sparsity: float) -> float:
-    """A sparsity as a table key (the analysis and the runs round it alike)."""
-    return round(sparsity, 6)
-
-
-def _summaries(results) -> dict[tuple[str, float], dict[str, Any]]:
-    return {(s["criterion"], _level(s["sparsity"])): s for s in results["analysis"]["summaries"]}
-
-
 def _per_seed(summary: dict[str, Any] | None) -> dict[Any, float]:
     if not summary:
         return {}
-    return {seed: _float(r) for seed, r in zip(summary["seeds"], summary["ratios"], strict=True)}
+    return {
+        seed: tables.as_float(r)
+        for seed, r in zip(summary["seeds"], summary["ratios"], strict=True)
+    }
 
 
 def _versus_control(summaries, criterion: str, sparsity: float) -> dict[Any, float]:
@@ -205,7 +189,7 @@ def _answer_up_vs_mp(summaries, sparsities, level) -> str | None:
     wins = 0
     for s in high:
         up, mp = summaries[("undecayed", s)], summaries[("magnitude", s)]
-        wins += _float(up["mean"]) < _float(mp["mean"])
+        wins += tables.as_float(up["mean"]) < tables.as_float(mp["mean"])
         up_ratios = _per_seed(up)
         for seed, ratio in _per_seed(mp).items():
             if seed in up_ratios and math.isfinite(ratio - up_ratios[seed]):
@@ -227,7 +211,7 @@ def _answer_up_vs_mp(summaries, sparsities, level) -> str | None:
         noise = math.sqrt(
             D.root_mean_square(
                 [
-                    _float(summaries[(c, s)]["measurement_sd"])
+                    tables.as_float(summaries[(c, s)]["measurement_sd"])
                     for c in ("magnitude", "undecayed")
                     for s in high
                 ]
@@ -283,7 +267,7 @@ def _answer_low_sparsity(summaries, criteria, sparsities, level) -> str:
         if not primary:
             focus = criteria[0]
             values = list(_versus_control(summaries, focus, low[0]).values())
-            noise = _float(summaries[(focus, low[0])]["measurement_sd"])
+            noise = tables.as_float(summaries[(focus, low[0])]["measurement_sd"])
             text += ". " + _what_would_help(
                 float(np.mean(values)) if values else math.nan,
                 values,
@@ -299,7 +283,7 @@ def answers(results: dict[str, Any]) -> list[str]:
     """The paper's three questions, answered from this run's numbers with the tests against
     the control arm where the study has one."""
     level = results["analysis"]["level"]
-    summaries = _summaries(results)
+    summaries = tables.summaries(results)
     criteria = list(results["config"]["criteria"])
     sparsities = sorted({s for _, s in summaries if s > 0})
     out = [_answer_trend(results, summaries, criteria, sparsities, level)]
@@ -380,24 +364,9 @@ def _ratio_table(summaries, arms, sparsities) -> str:
     )
 
 
-def render_report(results: dict[str, Any], out: Path) -> str:
-    config, runs = results["config"], results["runs"]
-    analysis = results["analysis"]
-    level = analysis["level"]
-    summaries = _summaries(results)
-    arms = [*config["criteria"], CONTROL]
-    sparsities = sorted({s for _, s in summaries})
-    by_key = defaultdict(list)
-    for r in runs:
-        by_key[(r["criterion"], r["round"])].append(r)
-    dense_runs = by_key[(DENSE, 0)]
-    dense_acc, dense_half = _mean_half([r["accuracy"] for r in dense_runs])
-    num_classes = len(dense_runs[0]["recall"]) if dense_runs else 0
-
-    text = io.StringIO()
-    w = text.write
-    w(f"# Recall-distortion study: {config['dataset']} / {config['model']}\n\n")
-    w(
+def _setup_text(config: dict[str, Any]) -> str:
+    retrain_lr = config["lr"] if config["retrain"] == "rewind" else config["finetune_lr"]
+    return (
         f"Seeds {config['seeds']}; criteria {', '.join(config['criteria'])} and a control arm "
         f"(the same retraining, nothing pruned); {config['rounds']} rounds of pruning "
         f"{config['fraction']:.0%} of the remaining weights ({config['scope']} scope, retrain: "
@@ -405,17 +374,13 @@ def render_report(results: dict[str, Any], out: Path) -> str:
         f"{config['momentum']}, weight decay {config['weight_decay']}, "
         f"batch {config['batch_size']}, "
         f"{config['epochs']} epochs (cosine schedule) for the dense model; "
-        f"{config['finetune_epochs']} epochs at lr "
-        f"{config['lr'] if config['retrain'] == 'rewind' else config['finetune_lr']} "
-        "after each round. "
+        f"{config['finetune_epochs']} epochs at lr {retrain_lr} after each round. "
         f"Device: {config['device']}.\n\n"
     )
-    w(_environment_text(results.get("environment")))
-    w(
-        f"Dense test accuracy: {_fmt(dense_acc, 4)} ± {_fmt(dense_half, 4)} (95% interval over "
-        f"{len(dense_runs)} seeds).\n\n"
-    )
-    w(
+
+
+def _definitions_text(level: float) -> str:
+    return (
         "Definitions (this library's, following the paper's wording): gap d[c,t] = recall[c,t] - "
         "accuracy[t]; model-level intensification ratio alpha[t] = sum_c d[c,0] d[c,t] / "
         "sum_c d[c,0]^2 (> 1: intensification, < 1: de-intensification). Intervals are 95% "
@@ -430,73 +395,109 @@ def render_report(results: dict[str, Any], out: Path) -> str:
         "under resampling of the test set.\n\n"
     )
 
-    w("## Answers\n\n")
-    w("\n".join(answers(results)) + "\n\n")
 
-    w("## Accuracy\n\nMean test accuracy ± 95% interval over seeds, by nominal sparsity.\n\n")
+def _accuracy_section(results: dict[str, Any]) -> str:
+    summaries = tables.summaries(results)
+    arms = tables.arms(results)
     rows = []
-    for s in sparsities:
+    for s in tables.sparsities(results):
         row = [f"{s:.3f}"]
         for arm in arms:
-            summary = summaries.get((arm, s))
-            rnd = [r for r in runs if r["criterion"] == arm and _level(r["nominal_sparsity"]) == s]
-            accs = [r["accuracy"] for r in rnd] if s > 0 else [r["accuracy"] for r in dense_runs]
-            mean, half = _mean_half(accs)
-            row.append(f"{_fmt(mean, 4)} ± {_fmt(half, 4)}" if summary else "n/a")
+            mean, half = tables.mean_half(tables.accuracies(results, arm, s))
+            row.append(f"{_fmt(mean, 4)} ± {_fmt(half, 4)}" if (arm, s) in summaries else "n/a")
         rows.append(row)
-    w(_table(["sparsity", *arms], rows) + "\n\n")
+    return (
+        "## Accuracy\n\nMean test accuracy ± 95% interval over seeds, by nominal sparsity.\n\n"
+        + _table(["sparsity", *arms], rows)
+        + "\n\n"
+    )
 
-    w(
+
+def _ratio_section(results: dict[str, Any]) -> str:
+    table = _ratio_table(
+        tables.summaries(results), tables.arms(results), tables.sparsities(results)
+    )
+    return (
         "## Intensification ratio\n\nModel-level ratio per criterion and sparsity: mean [95% "
         "interval], raw and adjusted p of ratio = 1, Wilcoxon p, verdict; the difference from "
         "the control arm with its raw and adjusted p and verdict; the detectable effect, the "
-        "measurement noise, and the accuracy change from the dense model.\n\n"
+        "measurement noise, and the accuracy change from the dense model.\n\n" + table + "\n\n"
     )
-    w(_ratio_table(summaries, arms, sparsities) + "\n\n")
 
-    w(
-        "## Per-class recall\n\nMean recall over seeds, dense and at the highest sparsity; n/a "
-        "marks a class with no support in the test set (recall undefined).\n\n"
-    )
+
+def _class_section(results: dict[str, Any]) -> str:
+    analysis = results["analysis"]
+    level = analysis["level"]
+    arms = tables.arms(results)
+    sparsities = tables.sparsities(results)
+    dense_runs = tables.dense_runs(results)
+    num_classes = len(dense_runs[0]["recall"]) if dense_runs else 0
     top = sparsities[-1] if sparsities else 0.0
     header = ["class", "dense"] + [f"{arm} @ {top:.3f}" for arm in arms]
     class_tests = {
-        (t["criterion"], _level(t["sparsity"]), t["class_index"]): t
+        (t["criterion"], tables.level(t["sparsity"]), t["class_index"]): t
         for t in analysis["class_tests"]
     }
     rows = []
     for c in range(num_classes):
         dense_recall = [r["recall"][c] for r in dense_runs]
-        row = [str(c), _fmt(_mean_half(dense_recall)[0])]
+        row = [str(c), _fmt(tables.mean_half(dense_recall)[0])]
         for arm in arms:
-            test = class_tests.get((arm, _level(top), c))
+            test = class_tests.get((arm, tables.level(top), c))
             if test is None:
                 row.append("n/a")
                 continue
-            mark = "*" if _float(test.get("p_adjusted")) < level else ""
+            mark = "*" if tables.as_float(test.get("p_adjusted")) < level else ""
             row.append(f"{_fmt(test['pruned_recall_mean'])}{mark}")
         rows.append(row)
-    w(_table(header, rows) + "\n\n")
-    w(
-        "`*`: the class's gap changed significantly (Welch's t-test, dense against pruned, "
-        f"Benjamini-Hochberg over this table's tests, level {level}).\n\n"
+    return (
+        "## Per-class recall\n\nMean recall over seeds, dense and at the highest sparsity; n/a "
+        "marks a class with no support in the test set (recall undefined).\n\n"
+        + _table(header, rows)
+        + "\n\n`*`: the class's gap changed significantly (Welch's t-test, dense against "
+        f"pruned, Benjamini-Hochberg over this table's tests, level {level}).\n\n"
     )
-    w("## Plots\n\n")
-    for name, caption in zip(
-        PLOTS,
-        (
-            "Intensification ratio against sparsity (95% bands)",
-            "Pruned against dense recall gaps per class",
-            "Accuracy against sparsity",
-        ),
-        strict=True,
-    ):
-        w(f"![{caption}]({name})\n\n")
-    w(
-        "Files: `results.json` and `results.csv` (every run's confusion matrix, recalls, accuracy, "
-        "sparsity, criterion, seed and round), `config.json` (the resolved configuration).\n"
+
+
+_CAPTIONS = {
+    "intensification.png": "Intensification ratio against weights remaining, a panel per "
+    "criterion beside the control arm (95% bands)",
+    "recall_gaps.png": "Pruned against dense recall gaps per class at the last round",
+    "accuracy.png": "Accuracy against weights remaining, a panel per criterion beside the "
+    "control arm (95% bands)",
+}
+
+
+def _plots_section() -> str:
+    images = "".join(f"![{_CAPTIONS[name]}]({name})\n\n" for name in PLOTS)
+    return (
+        "## Plots\n\n"
+        + images
+        + "Files: `results.json` and `results.csv` (every run's confusion matrix, recalls, "
+        "accuracy, sparsity, criterion, seed and round), `config.json` (the resolved "
+        "configuration).\n"
     )
-    return text.getvalue()
+
+
+def render_report(results: dict[str, Any], out: Path) -> str:
+    config = results["config"]
+    dense_runs = tables.dense_runs(results)
+    dense_acc, dense_half = tables.mean_half([r["accuracy"] for r in dense_runs])
+    return "".join(
+        [
+            f"# Recall-distortion study: {config['dataset']} / {config['model']}\n\n",
+            _setup_text(config),
+            _environment_text(results.get("environment")),
+            f"Dense test accuracy: {_fmt(dense_acc, 4)} ± {_fmt(dense_half, 4)} (95% interval "
+            f"over {len(dense_runs)} seeds).\n\n",
+            _definitions_text(results["analysis"]["level"]),
+            "## Answers\n\n" + "\n".join(answers(results)) + "\n\n",
+            _accuracy_section(results),
+            _ratio_section(results),
+            _class_section(results),
+            _plots_section(),
+        ]
+    )
 
 
 def write_csv(results: dict[str, Any], path: Path) -> None:
@@ -515,88 +516,6 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
             ]
         )
     atomic_write_text(path, buffer.getvalue())
-
-
-def write_plots(results: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    config, runs = results["config"], results["runs"]
-    summaries = _summaries(results)
-    arms = [*config["criteria"], CONTROL]
-    sparsities = sorted({s for _, s in summaries})
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm in arms:
-        rows = [summaries[(arm, s)] for s in sparsities if (arm, s) in summaries]
-        xs = [r["sparsity"] for r in rows]
-        mean = [np.nan if r["mean"] is None else r["mean"] for r in rows]
-        low = [np.nan if r["ci_low"] is None else r["ci_low"] for r in rows]
-        high = [np.nan if r["ci_high"] is None else r["ci_high"] for r in rows]
-        style = "--" if arm == CONTROL else "-"
-        (line,) = ax.plot(xs, mean, style, marker="o", markersize=3, label=arm)
-        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("sparsity (fraction of prunable weights removed)")
-    ax.set_ylabel("intensification ratio")
-    ax.set_title(f"{config['dataset']} / {config['model']}: intensification ratio")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / PLOTS[0], dpi=120)
-    plt.close(fig)
-
-    dense = {r["seed"]: r for r in runs if r["criterion"] == DENSE}
-    top_round = max((r["round"] for r in runs), default=0)
-    fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 3.4), sharex=True, sharey=True)
-    axes = np.atleast_1d(axes)
-    for ax, arm in zip(axes, arms, strict=True):
-        for r in runs:
-            if r["criterion"] != arm or r["round"] != top_round:
-                continue
-            d = dense[r["seed"]]
-            d_gap = D.recall_gaps([_float(v) for v in d["recall"]], _float(d["accuracy"]))
-            p_gap = D.recall_gaps([_float(v) for v in r["recall"]], _float(r["accuracy"]))
-            ax.scatter(d_gap, p_gap, s=10, alpha=0.7)
-        limits = ax.get_xlim()
-        ax.plot(limits, limits, color="grey", linewidth=0.8)
-        ax.set_title(arm, fontsize=9)
-        ax.set_xlabel("dense gap")
-    axes[0].set_ylabel(f"pruned gap (round {top_round})")
-    fig.tight_layout()
-    fig.savefig(out / PLOTS[1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    dense_mean = np.mean([r["accuracy"] for r in dense.values()]) if dense else np.nan
-    for arm in arms:
-        xs, means, halves = [0.0], [dense_mean], [0.0]
-        for s in sparsities[1:]:
-            accs = [
-                r["accuracy"]
-                for r in runs
-                if r["criterion"] == arm and _level(r["nominal_sparsity"]) == s
-            ]
-            mean, half = _mean_half(accs)
-            xs.append(s)
-            means.append(mean)
-            halves.append(0.0 if math.isnan(half) else half)
-        style = "--" if arm == CONTROL else "-"
-        (line,) = ax.plot(xs, means, style, marker="o", markersize=3, label=arm)
-        ax.fill_between(
-            xs,
-            np.subtract(means, halves),
-            np.add(means, halves),
-            color=line.get_color(),
-            alpha=0.15,
-        )
-    ax.set_xlabel("sparsity")
-    ax.set_ylabel("test accuracy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / PLOTS[2], dpi=120)
-    plt.close(fig)
 
 
 def write_outputs(
