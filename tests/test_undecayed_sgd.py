@@ -43,11 +43,12 @@ def _groups(model, lr_scale=1.0):
 
 
 def _set_grads(models, step, generator):
-    """The same random gradients on every model; one parameter has no gradient now and then."""
+    """The same random gradients on every model (drawn on the CPU, copied to each model's
+    device); one parameter has no gradient now and then."""
     for params in zip(*(m.parameters() for m in models), strict=True):
         grad = torch.randn(params[0].shape, generator=generator)
         for p in params:
-            p.grad = grad.clone()
+            p.grad = grad.to(p.device, copy=True)
     if step % 3 == 1:
         for m in models:
             m[3].bias.grad = None
