@@ -1,4 +1,4 @@
-# recallprune: set-up, demo, tests, lint, benchmarks.
+# recallprune: set-up, demo, tests, lint, benchmarks, the GPU check.
 # `make demo` and `make test` do all the set-up on a fresh machine; a second run is quick.
 
 PYTHON ?= python3
@@ -9,7 +9,7 @@ DEPS_STAMP := $(VENV)/.stamp-deps
 EXT_STAMP := $(VENV)/.stamp-ext
 EXT_SOURCES := $(shell find csrc -type f) setup.py
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench gpu-check clean
 
 setup: $(EXT_STAMP)
 
@@ -46,6 +46,12 @@ format: $(DEPS_STAMP)
 bench: setup
 	$(PY) benchmarks/bench_optimizer.py
 	$(PY) benchmarks/bench_confusion.py
+
+# On a machine with an NVIDIA GPU (not part of `make test`): build for that GPU with the
+# Python that holds torch, run the CUDA tests, compute-sanitizer and both benchmarks on CUDA,
+# then a pass/fail summary. See tools/gpu_check.sh for its settings.
+gpu-check:
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh
 
 clean:
 	rm -rf build recallprune/*.so $(EXT_STAMP)
