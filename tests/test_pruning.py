@@ -285,6 +285,96 @@ def test_torch_prune_round_trip_and_state_dict():
         Pruner(model, "magnitude").load_state_dict(state)
 
 
+def test_torch_prune_on_the_root_module():
+    model = nn.Linear(8, 4)
+    pruner = Pruner(model)
+    assert set(pruner.params) == {"weight"}
+    pruner.prune(0.5)
+    mask = pruner.masks["weight"].clone()
+    pruner.to_torch_prune()
+    back = Pruner.from_torch_prune(model)
+    assert set(back.params) == {"weight"} and back.params["weight"] is model.weight
+    assert torch.equal(back.masks["weight"], mask)
+    assert isinstance(model.weight, nn.Parameter) and not hasattr(model, "weight_mask")
+    assert torch.all(model.weight[~mask] == 0) and back.num_pruned() == 16
+    assert Pruner(model, include=[""]).params["weight"] is model.weight
+
+
+def _torch_pruned_mlp():
+    model = _mlp()
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    torch.nn.utils.prune.l1_unstructured(model[3], "weight", amount=0.25)
+    torch.nn.utils.prune.random_unstructured(model[3], "weight", amount=0.25)  # a container
+    return model
+
+
+def _torch_pruning_state(model):
+    return [
+        (name, type(hook).__name__, {k: v.clone() for k, v in module.state_dict().items()})
+        for name, module in model.named_modules()
+        for hook in module._forward_pre_hooks.values()
+    ]
+
+
+def test_from_torch_prune_takes_over_containers_and_keeps_the_parameters():
+    model = _torch_pruned_mlp()
+    orig = {i: model[i].weight_orig for i in (0, 3)}
+    masks = {f"{i}.weight": model[i].weight_mask.bool() for i in (0, 3)}
+    opt = UndecayedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner = Pruner.from_torch_prune(model, "magnitude", optimizer=opt)
+    assert set(pruner.params) == set(masks)
+    for i in (0, 3):
+        assert model[i].weight is orig[i] is pruner.params[f"{i}.weight"]
+        assert torch.equal(opt.get_mask(model[i].weight), masks[f"{i}.weight"])
+    assert pruner.num_pruned() == 64 + 48 + 36  # the second method prunes 25% of the rest
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["bias", "soft mask", "exclude", "include", "bad argument", "bad criterion"],
+)
+def test_from_torch_prune_checks_before_it_removes_anything(case):
+    model = _torch_pruned_mlp()
+    kwargs = {}
+    if case == "bias":
+        torch.nn.utils.prune.l1_unstructured(model[5], "bias", amount=0.5)
+        expected = "5.bias is pruned with torch.nn.utils.prune, but a Pruner prunes weights only"
+    elif case == "soft mask":
+        torch.nn.utils.prune.custom_from_mask(model[5], "weight", torch.full((3, 12), 0.5))
+        expected = "holds values other than 0 and 1"
+    elif case == "exclude":
+        kwargs = {"exclude": ["3"]}
+        expected = "exclude leaves out \\['3.weight'\\]"
+    elif case == "include":
+        kwargs = {"include": ["0"]}
+        expected = "no include argument"
+    elif case == "bad argument":
+        kwargs = {"lam": float("nan")}
+        expected = "lam must be"
+    else:
+        kwargs = {"scope": "local"}
+        expected = "scope must be one of"
+    before = _torch_pruning_state(model)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises((ValueError, TypeError), match=expected):
+        Pruner.from_torch_prune(model, **kwargs)
+    after = _torch_pruning_state(model)
+    assert [(n, t) for n, t, _ in after] == [(n, t) for n, t, _ in before]
+    for (_, _, state_after), (_, _, state_before) in zip(after, before, strict=True):
+        assert state_after.keys() == state_before.keys()
+        assert all(torch.equal(state_after[k], state_before[k]) for k in state_before)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+def test_a_torch_pruned_weight_is_not_pruned_twice():
+    model = _torch_pruned_mlp()
+    with pytest.raises(ValueError, match="0.weight is pruned with torch.nn.utils.prune: take"):
+        Pruner(model, "magnitude")
+    assert set(Pruner(model, "magnitude", exclude=["0", "3"]).params) == {"5.weight"}
+    with pytest.raises(ValueError, match="no module pruned with torch.nn.utils.prune"):
+        Pruner.from_torch_prune(_mlp())
+
+
 def test_bf16_weights():
     model = _mlp(dtype=torch.bfloat16)
     pruner = Pruner(model, "undecayed", lam=5e-4)
@@ -336,6 +426,50 @@ class TestErrors:
             Pruner(_mlp(), "taylor")
         with pytest.raises(ValueError, match="scope must be one of"):
             Pruner(_mlp(), "magnitude", scope="local")
+
+    def test_a_bare_string_is_not_a_list_of_names(self):
+        model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(12)])
+        for what in ("exclude", "include"):
+            with pytest.raises(TypeError, match=f"write {what}=\\['11'\\]"):
+                Pruner(model, "magnitude", **{what: "11"})
+        with pytest.raises(TypeError, match="names and patterns are strings, got 11"):
+            Pruner(model, "magnitude", exclude=[11])
+        with pytest.raises(TypeError, match="exclude must be a list"):
+            Pruner(model, "magnitude", exclude=11)
+        with pytest.raises(TypeError, match="layer_types must be subclasses"):
+            Pruner(model, "magnitude", layer_types=["Linear"])
+        pruner = Pruner(model, "magnitude", exclude=["11"])
+        assert "11.weight" not in pruner.params and "1.weight" in pruner.params
+
+    @pytest.mark.parametrize("lam", [float("nan"), float("inf"), -1e-4, "5e-4", True])
+    def test_lam_must_be_a_finite_non_negative_number(self, lam):
+        with pytest.raises(ValueError, match="lam must be a finite non-negative number"):
+            Pruner(_mlp(), "undecayed", lam=lam)
+        w = torch.ones(3)
+        with pytest.raises(ValueError, match="lam must be a finite non-negative number"):
+            criteria.score("undecayed", w, torch.ones(3), lam)
+
+    def test_lam_from_the_optimizer_is_checked_too(self):
+        model = _mlp()
+        assert Pruner(model, "undecayed", lam=0).lam == 0.0
+        # torch.optim.SGD accepts weight_decay=nan (its check is weight_decay < 0).
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=float("nan"))
+        pruner = Pruner(model, "undecayed", optimizer=opt)
+        with pytest.raises(ValueError, match="lam must be a finite non-negative number"):
+            pruner.prune(0.5, data=_batches(1))
+        assert pruner.num_pruned() == 0
+
+    def test_other_arguments(self):
+        with pytest.raises(TypeError, match="seed must be an integer"):
+            Pruner(_mlp(), "random", seed=1.5)
+        with pytest.raises(TypeError, match="loss_fn must be callable"):
+            Pruner(_mlp(), "gradient", loss_fn="cross_entropy")
+        with pytest.raises(ValueError, match="amount must be a number"):
+            Pruner(_mlp(), "magnitude").prune(True)
+
+    def test_biases_are_not_pruned(self):
+        with pytest.raises(ValueError, match="prunes weights only, never biases"):
+            Pruner(_mlp(), "magnitude", include=["0.bias"])
 
     def test_gradient_criteria_need_data(self):
         with pytest.raises(ValueError, match="needs gradients: pass data="):
