@@ -476,3 +476,186 @@ class TestErrors:
             Pruner(_mlp(), "gradient").prune(0.1)
         with pytest.raises(ValueError, match="needs an attached UndecayedSGD"):
             Pruner(_mlp(), "gradient").prune(0.1, grad_source="average")
+
+
+# -- masks that hold under any optimizer ------------------------------------------------------
+
+OPTIMIZERS = {
+    "SGD": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "SGD momentum+decay": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    "SGD nesterov foreach": lambda ps: torch.optim.SGD(
+        ps, lr=0.1, momentum=0.9, nesterov=True, foreach=True
+    ),
+    "Adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    "Adam amsgrad+decay": lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3, amsgrad=True),
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+    "RMSprop momentum": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9),
+    "Adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+    "NAdam": lambda ps: torch.optim.NAdam(ps, lr=0.01),
+    "Rprop": lambda ps: torch.optim.Rprop(ps, lr=0.01),
+}
+
+
+def _train(model, opt, batches, after_step=None):
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_pruned_weights_stay_zero_under_any_optimizer(name):
+    model = _mlp()
+    opt = OPTIMIZERS[name](model.parameters())
+    _train(model, opt, _batches(2))  # the optimizer has state before the pruning
+    pruner = Pruner(model, "magnitude", optimizer=opt)
+    pruner.prune(0.5)
+    before = {n: p.detach().clone() for n, p in pruner.params.items()}
+
+    def check():
+        for n, p in pruner.params.items():
+            assert torch.count_nonzero(p[~pruner.masks[n]]) == 0, n
+
+    _train(model, opt, _batches(4, seed=2), after_step=check)
+    moved = [n for n, p in pruner.params.items() if not torch.equal(p, before[n])]
+    assert moved == list(pruner.params)  # the kept weights did train
+    pruner.prune(0.5)  # re-pruning: the hook holds the new masks
+    assert pruner.num_pruned() == round(0.75 * pruner.num_weights())
+    _train(model, opt, _batches(3, seed=3), after_step=check)
+
+
+def test_without_the_pruners_optimizer_the_weights_regrow():
+    """The failure the hook prevents: nothing else holds them."""
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    pruner = Pruner(model, "magnitude")
+    pruner.prune(0.5)
+    _train(model, opt, _batches(3))
+    pruned = torch.cat([p[~pruner.masks[n]] for n, p in pruner.params.items()])
+    assert torch.count_nonzero(pruned) == pruned.numel()
+
+
+def test_the_hook_trains_the_kept_weights_as_undecayed_sgd_does():
+    """A pruned element's momentum moves only its own weight, so SGD with the hook leaves the
+    kept weights where UndecayedSGD's masked update puts them."""
+    models = [_mlp(), _mlp()]
+    opts = [
+        torch.optim.SGD(models[0].parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3),
+        UndecayedSGD(
+            models[1].parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3, backend="reference"
+        ),
+    ]
+    for model, opt in zip(models, opts, strict=True):
+        _train(model, opt, _batches(2))
+        Pruner(model, "magnitude", optimizer=opt).prune(0.6)
+        _train(model, opt, _batches(5, seed=4))
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def _post_hooks(opt):
+    return len(opt._optimizer_step_post_hooks)
+
+
+def test_one_hook_per_optimizer_for_as_long_as_something_is_pruned():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    first = Pruner(model, "magnitude", optimizer=opt)
+    assert _post_hooks(opt) == 0  # nothing pruned yet: no hook, no cost
+    first.prune(0.5)
+    assert _post_hooks(opt) == 1
+    second = Pruner(model, "magnitude", optimizer=opt)  # sees the masks held for opt
+    assert all(torch.equal(second.masks[n], first.masks[n]) for n in first.masks)
+    second.prune(0.5)
+    assert _post_hooks(opt) == 1 and second.num_pruned() == round(0.75 * second.num_weights())
+    second.prune(sparsity=0.0, regrow=True)  # every mask cleared: the hook goes
+    assert _post_hooks(opt) == 0
+    second.load_state_dict(first.state_dict())  # masks back: the hook too
+    assert _post_hooks(opt) == 1
+    second.remove()
+    assert _post_hooks(opt) == 0
+    _train(model, opt, _batches(2))
+    pruned = torch.cat([p[~second.masks[n]] for n, p in second.params.items()])
+    assert torch.count_nonzero(pruned) == pruned.numel()  # removed: they regrow
+    second.apply()
+    assert _post_hooks(opt) == 1
+    assert torch.count_nonzero(model[0].weight) == int(second.masks["0.weight"].sum())
+
+
+def test_removing_some_weights_keeps_the_hook_for_the_others():
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    first = Pruner(model, "magnitude", include=["0"], optimizer=opt)
+    first.prune(0.5)
+    last = Pruner(model, "magnitude", include=["5"], optimizer=opt)
+    last.prune(0.5)
+    first.remove()
+    assert _post_hooks(opt) == 1
+    _train(model, opt, _batches(2))
+    assert torch.count_nonzero(model[0].weight) == model[0].weight.numel()
+    assert torch.count_nonzero(model[5].weight) == 18
+
+
+def test_the_hook_goes_with_its_optimizer():
+    import gc
+    import weakref
+
+    from recallprune.pruning import step_masks
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = Pruner(model, "magnitude", optimizer=opt)
+    pruner.prune(0.5)
+    holder = weakref.ref(step_masks._HOLDERS[opt])
+    del opt, pruner
+    gc.collect()
+    assert holder() is None and len(step_masks._HOLDERS) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_hook_writes_positive_zeros_over_nan_and_inf(dtype):
+    weight = nn.Parameter(torch.randn(4, 6).to(dtype))
+    model = nn.Sequential(nn.Linear(6, 4))
+    model[0].weight = weight
+    opt = torch.optim.SGD([weight], lr=0.0)
+    keep = torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) > 0.5
+    pruner = Pruner(model, "magnitude", optimizer=opt)
+    pruner.masks["0.weight"] = keep
+    pruner.apply()
+    kept = weight.detach()[keep].clone()
+    with torch.no_grad():
+        weight[~keep] = (
+            torch.tensor([float("nan"), float("inf"), -1.0])
+            .to(dtype)
+            .repeat(8)[: int((~keep).sum())]
+        )
+    weight.grad = torch.zeros_like(weight)
+    opt.step()
+    assert torch.equal(weight.detach()[keep], kept)
+    zeros = weight.detach()[~keep]
+    assert torch.all(zeros == 0) and not torch.any(torch.signbit(zeros))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_hook_on_cuda():
+    model = _mlp().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    pruner = Pruner(model, "magnitude", optimizer=opt)
+    pruner.prune(0.5)
+    _train(model, opt, [(x.cuda(), y.cuda()) for x, y in _batches(3)])
+    for n, p in pruner.params.items():
+        assert torch.count_nonzero(p[~pruner.masks[n]]) == 0
+
+
+def test_optimizer_errors():
+    model = _mlp()
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        Pruner(model, "magnitude", optimizer=object())
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    with pytest.raises(
+        ValueError, match="the optimizer does not hold \\['3.weight', '5.weight'\\]"
+    ):
+        Pruner(model, "magnitude", optimizer=opt)
+    assert set(Pruner(model, "magnitude", include=["0"], optimizer=opt).params) == {"0.weight"}

@@ -14,6 +14,7 @@ import torch.nn.utils.prune
 from torch import Tensor, nn
 
 from . import criteria
+from .step_masks import mask_holder
 
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 SCOPES = ("global", "layer")
@@ -101,15 +102,20 @@ class Pruner:
         include: module names or ``fnmatch`` patterns to prune (default: every module of
             ``layer_types``).
         exclude: module names or patterns to leave dense (the output layer, often).
-        optimizer: the optimizer training the model. An UndecayedSGD gets the keep masks
-            (pruned weights and momentum then stay exactly zero); its parameter groups give
-            UP's ``lam`` (their weight decay) unless ``lam`` is given.
+        optimizer: the optimizer training the model; it keeps the pruned weights exactly
+            zero after each of its steps. An UndecayedSGD gets the keep masks (fused into
+            its update; pruned momentum stays zero too); any other ``torch.optim.Optimizer``
+            gets a step post-hook that zeroes the pruned weights again (see
+            :mod:`recallprune.pruning.step_masks`). Its parameter groups give UP's ``lam``
+            (their weight decay) unless ``lam`` is given.
         lam: UP's weight-decay coefficient.
         loss_fn: the data loss for gradient criteria (default: cross-entropy).
         seed: seeds the random criterion.
         layer_types: module types whose ``weight`` is prunable.
 
-    ``masks`` maps parameter names (``"fc1.weight"``) to bool keep masks.
+    ``masks`` maps parameter names (``"fc1.weight"``) to bool keep masks; :meth:`apply`
+    hands them to the optimizer (``prune`` and ``load_state_dict`` call it), :meth:`remove`
+    takes them back.
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class Pruner:
             raise TypeError(f"seed must be an integer, got {seed!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        holder = None if optimizer is None else mask_holder(optimizer)
         self.model = model
         self.criterion = criterion
         self.scope = scope
@@ -153,9 +160,17 @@ class Pruner:
         self.masks: dict[str, Tensor] = {
             name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()
         }
-        if optimizer is not None and hasattr(optimizer, "get_mask"):
+        self._mask_holder = holder
+        if optimizer is not None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [name for name, p in self.params.items() if id(p) not in held]
+            if missing:
+                raise ValueError(
+                    f"the optimizer does not hold {missing[:5]}: pass the optimizer that "
+                    "trains the pruned weights, or exclude those modules"
+                )
             for name, p in self.params.items():
-                existing = optimizer.get_mask(p)
+                existing = holder.get_mask(p)
                 if existing is not None:
                     self.masks[name] = existing.clone()
 
@@ -400,19 +415,23 @@ class Pruner:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Zero the pruned weights (and hand the masks to an attached UndecayedSGD, which
-        then keeps them and their momentum at zero through training)."""
+        """Zero the pruned weights and hand the masks to the optimizer, which then keeps the
+        pruned weights at zero through training (UndecayedSGD also their momentum)."""
         for name, p in self.params.items():
             mask = self.masks[name]
             p.masked_fill_(~mask, 0)
-            if self.optimizer is None:
-                continue
-            if hasattr(self.optimizer, "set_mask"):
-                self.optimizer.set_mask(p, mask)
-            else:
-                buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    buf.masked_fill_(~mask, 0)
+            if self._mask_holder is not None:
+                self._mask_holder.set_mask(p, mask)
+
+    def remove(self) -> None:
+        """Stop keeping the masks through the optimizer: UndecayedSGD's keep masks of these
+        weights are cleared, and another optimizer's step hook no longer touches them (it
+        goes when no weight is left in it). Weights and ``masks`` stay as they are; training
+        may regrow the pruned weights from here on, and :meth:`apply` attaches the masks
+        again."""
+        if self._mask_holder is not None:
+            for p in self.params.values():
+                self._mask_holder.set_mask(p, None)
 
     # -- state ----------------------------------------------------------------------------
 
