@@ -17,9 +17,11 @@ $(DEPS_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade --quiet pip
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet numpy scipy scikit-learn matplotlib tqdm pytest hypothesis ruff ninja expecttest setuptools wheel statsmodels mlxtend
-	# The package itself, editable; the extension is built in place below (incrementally).
-	RECALLPRUNE_BUILD_EXT=0 $(PIP) install --quiet --no-build-isolation -e .
+	# The build requirements (pyproject.toml): the build runs without isolation, against this torch.
+	$(PIP) install --quiet 'setuptools>=77' wheel ninja
+	# The package, editable, with the study's extra and the test tools; the extension is built
+	# in place below (incrementally).
+	RECALLPRUNE_BUILD_EXT=0 $(PIP) install --quiet --no-build-isolation -e '.[study,test]'
 	touch $@
 
 # ninja keeps the objects under build/, so only changed sources recompile.

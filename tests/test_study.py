@@ -432,8 +432,6 @@ def test_datasets_and_models():
     assert easy.input_shape == (40,) and easy.num_classes == 10
     counts = torch.bincount(hard.y_train, minlength=10)
     assert counts[0] > 2 * counts[-1]  # imbalanced
-    with pytest.raises(RuntimeError, match="pip install mnist1d"):
-        load_dataset("mnist1d")
     for name, shape in (
         ("cnn", (1, 8, 8)),
         ("resnet20", (3, 32, 32)),

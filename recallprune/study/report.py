@@ -16,6 +16,7 @@ import numpy as np
 from scipy import stats
 
 from .. import distortion as D
+from .._extras import study_imports
 from .runner import CONTROL, DENSE, StudyError, atomic_write_text, read_json
 
 PLOTS = ("intensification.png", "recall_gaps.png", "accuracy.png")
@@ -538,10 +539,11 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
 
 
 def write_plots(results: dict[str, Any], out: Path) -> None:
-    import matplotlib
+    with study_imports("the plots"):
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     config, runs = results["config"], results["runs"]
     summaries = _summaries(results)

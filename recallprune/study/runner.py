@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .._extras import study_imports
 from ..distortion import recall_and_accuracy
 from ..metrics import ConfusionCounter
 from ..optim import UndecayedSGD, decay_param_groups
@@ -26,6 +26,9 @@ from ..pruning import Pruner
 from .config import StudyConfig
 from .datasets import Dataset, load_dataset
 from .models import build_model, output_layer_name
+
+with study_imports():
+    from tqdm.auto import tqdm
 
 log = logging.getLogger("recallprune.study")
 
