@@ -18,7 +18,7 @@ $(DEPS_STAMP): pyproject.toml
 	$(PIP) install --upgrade --quiet pip
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
 	# The build requirements (pyproject.toml): the build runs without isolation, against this torch.
-	$(PIP) install --quiet 'setuptools>=77' wheel ninja
+	$(PIP) install --quiet setuptools wheel ninja
 	# The package, editable, with the study's extra and the test tools; the extension is built
 	# in place below (incrementally).
 	RECALLPRUNE_BUILD_EXT=0 $(PIP) install --quiet --no-build-isolation -e '.[study,test]'

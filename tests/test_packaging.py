@@ -80,7 +80,7 @@ def test_the_sdist_metadata(sdist):
     with tarfile.open(sdist) as tar:
         info = email.parser.Parser().parsestr(tar.extractfile(f"{prefix}/PKG-INFO").read().decode())
     assert info["Version"] == recallprune.__version__ and prefix.endswith(info["Version"])
-    assert info["License-Expression"] == "BSD-3-Clause"
+    assert info["License"] == "BSD-3-Clause" and info["License-File"] == "LICENSE"
     assert info["Requires-Python"] == ">=3.11"
     core = [r for r in info.get_all("Requires-Dist") if "extra ==" not in r]
     assert sorted(r.split(">")[0].split("=")[0] for r in core) == ["numpy", "scipy", "torch"]
@@ -232,6 +232,7 @@ def test_the_command_says_in_one_line_which_extra_to_install(tmp_path):
         ("torchvision", lambda: _load("cifar10")),
         ("yaml", lambda: _read_config("x.yaml")),
         ("matplotlib", lambda: _plot()),
+        ("statsmodels", lambda: _fit()),
     ],
 )
 def test_a_missing_study_package_is_an_error_naming_the_extra(module, call, monkeypatch, tmp_path):
@@ -263,6 +264,12 @@ def _plot():
     from recallprune.study.report import write_plots
 
     return write_plots({}, Path("."))
+
+
+def _fit():
+    from recallprune.study.compare import fit
+
+    return fit([])
 
 
 def _read_config(path):

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .. import distortion as D
+from .._extras import study_imports
 from .runner import CONTROL, DENSE, StudyError, atomic_write_text, read_json
 
 CSV_FIELDS = ("study", "criterion", "seed", "sparsity", "dense_error", "params", "ratio")
@@ -150,7 +151,8 @@ def design(rows: list[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
 def fit(rows: list[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
     """OLS of the ratio on the design's terms with standard errors clustered by (study,
     seed); one ``{term, estimate, std_error, ci_low, ci_high, p_value}`` per term kept."""
-    import statsmodels.api as sm
+    with study_imports("recallprune compare"):
+        import statsmodels.api as sm
 
     x, terms = design(rows)
     y = np.array([r["ratio"] for r in rows])
@@ -371,10 +373,11 @@ def render(result: dict[str, Any]) -> str:
 
 
 def write_plots(result: dict[str, Any], out: Path) -> None:
-    import matplotlib
+    with study_imports("the plots"):
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
     rows = result["rows"]
     criteria = sorted({r["criterion"] for r in rows})
