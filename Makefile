@@ -1,4 +1,4 @@
-# recallprune: set-up, demo, tests, lint, benchmarks.
+# recallprune: set-up, demo, tests, lint, benchmarks, the GPU check.
 # `make demo` and `make test` do all the set-up on a fresh machine; a second run is quick.
 
 PYTHON ?= python3
@@ -9,7 +9,7 @@ DEPS_STAMP := $(VENV)/.stamp-deps
 EXT_STAMP := $(VENV)/.stamp-ext
 EXT_SOURCES := $(shell find csrc -type f) setup.py
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench gpu-check clean
 
 setup: $(EXT_STAMP)
 
@@ -17,9 +17,11 @@ $(DEPS_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade --quiet pip
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PIP) install --quiet numpy scipy scikit-learn matplotlib tqdm pytest hypothesis ruff ninja expecttest setuptools wheel statsmodels
-	# The package itself, editable; the extension is built in place below (incrementally).
-	RECALLPRUNE_BUILD_EXT=0 $(PIP) install --quiet --no-build-isolation -e .
+	# The build requirements (pyproject.toml): the build runs without isolation, against this torch.
+	$(PIP) install --quiet setuptools wheel ninja
+	# The package, editable, with the study's extra and the test tools; the extension is built
+	# in place below (incrementally).
+	RECALLPRUNE_BUILD_EXT=0 $(PIP) install --quiet --no-build-isolation -e '.[study,test]'
 	touch $@
 
 # ninja keeps the objects under build/, so only changed sources recompile.
@@ -46,6 +48,12 @@ format: $(DEPS_STAMP)
 bench: setup
 	$(PY) benchmarks/bench_optimizer.py
 	$(PY) benchmarks/bench_confusion.py
+
+# On a machine with an NVIDIA GPU (not part of `make test`): build for that GPU with the
+# Python that holds torch, run the CUDA tests, compute-sanitizer and both benchmarks on CUDA,
+# then a pass/fail summary. See tools/gpu_check.sh for its settings.
+gpu-check:
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh
 
 clean:
 	rm -rf build recallprune/*.so $(EXT_STAMP)

@@ -283,7 +283,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
     """What a result depends on besides the code: versions, device, threads, date."""
     device = torch.device(device)
     info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -398,7 +398,7 @@ def extension_state() -> dict[str, Any]:
 
     path = Path(_C.__file__)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    mtime = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+    mtime = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.UTC)
     return {
         "recallprune": recallprune.__version__,
         "extension": str(path),

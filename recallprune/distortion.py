@@ -84,6 +84,12 @@ def _to_json(value: Any) -> Any:
     return _json_number(value)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinities as None and numpy scalars as Python numbers, for
+    ``json.dumps(..., allow_nan=False)``."""
+    return _to_json(value)
+
+
 def check_confusion(confusion: Any, what: str = "confusion") -> np.ndarray:
     """The counts of a ``[C, C]`` confusion matrix as float64, refused with an error naming
     ``what`` unless they are finite, non-negative whole numbers (at most 2**53) and at least

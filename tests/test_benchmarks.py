@@ -54,3 +54,13 @@ def test_bench_confusion_smoke(tmp_path):
     data = _run("bench_confusion.py", tmp_path / "confusion.json")
     cases = data["runs"][0]["cases"]
     assert cases and all(case["counts_match_bincount"] for case in cases)
+
+
+def test_bench_mask_hook_smoke(tmp_path):
+    data = _run("bench_mask_hook.py", tmp_path / "mask-hook.json")
+    (workload,) = data["runs"][0]["workloads"]
+    methods = {m["method"]: m for m in workload["methods"]}
+    for name in ("SGD", "Adam", "AdamW"):
+        assert methods[name]["median_ms"] > 0
+        assert methods[f"{name} + hook"]["ratio_to_without"] > 0
+    assert methods["hook alone"]["median_ms"] > 0 and not workload["errors"]

@@ -7,6 +7,7 @@ import pytest
 
 from recallprune import __version__
 from recallprune.study.cli import build_parser, main
+from recallprune.study.datasets import DATASETS
 
 
 def _subparsers(parser):
@@ -29,7 +30,7 @@ def test_study_help_shows_defaults_and_choices(capsys):
     assert exit_status.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # as wrapped for any terminal width
     for shown in (
-        "{digits,synthetic,mnist1d,mnist,fashion-mnist,cifar10,cifar100}",
+        "{" + ",".join(DATASETS) + "}",
         "{magnitude,gradient,undecayed,random}",
         "{finetune,rewind}",
         "{global,layer}",

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
 from recallprune import ConfusionCounter, confusion_matrix
+from recallprune._reference import confusion_update_reference
 
 from .conftest import requires_cuda, requires_ops
 
@@ -221,6 +222,48 @@ def test_cuda_update_never_syncs():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(counter.invalid_count) > 0
+
+
+# (C, N): each CUDA path at a size that spans many blocks and grid-stride rounds: the
+# aggregated shared counting (C <= 32), lane groups of 8 (32 <= C < 128) and of 32 lanes,
+# shared histograms (C = 50 with enough rows per block) and global atomics.
+CUDA_PATH_CASES = [
+    (2, 1_000_000),
+    (5, 300_000),
+    (31, 100_000),
+    (32, 100_000),
+    (50, 1_400_000),
+    (100, 50_000),
+    (127, 50_000),
+    (128, 50_000),
+    (1000, 8_000),
+]
+
+
+@requires_cuda
+@requires_ops
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("c", "n"), CUDA_PATH_CASES, ids=[f"C{c}-N{n}" for c, n in CUDA_PATH_CASES]
+)
+def test_cuda_paths_match_reference(c, n, dtype, target_dtype, misaligned):
+    generator = torch.Generator("cuda").manual_seed(c + n)
+    # Misaligned: the rows start one element past an aligned address (no vector loads).
+    flat = torch.randn(n * c + 1, generator=generator, device="cuda").to(dtype)
+    x = (flat[1:] if misaligned else flat[:-1]).view(n, c)
+    x[::5] = x[::5].round()  # ties
+    # Labels in [-1, C]: C is ignored, -1 is invalid.
+    target = torch.randint(-1, c + 1, (n,), generator=generator, device="cuda")
+    counter = ConfusionCounter(c, device="cuda", ignore_index=c, backend="kernel")
+    counter.update(x, target.to(target_dtype))
+    counts = torch.zeros(c * c, dtype=torch.int64, device="cuda")
+    invalid = torch.zeros(1, dtype=torch.int64, device="cuda")
+    confusion_update_reference(counts, invalid, x.view(n, c, 1), target.view(n, 1), c, c)
+    assert torch.equal(counter._counts, counts)
+    assert torch.equal(counter._invalid, invalid)
+    assert int(invalid) > 0
 
 
 def _free_port():

@@ -285,6 +285,96 @@ def test_torch_prune_round_trip_and_state_dict():
         Pruner(model, "magnitude").load_state_dict(state)
 
 
+def test_torch_prune_on_the_root_module():
+    model = nn.Linear(8, 4)
+    pruner = Pruner(model)
+    assert set(pruner.params) == {"weight"}
+    pruner.prune(0.5)
+    mask = pruner.masks["weight"].clone()
+    pruner.to_torch_prune()
+    back = Pruner.from_torch_prune(model)
+    assert set(back.params) == {"weight"} and back.params["weight"] is model.weight
+    assert torch.equal(back.masks["weight"], mask)
+    assert isinstance(model.weight, nn.Parameter) and not hasattr(model, "weight_mask")
+    assert torch.all(model.weight[~mask] == 0) and back.num_pruned() == 16
+    assert Pruner(model, include=[""]).params["weight"] is model.weight
+
+
+def _torch_pruned_mlp():
+    model = _mlp()
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    torch.nn.utils.prune.l1_unstructured(model[3], "weight", amount=0.25)
+    torch.nn.utils.prune.random_unstructured(model[3], "weight", amount=0.25)  # a container
+    return model
+
+
+def _torch_pruning_state(model):
+    return [
+        (name, type(hook).__name__, {k: v.clone() for k, v in module.state_dict().items()})
+        for name, module in model.named_modules()
+        for hook in module._forward_pre_hooks.values()
+    ]
+
+
+def test_from_torch_prune_takes_over_containers_and_keeps_the_parameters():
+    model = _torch_pruned_mlp()
+    orig = {i: model[i].weight_orig for i in (0, 3)}
+    masks = {f"{i}.weight": model[i].weight_mask.bool() for i in (0, 3)}
+    opt = UndecayedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    pruner = Pruner.from_torch_prune(model, "magnitude", optimizer=opt)
+    assert set(pruner.params) == set(masks)
+    for i in (0, 3):
+        assert model[i].weight is orig[i] is pruner.params[f"{i}.weight"]
+        assert torch.equal(opt.get_mask(model[i].weight), masks[f"{i}.weight"])
+    assert pruner.num_pruned() == 64 + 48 + 36  # the second method prunes 25% of the rest
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["bias", "soft mask", "exclude", "include", "bad argument", "bad criterion"],
+)
+def test_from_torch_prune_checks_before_it_removes_anything(case):
+    model = _torch_pruned_mlp()
+    kwargs = {}
+    if case == "bias":
+        torch.nn.utils.prune.l1_unstructured(model[5], "bias", amount=0.5)
+        expected = "5.bias is pruned with torch.nn.utils.prune, but a Pruner prunes weights only"
+    elif case == "soft mask":
+        torch.nn.utils.prune.custom_from_mask(model[5], "weight", torch.full((3, 12), 0.5))
+        expected = "holds values other than 0 and 1"
+    elif case == "exclude":
+        kwargs = {"exclude": ["3"]}
+        expected = "exclude leaves out \\['3.weight'\\]"
+    elif case == "include":
+        kwargs = {"include": ["0"]}
+        expected = "no include argument"
+    elif case == "bad argument":
+        kwargs = {"lam": float("nan")}
+        expected = "lam must be"
+    else:
+        kwargs = {"scope": "local"}
+        expected = "scope must be one of"
+    before = _torch_pruning_state(model)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises((ValueError, TypeError), match=expected):
+        Pruner.from_torch_prune(model, **kwargs)
+    after = _torch_pruning_state(model)
+    assert [(n, t) for n, t, _ in after] == [(n, t) for n, t, _ in before]
+    for (_, _, state_after), (_, _, state_before) in zip(after, before, strict=True):
+        assert state_after.keys() == state_before.keys()
+        assert all(torch.equal(state_after[k], state_before[k]) for k in state_before)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+def test_a_torch_pruned_weight_is_not_pruned_twice():
+    model = _torch_pruned_mlp()
+    with pytest.raises(ValueError, match="0.weight is pruned with torch.nn.utils.prune: take"):
+        Pruner(model, "magnitude")
+    assert set(Pruner(model, "magnitude", exclude=["0", "3"]).params) == {"5.weight"}
+    with pytest.raises(ValueError, match="no module pruned with torch.nn.utils.prune"):
+        Pruner.from_torch_prune(_mlp())
+
+
 def test_bf16_weights():
     model = _mlp(dtype=torch.bfloat16)
     pruner = Pruner(model, "undecayed", lam=5e-4)
@@ -337,8 +427,235 @@ class TestErrors:
         with pytest.raises(ValueError, match="scope must be one of"):
             Pruner(_mlp(), "magnitude", scope="local")
 
+    def test_a_bare_string_is_not_a_list_of_names(self):
+        model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(12)])
+        for what in ("exclude", "include"):
+            with pytest.raises(TypeError, match=f"write {what}=\\['11'\\]"):
+                Pruner(model, "magnitude", **{what: "11"})
+        with pytest.raises(TypeError, match="names and patterns are strings, got 11"):
+            Pruner(model, "magnitude", exclude=[11])
+        with pytest.raises(TypeError, match="exclude must be a list"):
+            Pruner(model, "magnitude", exclude=11)
+        with pytest.raises(TypeError, match="layer_types must be subclasses"):
+            Pruner(model, "magnitude", layer_types=["Linear"])
+        pruner = Pruner(model, "magnitude", exclude=["11"])
+        assert "11.weight" not in pruner.params and "1.weight" in pruner.params
+
+    @pytest.mark.parametrize("lam", [float("nan"), float("inf"), -1e-4, "5e-4", True])
+    def test_lam_must_be_a_finite_non_negative_number(self, lam):
+        with pytest.raises(ValueError, match="lam must be a finite non-negative number"):
+            Pruner(_mlp(), "undecayed", lam=lam)
+        w = torch.ones(3)
+        with pytest.raises(ValueError, match="lam must be a finite non-negative number"):
+            criteria.score("undecayed", w, torch.ones(3), lam)
+
+    def test_lam_from_the_optimizer_is_checked_too(self):
+        model = _mlp()
+        assert Pruner(model, "undecayed", lam=0).lam == 0.0
+        # torch.optim.SGD accepts weight_decay=nan (its check is weight_decay < 0).
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=float("nan"))
+        pruner = Pruner(model, "undecayed", optimizer=opt)
+        with pytest.raises(ValueError, match="lam must be a finite non-negative number"):
+            pruner.prune(0.5, data=_batches(1))
+        assert pruner.num_pruned() == 0
+
+    def test_other_arguments(self):
+        with pytest.raises(TypeError, match="seed must be an integer"):
+            Pruner(_mlp(), "random", seed=1.5)
+        with pytest.raises(TypeError, match="loss_fn must be callable"):
+            Pruner(_mlp(), "gradient", loss_fn="cross_entropy")
+        with pytest.raises(ValueError, match="amount must be a number"):
+            Pruner(_mlp(), "magnitude").prune(True)
+
+    def test_biases_are_not_pruned(self):
+        with pytest.raises(ValueError, match="prunes weights only, never biases"):
+            Pruner(_mlp(), "magnitude", include=["0.bias"])
+
     def test_gradient_criteria_need_data(self):
         with pytest.raises(ValueError, match="needs gradients: pass data="):
             Pruner(_mlp(), "gradient").prune(0.1)
         with pytest.raises(ValueError, match="needs an attached UndecayedSGD"):
             Pruner(_mlp(), "gradient").prune(0.1, grad_source="average")
+
+
+# -- masks that hold under any optimizer ------------------------------------------------------
+
+OPTIMIZERS = {
+    "SGD": lambda ps: torch.optim.SGD(ps, lr=0.1),
+    "SGD momentum+decay": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    "SGD nesterov foreach": lambda ps: torch.optim.SGD(
+        ps, lr=0.1, momentum=0.9, nesterov=True, foreach=True
+    ),
+    "Adam": lambda ps: torch.optim.Adam(ps, lr=0.01),
+    "Adam amsgrad+decay": lambda ps: torch.optim.Adam(ps, lr=0.01, weight_decay=1e-3, amsgrad=True),
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+    "RMSprop momentum": lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9),
+    "Adagrad": lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+    "NAdam": lambda ps: torch.optim.NAdam(ps, lr=0.01),
+    "Rprop": lambda ps: torch.optim.Rprop(ps, lr=0.01),
+}
+
+
+def _train(model, opt, batches, after_step=None):
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_pruned_weights_stay_zero_under_any_optimizer(name):
+    model = _mlp()
+    opt = OPTIMIZERS[name](model.parameters())
+    _train(model, opt, _batches(2))  # the optimizer has state before the pruning
+    pruner = Pruner(model, "magnitude", optimizer=opt)
+    pruner.prune(0.5)
+    before = {n: p.detach().clone() for n, p in pruner.params.items()}
+
+    def check():
+        for n, p in pruner.params.items():
+            assert torch.count_nonzero(p[~pruner.masks[n]]) == 0, n
+
+    _train(model, opt, _batches(4, seed=2), after_step=check)
+    moved = [n for n, p in pruner.params.items() if not torch.equal(p, before[n])]
+    assert moved == list(pruner.params)  # the kept weights did train
+    pruner.prune(0.5)  # re-pruning: the hook holds the new masks
+    assert pruner.num_pruned() == round(0.75 * pruner.num_weights())
+    _train(model, opt, _batches(3, seed=3), after_step=check)
+
+
+def test_without_the_pruners_optimizer_the_weights_regrow():
+    """The failure the hook prevents: nothing else holds them."""
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    pruner = Pruner(model, "magnitude")
+    pruner.prune(0.5)
+    _train(model, opt, _batches(3))
+    pruned = torch.cat([p[~pruner.masks[n]] for n, p in pruner.params.items()])
+    assert torch.count_nonzero(pruned) == pruned.numel()
+
+
+def test_the_hook_trains_the_kept_weights_as_undecayed_sgd_does():
+    """A pruned element's momentum moves only its own weight, so SGD with the hook leaves the
+    kept weights where UndecayedSGD's masked update puts them."""
+    models = [_mlp(), _mlp()]
+    opts = [
+        torch.optim.SGD(models[0].parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3),
+        UndecayedSGD(
+            models[1].parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3, backend="reference"
+        ),
+    ]
+    for model, opt in zip(models, opts, strict=True):
+        _train(model, opt, _batches(2))
+        Pruner(model, "magnitude", optimizer=opt).prune(0.6)
+        _train(model, opt, _batches(5, seed=4))
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def _post_hooks(opt):
+    return len(opt._optimizer_step_post_hooks)
+
+
+def test_one_hook_per_optimizer_for_as_long_as_something_is_pruned():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    first = Pruner(model, "magnitude", optimizer=opt)
+    assert _post_hooks(opt) == 0  # nothing pruned yet: no hook, no cost
+    first.prune(0.5)
+    assert _post_hooks(opt) == 1
+    second = Pruner(model, "magnitude", optimizer=opt)  # sees the masks held for opt
+    assert all(torch.equal(second.masks[n], first.masks[n]) for n in first.masks)
+    second.prune(0.5)
+    assert _post_hooks(opt) == 1 and second.num_pruned() == round(0.75 * second.num_weights())
+    second.prune(sparsity=0.0, regrow=True)  # every mask cleared: the hook goes
+    assert _post_hooks(opt) == 0
+    second.load_state_dict(first.state_dict())  # masks back: the hook too
+    assert _post_hooks(opt) == 1
+    second.remove()
+    assert _post_hooks(opt) == 0
+    _train(model, opt, _batches(2))
+    pruned = torch.cat([p[~second.masks[n]] for n, p in second.params.items()])
+    assert torch.count_nonzero(pruned) == pruned.numel()  # removed: they regrow
+    second.apply()
+    assert _post_hooks(opt) == 1
+    assert torch.count_nonzero(model[0].weight) == int(second.masks["0.weight"].sum())
+
+
+def test_removing_some_weights_keeps_the_hook_for_the_others():
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    first = Pruner(model, "magnitude", include=["0"], optimizer=opt)
+    first.prune(0.5)
+    last = Pruner(model, "magnitude", include=["5"], optimizer=opt)
+    last.prune(0.5)
+    first.remove()
+    assert _post_hooks(opt) == 1
+    _train(model, opt, _batches(2))
+    assert torch.count_nonzero(model[0].weight) == model[0].weight.numel()
+    assert torch.count_nonzero(model[5].weight) == 18
+
+
+def test_the_hook_goes_with_its_optimizer():
+    import gc
+    import weakref
+
+    from recallprune.pruning import step_masks
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = Pruner(model, "magnitude", optimizer=opt)
+    pruner.prune(0.5)
+    holder = weakref.ref(step_masks._HOLDERS[opt])
+    del opt, pruner
+    gc.collect()
+    assert holder() is None and len(step_masks._HOLDERS) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_hook_writes_positive_zeros_over_nan_and_inf(dtype):
+    weight = nn.Parameter(torch.randn(4, 6).to(dtype))
+    model = nn.Sequential(nn.Linear(6, 4))
+    model[0].weight = weight
+    opt = torch.optim.SGD([weight], lr=0.0)
+    keep = torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) > 0.5
+    pruner = Pruner(model, "magnitude", optimizer=opt)
+    pruner.masks["0.weight"] = keep
+    pruner.apply()
+    kept = weight.detach()[keep].clone()
+    with torch.no_grad():
+        weight[~keep] = (
+            torch.tensor([float("nan"), float("inf"), -1.0])
+            .to(dtype)
+            .repeat(8)[: int((~keep).sum())]
+        )
+    weight.grad = torch.zeros_like(weight)
+    opt.step()
+    assert torch.equal(weight.detach()[keep], kept)
+    zeros = weight.detach()[~keep]
+    assert torch.all(zeros == 0) and not torch.any(torch.signbit(zeros))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_hook_on_cuda():
+    model = _mlp().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    pruner = Pruner(model, "magnitude", optimizer=opt)
+    pruner.prune(0.5)
+    _train(model, opt, [(x.cuda(), y.cuda()) for x, y in _batches(3)])
+    for n, p in pruner.params.items():
+        assert torch.count_nonzero(p[~pruner.masks[n]]) == 0
+
+
+def test_optimizer_errors():
+    model = _mlp()
+    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+        Pruner(model, "magnitude", optimizer=object())
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    with pytest.raises(
+        ValueError, match="the optimizer does not hold \\['3.weight', '5.weight'\\]"
+    ):
+        Pruner(model, "magnitude", optimizer=opt)
+    assert set(Pruner(model, "magnitude", include=["0"], optimizer=opt).params) == {"0.weight"}

@@ -1,7 +1,6 @@
 """The end-to-end study: files and their consistency, resume, determinism, bad input, the
 report and analyze commands, and data-parallel runs under torchrun."""
 
-import importlib.util
 import json
 import os
 import re
@@ -444,9 +443,6 @@ def test_datasets_and_models():
     assert easy.input_shape == (40,) and easy.num_classes == 10
     counts = torch.bincount(hard.y_train, minlength=10)
     assert counts[0] > 2 * counts[-1]  # imbalanced
-    if importlib.util.find_spec("mnist1d") is None:  # the optional package, when absent
-        with pytest.raises(RuntimeError, match="pip install mnist1d"):
-            load_dataset("mnist1d")
     for name, shape in (
         ("cnn", (1, 8, 8)),
         ("resnet20", (3, 32, 32)),

@@ -43,11 +43,12 @@ def _groups(model, lr_scale=1.0):
 
 
 def _set_grads(models, step, generator):
-    """The same random gradients on every model; one parameter has no gradient now and then."""
+    """The same random gradients on every model (drawn on the CPU, copied to each model's
+    device); one parameter has no gradient now and then."""
     for params in zip(*(m.parameters() for m in models), strict=True):
         grad = torch.randn(params[0].shape, generator=generator)
         for p in params:
-            p.grad = grad.clone()
+            p.grad = grad.to(p.device, copy=True)
     if step % 3 == 1:
         for m in models:
             m[3].bias.grad = None
@@ -439,15 +440,14 @@ def test_amp_grad_scaler_matches_unscaled_training(backend):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_kernel_found_inf_skips_the_step():
-    pytest.importorskip("recallprune._C")
-    w = torch.randn(100)
+def test_kernel_found_inf_skips_the_step(kernel_device):
+    w = torch.randn(100, device=kernel_device)
     start = w.clone()
-    buf = torch.full((100,), 7.0)
-    grad_sum = torch.zeros(100)
+    buf = torch.full((100,), 7.0, device=kernel_device)
+    grad_sum = torch.zeros(100, device=kernel_device)
     torch.ops.recallprune.undecayed_sgd_(
         [w],
-        [torch.randn(100)],
+        [torch.randn(100, device=kernel_device)],
         [buf],
         [],
         [],
@@ -459,11 +459,27 @@ def test_kernel_found_inf_skips_the_step():
         nesterov=False,
         maximize=False,
         is_first_step=False,
-        grad_scale=torch.tensor([4.0]),
-        found_inf=torch.tensor([1.0]),
+        grad_scale=torch.tensor([4.0], device=kernel_device),
+        found_inf=torch.tensor([1.0], device=kernel_device),
     )
-    assert torch.equal(w, start) and torch.equal(buf, torch.full((100,), 7.0))
-    assert torch.equal(grad_sum, torch.zeros(100))
+    assert torch.equal(w, start) and torch.equal(buf, torch.full_like(buf, 7.0))
+    assert torch.equal(grad_sum, torch.zeros_like(grad_sum))
+
+
+def test_kernel_many_tensors_and_chunks(kernel_device):
+    """More tensors than one launch takes, and tensors of several 65,536-element chunks
+    (whole and partial): every element is updated exactly once."""
+    generator = torch.Generator().manual_seed(9)
+    sizes = torch.randint(1, 5000, (130,), generator=generator).tolist()
+    sizes[3], sizes[47], sizes[48], sizes[100] = 300_000, 65_536, 65_537, 131_072
+    hyper = dict(
+        lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False
+    )
+    results, keeps = _run_both([(n,) for n in sizes], torch.float32, kernel_device, 0.7, 2, hyper)
+    reference, kernel = results["reference"], results["kernel"]
+    for part in range(3):  # params, momentum buffers, gradient sums
+        for a, b in zip(reference[part], kernel[part], strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_decay_param_groups():

@@ -1,6 +1,7 @@
 // CUDA kernel of recallprune::confusion_update_: the argmax fused with the counting,
-// block-private shared-memory histograms where C*C 32-bit counters fit, global 64-bit
-// atomics otherwise; 64-bit indices; the current stream; no host synchronisation.
+// block-private shared-memory histograms where C*C 32-bit counters fit and a block counts
+// enough entries to pay for them, global 64-bit atomics otherwise; int32 or int64 labels
+// read as they are; 64-bit indices; the current stream; no host synchronisation.
 #include "confusion.h"
 
 #include <ATen/Dispatch.h>
@@ -14,6 +15,7 @@
 
 #include <array>
 #include <atomic>
+#include <type_traits>
 
 namespace recallprune {
 namespace {
@@ -26,8 +28,16 @@ constexpr int64_t kSharedBytes = 48 * 1024 - 256;
 constexpr int64_t kSharedBins = kSharedBytes / sizeof(unsigned int);
 static_assert(kSharedBins * sizeof(unsigned int) + sizeof(unsigned int) <= 48 * 1024,
               "the histogram and block_invalid must fit in 48 KiB of shared memory");
-// Rows of at least this many classes get a warp each; shorter rows a thread each.
-constexpr int64_t kWarpPerRowClasses = 128;
+// Rows of at least this many classes (S == 1) are read by a group of lanes each, so that a
+// warp's loads are contiguous; a thread reads a shorter row alone (its few cache lines stay
+// in L1 while it does).
+constexpr int64_t kGroupRowClasses = 32;
+// Rows of at least this many classes get a whole warp each; shorter ones kNarrowGroupLanes.
+constexpr int64_t kWarpRowClasses = 128;
+constexpr int kNarrowGroupLanes = 8;
+// Up to this many classes, the lanes of a warp that hit the same bin add together, one
+// shared atomic per distinct bin: at C = 2, 32 lanes would otherwise queue on 4 counters.
+constexpr int64_t kAggregateClasses = 32;
 
 struct Counting {
   unsigned long long* counts;   // [C*C], int64 storage
@@ -38,19 +48,54 @@ struct Counting {
   bool shared;  // block-private histogram in shared memory
 };
 
-// Counts one (target, predicted) pair; returns 1 if it was invalid.
-__device__ __forceinline__ int count_pair(const Counting& k, unsigned int* hist, int64_t truth,
-                                          int64_t pred) {
-  if (k.has_ignore && truth == k.ignore_index) return 0;
+// Integer labels of either width, read as int64: an int32 target needs no converted copy.
+struct Labels {
+  const void* data;
+  bool is_int32;
+
+  __device__ __forceinline__ int64_t operator[](int64_t i) const {
+    return is_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(data)[i])
+                    : static_cast<const int64_t*>(data)[i];
+  }
+};
+
+Labels labels_of(const at::Tensor& labels) {
+  return {labels.const_data_ptr(), labels.scalar_type() == at::kInt};
+}
+
+__device__ __forceinline__ bool ignored(const Counting& k, int64_t truth) {
+  return k.has_ignore && truth == k.ignore_index;
+}
+
+// The bin of a (target, predicted) pair, or -1 (and one more in `bad`) when either label
+// is outside [0, C).
+__device__ __forceinline__ int64_t bin_of(const Counting& k, int64_t truth, int64_t pred,
+                                          unsigned int& bad) {
   const auto classes = static_cast<uint64_t>(k.num_classes);
-  if (static_cast<uint64_t>(truth) >= classes || static_cast<uint64_t>(pred) >= classes) return 1;
-  const int64_t bin = truth * k.num_classes + pred;
+  if (static_cast<uint64_t>(truth) >= classes || static_cast<uint64_t>(pred) >= classes) {
+    ++bad;
+    return -1;
+  }
+  return truth * k.num_classes + pred;
+}
+
+__device__ __forceinline__ void add_one(const Counting& k, unsigned int* hist, int64_t bin) {
   if (k.shared) {
     atomicAdd(hist + bin, 1u);
   } else {
     atomicAdd(k.counts + bin, 1ull);
   }
-  return 0;
+}
+
+// Called by every lane of the warp (bin < 0: nothing to count); lanes with equal bins add
+// together through the lowest of them. Shared histograms only (bins < 2^31).
+__device__ __forceinline__ void add_aggregated(unsigned int* hist, int64_t bin) {
+  const int key = static_cast<int>(bin);
+  const unsigned int peers = __match_any_sync(0xffffffffu, key);
+  const int lane = static_cast<int>(threadIdx.x % kWarp);
+  if (key >= 0 && lane == __ffs(peers) - 1) {
+    atomicAdd(hist + key, static_cast<unsigned int>(__popc(peers)));
+  }
 }
 
 __device__ __forceinline__ void init_block(const Counting& k, unsigned int* hist,
@@ -81,108 +126,162 @@ struct alignas(sizeof(T) * N) Pack {
   T value[N];
 };
 
-// One thread per entry (n, s): argmax over c of logits[n, c, s], with vector loads of
-// kVec classes where rows are contiguous (S == 1) and aligned.
+// The argmax of entry (n, s) read by one thread: kVec classes per load where rows are
+// contiguous (S == 1) and aligned, strided scalar loads otherwise.
+template <typename scalar_t, int kVec>
+__device__ __forceinline__ int64_t thread_argmax(const scalar_t* __restrict__ logits, int64_t m,
+                                                 int64_t classes, int64_t inner) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  int64_t best_index = 0;
+  if (inner == 1) {
+    const auto* row = reinterpret_cast<const Pack<scalar_t, kVec>*>(logits + m * classes);
+    opmath_t best = static_cast<opmath_t>(logits[m * classes]);
+    for (int64_t v = 0; v < classes / kVec; ++v) {
+      const Pack<scalar_t, kVec> pack = row[v];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const opmath_t value = static_cast<opmath_t>(pack.value[j]);
+        if (argmax_takes(value, best)) {
+          best = value;
+          best_index = v * kVec + j;
+        }
+      }
+    }
+    return best_index;
+  }
+  const int64_t n = m / inner;
+  const scalar_t* sample = logits + n * classes * inner + (m - n * inner);
+  opmath_t best = static_cast<opmath_t>(sample[0]);
+  for (int64_t c = 1; c < classes; ++c) {
+    const opmath_t value = static_cast<opmath_t>(sample[c * inner]);
+    if (argmax_takes(value, best)) {
+      best = value;
+      best_index = c;
+    }
+  }
+  return best_index;
+}
+
+// One thread per entry (n, s): short rows (C < 32) and every [N, C, S] batch with S > 1,
+// where neighbouring threads read neighbouring s. Whole warps iterate together (the loop
+// bound is the warp's first entry), as add_aggregated needs every lane.
+template <typename scalar_t, int kVec, bool kAggregate>
+__global__ void __launch_bounds__(kThreads)
+    confusion_thread_kernel(const scalar_t* __restrict__ logits, Labels target, int64_t entries,
+                            int64_t inner, Counting k) {
+  extern __shared__ unsigned int hist[];
+  __shared__ unsigned int block_invalid;
+  init_block(k, hist, &block_invalid);
+  const int lane = static_cast<int>(threadIdx.x % kWarp);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  unsigned int bad = 0;
+  for (int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + (threadIdx.x - lane);
+       first < entries; first += stride) {
+    const int64_t m = first + lane;
+    int64_t bin = -1;
+    if (m < entries) {
+      const int64_t truth = target[m];
+      if (!ignored(k, truth)) {
+        bin = bin_of(k, truth, thread_argmax<scalar_t, kVec>(logits, m, k.num_classes, inner),
+                     bad);
+      }
+    }
+    if constexpr (kAggregate) {
+      add_aggregated(hist, bin);
+    } else if (bin >= 0) {
+      add_one(k, hist, bin);
+    }
+  }
+  flush_block(k, hist, &block_invalid, bad);
+}
+
+// A group of 2^lane_shift lanes per row of a contiguous [N, C] batch (S == 1), each lane
+// reading kVec classes at a time: the group's loads are contiguous. A reduction within the
+// group then keeps the first index among equal maxima. Whole warps iterate together (the
+// shuffles need every lane).
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
-    confusion_thread_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
-                            int64_t entries, int64_t inner, Counting k) {
+    confusion_group_kernel(const scalar_t* __restrict__ logits, Labels target, int64_t rows,
+                           int lane_shift, Counting k) {
   extern __shared__ unsigned int hist[];
   __shared__ unsigned int block_invalid;
   init_block(k, hist, &block_invalid);
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t classes = k.num_classes;
+  const int64_t packs = classes / kVec;
+  const int lanes = 1 << lane_shift;
+  const int groups_per_warp = kWarp >> lane_shift;
+  const int lane = static_cast<int>(threadIdx.x % kWarp);
+  const int member = lane & (lanes - 1);
+  const int64_t warps_per_grid = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
   unsigned int bad = 0;
-  for (int64_t m = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; m < entries;
-       m += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t truth = target[m];
-    if (k.has_ignore && truth == k.ignore_index) continue;
+  for (int64_t first = (blockIdx.x * static_cast<int64_t>(blockDim.x / kWarp) +
+                        threadIdx.x / kWarp) * groups_per_warp;
+       first < rows; first += warps_per_grid * groups_per_warp) {
+    const int64_t r = first + (lane >> lane_shift);
+    bool counted = false;
+    int64_t truth = 0;
+    if (r < rows) {
+      truth = target[r];
+      counted = !ignored(k, truth);
+    }
+    opmath_t best = 0;
     int64_t best_index = 0;
-    if (inner == 1) {
-      const auto* row = reinterpret_cast<const Pack<scalar_t, kVec>*>(logits + m * classes);
-      opmath_t best = static_cast<opmath_t>(logits[m * classes]);
-      for (int64_t v = 0; v < classes / kVec; ++v) {
-        const Pack<scalar_t, kVec> pack = row[v];
+    if (counted) {
+      const scalar_t* row = logits + r * classes;
+      const auto* row_packs = reinterpret_cast<const Pack<scalar_t, kVec>*>(row);
+      best = static_cast<opmath_t>(row[0]);
+      for (int64_t p = member; p < packs; p += lanes) {
+        const Pack<scalar_t, kVec> pack = row_packs[p];
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
           const opmath_t value = static_cast<opmath_t>(pack.value[j]);
           if (argmax_takes(value, best)) {
             best = value;
-            best_index = v * kVec + j;
+            best_index = p * kVec + j;
           }
         }
       }
-    } else {
-      const int64_t n = m / inner;
-      const scalar_t* sample = logits + n * classes * inner + (m - n * inner);
-      opmath_t best = static_cast<opmath_t>(sample[0]);
-      for (int64_t c = 1; c < classes; ++c) {
-        const opmath_t value = static_cast<opmath_t>(sample[c * inner]);
-        if (argmax_takes(value, best)) {
-          best = value;
-          best_index = c;
-        }
-      }
     }
-    bad += count_pair(k, hist, truth, best_index);
-  }
-  flush_block(k, hist, &block_invalid, bad);
-}
-
-// One warp per row of many classes (S == 1): coalesced loads, then a warp reduction that
-// keeps the first index among equal maxima.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
-    confusion_warp_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
-                          int64_t rows, Counting k) {
-  extern __shared__ unsigned int hist[];
-  __shared__ unsigned int block_invalid;
-  init_block(k, hist, &block_invalid);
-  using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t classes = k.num_classes;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t warps_per_block = blockDim.x / kWarp;
-  unsigned int bad = 0;
-  for (int64_t r = blockIdx.x * warps_per_block + threadIdx.x / kWarp; r < rows;
-       r += static_cast<int64_t>(gridDim.x) * warps_per_block) {
-    const int64_t truth = target[r];
-    if (k.has_ignore && truth == k.ignore_index) continue;  // the same for the whole warp
-    const scalar_t* row = logits + r * classes;
-    opmath_t best = static_cast<opmath_t>(row[0]);
-    int64_t best_index = 0;
-    for (int64_t c = lane; c < classes; c += kWarp) {
-      const opmath_t value = static_cast<opmath_t>(row[c]);
-      if (argmax_takes(value, best) || (c == 0)) {
-        best = value;
-        best_index = c;
-      }
-    }
-#pragma unroll
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      const opmath_t other = __shfl_down_sync(0xffffffffu, best, offset);
-      const int64_t other_index = __shfl_down_sync(0xffffffffu, best_index, offset);
+    for (int offset = lanes / 2; offset > 0; offset /= 2) {
+      const opmath_t other = __shfl_down_sync(0xffffffffu, best, offset, lanes);
+      const int64_t other_index = __shfl_down_sync(0xffffffffu, best_index, offset, lanes);
       if (argmax_takes(other, best) || (!argmax_takes(best, other) && other_index < best_index)) {
         best = other;
         best_index = other_index;
       }
     }
-    if (lane == 0) bad += count_pair(k, hist, truth, best_index);
+    if (member == 0 && counted) {
+      const int64_t bin = bin_of(k, truth, best_index, bad);
+      if (bin >= 0) add_one(k, hist, bin);
+    }
   }
   flush_block(k, hist, &block_invalid, bad);
 }
 
 // Predicted labels given directly.
-template <typename label_t>
+template <bool kAggregate>
 __global__ void __launch_bounds__(kThreads)
-    confusion_labels_kernel(const label_t* __restrict__ pred, const int64_t* __restrict__ target,
-                            int64_t entries, Counting k) {
+    confusion_labels_kernel(Labels pred, Labels target, int64_t entries, Counting k) {
   extern __shared__ unsigned int hist[];
   __shared__ unsigned int block_invalid;
   init_block(k, hist, &block_invalid);
+  const int lane = static_cast<int>(threadIdx.x % kWarp);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   unsigned int bad = 0;
-  for (int64_t m = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; m < entries;
-       m += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    bad += count_pair(k, hist, target[m], static_cast<int64_t>(pred[m]));
+  for (int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + (threadIdx.x - lane);
+       first < entries; first += stride) {
+    const int64_t m = first + lane;
+    int64_t bin = -1;
+    if (m < entries) {
+      const int64_t truth = target[m];
+      if (!ignored(k, truth)) bin = bin_of(k, truth, pred[m], bad);
+    }
+    if constexpr (kAggregate) {
+      add_aggregated(hist, bin);
+    } else if (bin >= 0) {
+      add_one(k, hist, bin);
+    }
   }
   flush_block(k, hist, &block_invalid, bad);
 }
@@ -214,6 +313,8 @@ int64_t grid_size(int64_t work_items, int64_t items_per_block) {
   return std::max<int64_t>(1, std::max(floor_for_counters, std::min<int64_t>(needed, sms * 8)));
 }
 
+// Classes per vector load: the widest of 16, 8 and 4 bytes that divides the row and the
+// base address (1 when none does).
 int vector_width(const void* data, int64_t row_bytes, int64_t element_bytes) {
   for (const int bytes : {16, 8, 4}) {
     if (row_bytes % bytes == 0 && reinterpret_cast<uintptr_t>(data) % bytes == 0 &&
@@ -222,6 +323,26 @@ int vector_width(const void* data, int64_t row_bytes, int64_t element_bytes) {
     }
   }
   return 1;
+}
+
+// Calls f(std::integral_constant<int, kVec>) for the width chosen, instantiating only the
+// widths of at most 16 bytes.
+template <typename scalar_t, typename F>
+void with_vector_width(int width, const F& f) {
+  const auto call = [&](auto vec) {
+    if constexpr (decltype(vec)::value * sizeof(scalar_t) <= 16) {
+      f(vec);
+    } else {
+      TORCH_CHECK(false, "confusion_update_ (CUDA kernel): no ", decltype(vec)::value,
+                  "-wide loads of ", sizeof(scalar_t), "-byte logits");
+    }
+  };
+  switch (width) {
+    case 8: call(std::integral_constant<int, 8>{}); break;
+    case 4: call(std::integral_constant<int, 4>{}); break;
+    case 2: call(std::integral_constant<int, 2>{}); break;
+    default: call(std::integral_constant<int, 1>{}); break;
+  }
 }
 
 void confusion_update_cuda_(at::Tensor& counts, at::Tensor& invalid, const at::Tensor& input,
@@ -234,51 +355,62 @@ void confusion_update_cuda_(at::Tensor& counts, at::Tensor& invalid, const at::T
   if (entries == 0) return;
   const c10::cuda::CUDAGuard device_guard(counts.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor target64 = target.scalar_type() == at::kLong ? target : target.to(at::kLong);
   const int64_t bins = num_classes * num_classes;
+  const Labels truth = labels_of(target);
+  const bool logits_given = at::isFloatingType(input.scalar_type());
+  const int64_t inner = logits_given ? input.size(2) : 1;
+  const bool grouped = logits_given && inner == 1 && num_classes >= kGroupRowClasses;
+  const int lane_shift = num_classes >= kWarpRowClasses ? 5 : 3;
+  static_assert(kNarrowGroupLanes == 1 << 3, "lane_shift 3 is kNarrowGroupLanes");
+  const int64_t blocks =
+      grouped ? grid_size(entries, (kThreads / kWarp) * (kWarp >> lane_shift))
+              : grid_size(entries, kThreads);
+  // A block-private histogram pays off when a block counts more entries than it has bins
+  // to clear and flush; small C always (the aggregated counting needs it).
+  const bool shared = bins <= kSharedBins &&
+                      (num_classes <= kAggregateClasses || entries >= blocks * bins / 2);
+  const bool aggregate = shared && num_classes <= kAggregateClasses;
   Counting k{reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
              reinterpret_cast<unsigned long long*>(invalid.data_ptr<int64_t>()),
              num_classes,
              ignore_index.has_value(),
              ignore_index.value_or(0),
-             bins <= kSharedBins};
-  const size_t shared_bytes = k.shared ? static_cast<size_t>(bins) * sizeof(unsigned int) : 0;
-  const int64_t* truth = target64.const_data_ptr<int64_t>();
+             shared};
+  const size_t shared_bytes = shared ? static_cast<size_t>(bins) * sizeof(unsigned int) : 0;
 
-  if (!at::isFloatingType(input.scalar_type())) {
-    const int64_t blocks = grid_size(entries, kThreads);
-    AT_DISPATCH_INDEX_TYPES(input.scalar_type(), "confusion_labels", [&] {
-      confusion_labels_kernel<index_t><<<blocks, kThreads, shared_bytes, stream>>>(
-          input.const_data_ptr<index_t>(), truth, entries, k);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  if (!logits_given) {
+    const Labels pred = labels_of(input);
+    if (aggregate) {
+      confusion_labels_kernel<true>
+          <<<blocks, kThreads, shared_bytes, stream>>>(pred, truth, entries, k);
+    } else {
+      confusion_labels_kernel<false>
+          <<<blocks, kThreads, shared_bytes, stream>>>(pred, truth, entries, k);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
-  const int64_t inner = input.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "confusion_logits", [&] {
     const scalar_t* logits = input.const_data_ptr<scalar_t>();
-    if (inner == 1 && num_classes >= kWarpPerRowClasses) {
-      const int64_t blocks = grid_size(entries, kThreads / kWarp);
-      confusion_warp_kernel<scalar_t>
-          <<<blocks, kThreads, shared_bytes, stream>>>(logits, truth, entries, k);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
+    const int width =
+        inner == 1 ? vector_width(logits, num_classes * sizeof(scalar_t), sizeof(scalar_t)) : 1;
+    if (grouped) {
+      with_vector_width<scalar_t>(width, [&](auto vec) {
+        confusion_group_kernel<scalar_t, decltype(vec)::value>
+            <<<blocks, kThreads, shared_bytes, stream>>>(logits, truth, entries, lane_shift, k);
+      });
+    } else if (aggregate) {
+      with_vector_width<scalar_t>(width, [&](auto vec) {
+        confusion_thread_kernel<scalar_t, decltype(vec)::value, true>
+            <<<blocks, kThreads, shared_bytes, stream>>>(logits, truth, entries, inner, k);
+      });
+    } else {
+      // Only S > 1 comes here (C <= 32 with S == 1 aggregates): scalar strided loads.
+      confusion_thread_kernel<scalar_t, 1, false>
+          <<<blocks, kThreads, shared_bytes, stream>>>(logits, truth, entries, inner, k);
     }
-    const int64_t blocks = grid_size(entries, kThreads);
-    const int width = inner == 1 ? vector_width(logits, num_classes * sizeof(scalar_t),
-                                                sizeof(scalar_t))
-                                 : 1;
-    const auto launch = [&](auto kernel) {
-      kernel<<<blocks, kThreads, shared_bytes, stream>>>(logits, truth, entries, inner, k);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    switch (width) {
-      case 8: launch(confusion_thread_kernel<scalar_t, 8>); break;
-      case 4: launch(confusion_thread_kernel<scalar_t, 4>); break;
-      case 2: launch(confusion_thread_kernel<scalar_t, 2>); break;
-      default: launch(confusion_thread_kernel<scalar_t, 1>); break;
-    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

@@ -14,11 +14,28 @@ score is ``2 * lam * w**2`` and ranks exactly like magnitude.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
 CRITERIA = ("magnitude", "gradient", "undecayed", "random")
 NEEDS_GRADIENT = ("gradient", "undecayed")
+
+
+def check_lam(lam: object) -> float:
+    """``lam`` as a float, or a ValueError if it is not a finite non-negative number."""
+    if (
+        isinstance(lam, bool)
+        or not isinstance(lam, numbers.Real)
+        or not math.isfinite(lam)
+        or lam < 0
+    ):
+        raise ValueError(
+            f"lam must be a finite non-negative number (the weight decay of training), got {lam!r}"
+        )
+    return float(lam)
 
 
 def magnitude_score(weight: Tensor) -> Tensor:
@@ -60,4 +77,4 @@ def score(
         return gradient_score(weight, grad)
     if lam is None:
         raise ValueError("the undecayed criterion needs lam (the weight decay of training)")
-    return undecayed_score(weight, grad, lam)
+    return undecayed_score(weight, grad, check_lam(lam))

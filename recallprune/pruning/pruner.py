@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch.nn.utils.prune
 from torch import Tensor, nn
 
 from . import criteria
+from .step_masks import mask_holder
 
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 SCOPES = ("global", "layer")
@@ -21,6 +23,54 @@ GRAD_SOURCES = ("data", "average")
 
 def _matches(name: str, patterns: Sequence[str]) -> list[str]:
     return [p for p in patterns if name == p or fnmatch.fnmatchcase(name, p)]
+
+
+def _weight_name(module_name: str) -> str:
+    """The parameter name of a module's weight (``"weight"`` for the root module)."""
+    return f"{module_name}.weight" if module_name else "weight"
+
+
+def _names(what: str, value: Iterable[str]) -> list[str]:
+    """``value`` as a list of module names or patterns; a bare string is refused, since
+    iterating it would give single characters (``exclude="11"`` would exclude ``"1"``)."""
+    if isinstance(value, str | bytes):
+        raise TypeError(
+            f"{what} must be a list of module names or patterns, not a string: "
+            f"write {what}=[{value!r}], got {what}={value!r}"
+        )
+    if not isinstance(value, Iterable):
+        raise TypeError(
+            f"{what} must be a list of module names or patterns, got {type(value).__name__}"
+        )
+    names = list(value)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(
+                f"{what}: module names and patterns are strings, got {name!r} "
+                f"({type(name).__name__})"
+            )
+    return names
+
+
+def _torch_pruning_hooks(module: nn.Module) -> dict[str, torch.nn.utils.prune.BasePruningMethod]:
+    """The ``torch.nn.utils.prune`` methods attached to ``module``, by tensor name."""
+    return {
+        hook._tensor_name: hook
+        for hook in module._forward_pre_hooks.values()
+        if isinstance(hook, torch.nn.utils.prune.BasePruningMethod)
+    }
+
+
+def _layer_types(value: Iterable[type[nn.Module]]) -> tuple[type[nn.Module], ...]:
+    if isinstance(value, type):
+        value = (value,)
+    if not isinstance(value, Iterable):
+        raise TypeError(f"layer_types must be module classes, got {value!r}")
+    types = tuple(value)
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"layer_types must be subclasses of torch.nn.Module, got {t!r}")
+    return types
 
 
 def select_lowest(scores: Tensor, count: int) -> Tensor:
@@ -52,15 +102,20 @@ class Pruner:
         include: module names or ``fnmatch`` patterns to prune (default: every module of
             ``layer_types``).
         exclude: module names or patterns to leave dense (the output layer, often).
-        optimizer: the optimizer training the model. An UndecayedSGD gets the keep masks
-            (pruned weights and momentum then stay exactly zero); its parameter groups give
-            UP's ``lam`` (their weight decay) unless ``lam`` is given.
+        optimizer: the optimizer training the model; it keeps the pruned weights exactly
+            zero after each of its steps. An UndecayedSGD gets the keep masks (fused into
+            its update; pruned momentum stays zero too); any other ``torch.optim.Optimizer``
+            gets a step post-hook that zeroes the pruned weights again (see
+            :mod:`recallprune.pruning.step_masks`). Its parameter groups give UP's ``lam``
+            (their weight decay) unless ``lam`` is given.
         lam: UP's weight-decay coefficient.
         loss_fn: the data loss for gradient criteria (default: cross-entropy).
         seed: seeds the random criterion.
         layer_types: module types whose ``weight`` is prunable.
 
-    ``masks`` maps parameter names (``"fc1.weight"``) to bool keep masks.
+    ``masks`` maps parameter names (``"fc1.weight"``) to bool keep masks; :meth:`apply`
+    hands them to the optimizer (``prune`` and ``load_state_dict`` call it), :meth:`remove`
+    takes them back.
     """
 
     def __init__(
@@ -81,8 +136,13 @@ class Pruner:
             raise ValueError(f"criterion must be one of {criteria.CRITERIA}, got {criterion!r}")
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-        if lam is not None and lam < 0:
-            raise ValueError(f"lam must be non-negative, got {lam}")
+        if lam is not None:
+            lam = criteria.check_lam(lam)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an integer, got {seed!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        holder = None if optimizer is None else mask_holder(optimizer)
         self.model = model
         self.criterion = criterion
         self.scope = scope
@@ -91,36 +151,63 @@ class Pruner:
         self.loss_fn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
         self.generator = torch.Generator().manual_seed(seed)
         self.params: dict[str, Tensor] = self._select(
-            model, None if include is None else list(include), list(exclude), tuple(layer_types)
+            model,
+            None if include is None else _names("include", include),
+            _names("exclude", exclude),
+            _layer_types(layer_types),
+            self._adopt_torch_pruned,
         )
         self.masks: dict[str, Tensor] = {
             name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()
         }
-        if optimizer is not None and hasattr(optimizer, "get_mask"):
+        self._mask_holder = holder
+        if optimizer is not None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [name for name, p in self.params.items() if id(p) not in held]
+            if missing:
+                raise ValueError(
+                    f"the optimizer does not hold {missing[:5]}: pass the optimizer that "
+                    "trains the pruned weights, or exclude those modules"
+                )
             for name, p in self.params.items():
-                existing = optimizer.get_mask(p)
+                existing = holder.get_mask(p)
                 if existing is not None:
                     self.masks[name] = existing.clone()
 
+    # Set only while from_torch_prune builds a Pruner over modules that torch still prunes.
+    _adopt_torch_pruned = False
+
     @staticmethod
-    def _select(model, include, exclude, layer_types) -> dict[str, Tensor]:
+    def _select(model, include, exclude, layer_types, adopt_torch_pruned) -> dict[str, Tensor]:
+        """The selected weights by parameter name. A weight pruned with torch.nn.utils.prune is
+        refused unless ``adopt_torch_pruned``, which selects its ``weight_orig`` parameter
+        (the tensor that ``prune.remove`` turns back into ``weight``)."""
         modules = dict(model.named_modules())
         for what, patterns in (("include", include or []), ("exclude", exclude)):
             for pattern in patterns:
                 if not any(
-                    _matches(name, [pattern]) or _matches(f"{name}.weight", [pattern])
+                    _matches(name, [pattern]) or _matches(_weight_name(name), [pattern])
                     for name in modules
                 ):
+                    hint = (
+                        " (a Pruner prunes weights only, never biases)"
+                        if pattern == "bias" or pattern.endswith(".bias")
+                        else ""
+                    )
                     raise ValueError(
-                        f"{what}: no module of the model is named or matches {pattern!r}; "
-                        f"modules: {[n for n in modules if n][:20]}"
+                        f"{what}: no module of the model is named or matches {pattern!r}"
+                        f"{hint}; modules: {[n for n in modules if n][:20]}"
                     )
         selected = {}
         for name, module in modules.items():
-            weight = getattr(module, "weight", None)
+            torch_pruned = "weight" in _torch_pruning_hooks(module)
+            if torch_pruned:
+                weight = module._parameters.get("weight_orig")
+            else:
+                weight = getattr(module, "weight", None)
             if not isinstance(weight, nn.Parameter):
                 continue
-            candidates = [name, f"{name}.weight"]
+            candidates = [name, _weight_name(name)]
             if include is not None:
                 if not any(_matches(c, include) for c in candidates):
                     continue
@@ -128,7 +215,13 @@ class Pruner:
                 continue
             if any(_matches(c, exclude) for c in candidates):
                 continue
-            selected[f"{name}.weight" if name else "weight"] = weight
+            if torch_pruned and not adopt_torch_pruned:
+                raise ValueError(
+                    f"{_weight_name(name)} is pruned with torch.nn.utils.prune: take its mask "
+                    "over with Pruner.from_torch_prune(model), or make that pruning permanent "
+                    f"first with torch.nn.utils.prune.remove(module, 'weight')"
+                )
+            selected[_weight_name(name)] = weight
         if not selected:
             raise ValueError(
                 "nothing to prune: no Conv1d/2d/3d or Linear weight (or included module) is "
@@ -143,12 +236,6 @@ class Pruner:
         total = sum(m.numel() for m in self.masks.values())
         kept = sum(int(m.sum()) for m in self.masks.values())
         return 1.0 - kept / total if total else 0.0
-
-    def sparsity_per_tensor(self) -> dict[str, float]:
-        return {
-            name: (1.0 - int(m.sum()) / m.numel()) if m.numel() else 0.0
-            for name, m in self.masks.items()
-        }
 
     def num_pruned(self) -> int:
         return sum(m.numel() - int(m.sum()) for m in self.masks.values())
@@ -280,7 +367,9 @@ class Pruner:
         if (amount is None) == (sparsity is None):
             raise ValueError("give exactly one of amount (of the remaining weights) or sparsity")
         for what, value in (("amount", amount), ("sparsity", sparsity)):
-            if value is not None and not (isinstance(value, int | float) and 0 <= value <= 1):
+            if value is not None and (
+                isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 <= value <= 1)
+            ):
                 raise ValueError(f"{what} must be a number in [0, 1], got {value!r}")
         scores = self.scores(data, n_batches, grad_source=grad_source, loss_fn=loss_fn)
         before = self.num_pruned()
@@ -326,19 +415,23 @@ class Pruner:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Zero the pruned weights (and hand the masks to an attached UndecayedSGD, which
-        then keeps them and their momentum at zero through training)."""
+        """Zero the pruned weights and hand the masks to the optimizer, which then keeps the
+        pruned weights at zero through training (UndecayedSGD also their momentum)."""
         for name, p in self.params.items():
             mask = self.masks[name]
             p.masked_fill_(~mask, 0)
-            if self.optimizer is None:
-                continue
-            if hasattr(self.optimizer, "set_mask"):
-                self.optimizer.set_mask(p, mask)
-            else:
-                buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    buf.masked_fill_(~mask, 0)
+            if self._mask_holder is not None:
+                self._mask_holder.set_mask(p, mask)
+
+    def remove(self) -> None:
+        """Stop keeping the masks through the optimizer: UndecayedSGD's keep masks of these
+        weights are cleared, and another optimizer's step hook no longer touches them (it
+        goes when no weight is left in it). Weights and ``masks`` stay as they are; training
+        may regrow the pruned weights from here on, and :meth:`apply` attaches the masks
+        again."""
+        if self._mask_holder is not None:
+            for p in self.params.values():
+                self._mask_holder.set_mask(p, None)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -384,22 +477,58 @@ class Pruner:
 
     @classmethod
     def from_torch_prune(cls, model: nn.Module, criterion: str = "magnitude", **kwargs) -> Pruner:
-        """Take over the masks of modules pruned with ``torch.nn.utils.prune``: the pruning is
-        made permanent (``prune.remove``) and the masks move into a new Pruner over exactly
-        those modules."""
-        pruned = {}
+        """Take over the masks of modules pruned with ``torch.nn.utils.prune``: a new Pruner
+        over exactly those modules' weights, holding their masks, and the pruning made
+        permanent (``prune.remove``). ``kwargs`` are the Pruner's other arguments, but for
+        ``include``, which is the pruned modules.
+
+        Everything is checked before anything is changed: a pruned bias or other tensor
+        (a Pruner prunes weights only), a mask that is not 0/1, an ``exclude`` that would
+        drop a pruned weight, or a bad argument raises and leaves the model as it was.
+        """
+        if "include" in kwargs:
+            raise TypeError(
+                "from_torch_prune takes over exactly the modules pruned with "
+                "torch.nn.utils.prune; it has no include argument"
+            )
+        found: dict[str, tuple[nn.Module, str, Tensor]] = {}
         for module_name, module in model.named_modules():
-            for hook in list(module._forward_pre_hooks.values()):
-                if isinstance(hook, torch.nn.utils.prune.BasePruningMethod):
-                    attribute = hook._tensor_name
-                    mask = getattr(module, f"{attribute}_mask").detach().bool().clone()
-                    torch.nn.utils.prune.remove(module, attribute)
-                    pruned[f"{module_name}.{attribute}" if module_name else attribute] = mask
-        if not pruned:
+            for attribute in _torch_pruning_hooks(module):
+                name = f"{module_name}.{attribute}" if module_name else attribute
+                if attribute != "weight":
+                    raise ValueError(
+                        f"{name} is pruned with torch.nn.utils.prune, but a Pruner prunes "
+                        "weights only: make that pruning permanent first with "
+                        f"torch.nn.utils.prune.remove(model.get_submodule({module_name!r}), "
+                        f"{attribute!r}); nothing was changed"
+                    )
+                mask = getattr(module, f"{attribute}_mask").detach()
+                if not bool(((mask == 0) | (mask == 1)).all()):
+                    raise ValueError(
+                        f"the torch.nn.utils.prune mask of {name} holds values other than 0 "
+                        "and 1, which a keep mask cannot express; nothing was changed"
+                    )
+                found[name] = (module, attribute, mask.to(torch.bool, copy=True))
+        if not found:
             raise ValueError("the model has no module pruned with torch.nn.utils.prune")
-        include = [name.rpartition(".")[0] or name for name in pruned]
-        pruner = cls(model, criterion, include=include, **kwargs)
-        for name, mask in pruned.items():
+        include = [name.rpartition(".")[0] for name in found]  # module names, "" the root
+        # Built while torch still prunes the model, over the weight_orig parameters (the very
+        # tensors that prune.remove makes the weights again), so that every check of the
+        # constructor runs before anything is removed.
+        pruner = cls.__new__(cls)
+        pruner._adopt_torch_pruned = True
+        try:
+            pruner.__init__(model, criterion, include=include, **kwargs)
+        finally:
+            del pruner._adopt_torch_pruned
+        dropped = sorted(set(found) - set(pruner.params))
+        if dropped:
+            raise ValueError(
+                f"exclude leaves out {dropped}, pruned with torch.nn.utils.prune; take them "
+                "over too or remove their pruning first; nothing was changed"
+            )
+        for name, (module, attribute, mask) in found.items():
+            torch.nn.utils.prune.remove(module, attribute)
             pruner.masks[name] = mask
         pruner.apply()
         return pruner

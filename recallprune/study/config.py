@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .._extras import study_imports
 from ..pruning.criteria import CRITERIA
 from ..pruning.pruner import SCOPES
 from ..pruning.schedules import RETRAIN_MODES
@@ -246,12 +247,8 @@ def _parse(path: Path, suffix: str, text: str) -> Any:
             return json.loads(text)
         except json.JSONDecodeError as error:
             raise StudyError(f"config file {path} is not valid JSON: {error}") from error
-    try:
+    with study_imports(f"config file {path} (YAML)"):
         import yaml
-    except ImportError as error:
-        raise StudyError(
-            f"config file {path}: YAML config files need PyYAML (pip install pyyaml)"
-        ) from error
     try:
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as error:

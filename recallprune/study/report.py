@@ -276,7 +276,7 @@ def _answer_low_sparsity(summaries, criteria, sparsities, level) -> str:
                 f"a difference ({focus} at {low[0]:.3f}"
                 + (", against the control)" if has_control else ", against 1)"),
             )
-    return text + "."
+    return text if text.endswith(".") else text + "."
 
 
 def answers(results: dict[str, Any]) -> list[str]:
@@ -310,7 +310,8 @@ def _environment_text(environment: dict[str, Any] | None) -> str:
             if e.get("aten_cpu_capability_env")
             else ""
         )
-        + f", {e.get('threads')} threads; device {device}; {e.get('backend')} backend. "
+        + f", {e.get('threads')} thread{'' if e.get('threads') == 1 else 's'}; device {device}; "
+        f"{e.get('backend')} backend. "
         "Training is chaotic: another instruction set or device changes the trajectories, so "
         "compare reports only where these match, and trust only answers that hold across "
         "them.\n\n"

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .._extras import study_imports
 from ..pruning import Iterative, Pruner
 from .config import StudyConfig
 from .datasets import Dataset, load_dataset
@@ -30,6 +30,9 @@ from .training import (
     scoring_batches,
     train,
 )
+
+with study_imports():
+    from tqdm.auto import tqdm
 
 log = logging.getLogger("recallprune.study")
 

@@ -10,12 +10,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .._extras import study_imports
 from ..metrics import ConfusionCounter
 from ..optim import UndecayedSGD, decay_param_groups
 from .datasets import Dataset
 from .distributed import Distributed
+
+with study_imports():
+    from tqdm.auto import tqdm
 
 EVAL_BATCH = 1024
 
