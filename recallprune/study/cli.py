@@ -20,9 +20,10 @@ from .. import distortion as D
 from ..pruning.criteria import CRITERIA
 from ..pruning.pruner import SCOPES
 from ..pruning.schedules import RETRAIN_MODES
-from .config import NOT_IDENTITY, StudyConfig, check_setting, read_config_file
+from .config import EXECUTIONS, NOT_IDENTITY, StudyConfig, check_setting, read_config_file
 from .datasets import DATASETS
 from .files import StudyError, atomic_write_text, os_problem, read_json
+from .grid import make_study
 from .models import MODELS
 from .runner import Study
 
@@ -64,6 +65,12 @@ _FLAGS: dict[str, tuple[Any, str, Any]] = {
     "imbalance": (float, "synthetic task: 0 balanced; larger skews class frequencies", None),
     "level": (float, "significance level of the verdicts", None),
     "device": (str, "cpu, cuda or cuda:N", None),
+    "execution": (
+        str,
+        "train the grid's models as stacked models (batched; mlp and cnn) or one at a time",
+        EXECUTIONS,
+    ),
+    "max_stack": (int, "at most this many models per stack (bounds memory)", None),
     "data_root": (str, "folder of the torchvision datasets", None),
 }
 _LISTS = ("seeds", "criteria", "exclude")
@@ -214,7 +221,7 @@ def cmd_study(args) -> int:
     from .report import write_outputs
 
     config = _config_from_args(args)
-    study = Study(config, Path(config.out), progress=not args.quiet)
+    study = make_study(config, Path(config.out), progress=not args.quiet)
     start = time.perf_counter()
     try:
         runs = study.run()

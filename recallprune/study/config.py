@@ -18,7 +18,10 @@ from .datasets import DATASETS
 from .files import StudyError, os_problem
 
 # Fields that may differ between a study and its resumption without changing its results.
-NOT_IDENTITY = ("data_root", "download", "out")
+NOT_IDENTITY = ("data_root", "download", "out", "max_stack")
+# Settings added after studies were first saved, with the value older studies ran with.
+LEGACY_DEFAULTS: dict[str, Any] = {"execution": "sequential"}
+EXECUTIONS = ("batched", "sequential")
 
 
 def rounds_for(sparsity: float, fraction: float) -> int:
@@ -56,6 +59,8 @@ class StudyConfig:
     imbalance: float = 0.0
     level: float = 0.05
     device: str = "cpu"
+    execution: str = "batched"  # the grid as stacked models where the model allows
+    max_stack: int = 64  # models per stack, to bound memory
     data_root: str = "data"
     download: bool = False
     out: str = ""
@@ -97,6 +102,10 @@ class StudyConfig:
             raise ValueError(f"rewind_epoch must lie in [0, epochs], got {self.rewind_epoch}")
         if not 0 < self.level < 1:
             raise ValueError(f"level must lie in (0, 1), got {self.level}")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+        if self.max_stack < 1:
+            raise ValueError(f"max_stack must be at least 1, got {self.max_stack}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

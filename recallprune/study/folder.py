@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .config import LEGACY_DEFAULTS
 from .distributed import Distributed
 from .files import (
     StudyError,
@@ -30,7 +31,8 @@ def differing_settings(mine: dict[str, Any], theirs: Any) -> list[str]:
     """The settings of ``mine`` (a config's identity) that ``theirs`` does not share."""
     if not isinstance(theirs, dict):
         return sorted(mine)
-    return sorted(k for k in mine if k not in theirs or theirs[k] != mine[k])
+    missing = object()
+    return sorted(k for k in mine if theirs.get(k, LEGACY_DEFAULTS.get(k, missing)) != mine[k])
 
 
 class StudyFolder:

@@ -70,19 +70,25 @@ class Study:
         data = self.check()
         self.folder.prepare(config.to_dict(), config.identity())
         self.started = True
-        records: list[dict[str, Any]] = []
         total = len(config.seeds) * (1 + len(self.arms()) * config.rounds)
         bar = tqdm(total=total, desc="runs", disable=not self.progress or not self.dist.is_main)
         try:
-            for seed in config.seeds:
-                records.append(self.dense(seed, data, bar))
-                for arm in self.arms():
-                    records.extend(self.arm(seed, arm, data, bar))
+            records = self.grid(data, bar)
         finally:
             bar.close()
         log.info(
             "%d runs: %d reused from %s, %d computed", total, self.reused, self.out, self.computed
         )
+        return records
+
+    def grid(self, data: Dataset, bar) -> list[dict[str, Any]]:
+        """Every run of the grid, one model at a time: per seed its dense model, then each
+        arm's rounds. Returns the records in that order."""
+        records: list[dict[str, Any]] = []
+        for seed in self.config.seeds:
+            records.append(self.dense(seed, data, bar))
+            for arm in self.arms():
+                records.extend(self.arm(seed, arm, data, bar))
         return records
 
     # -- before anything is written ---------------------------------------------------------

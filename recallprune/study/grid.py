@@ -1,0 +1,343 @@
+"""The study's grid trained as stacked models (``--execution batched``).
+
+A study is a grid: seeds x arms (each criterion and the control) x rounds, every cell a small
+model trained the same way. Sequentially, each training step of such a model is almost all
+per-operation overhead. Here the dense models of all seeds train as one stacked model, and
+then, round by round, every (seed, arm) model of that round trains as one stacked model
+(:mod:`recallprune.study.stacked`), in stacks of at most ``max_stack`` models.
+
+Each model keeps everything it has in the sequential study: its initialisation, its data
+order (its own seeded generator, drawn exactly as the sequential loop draws it), its
+pruning (its own :class:`~recallprune.pruning.Pruner`, criterion, scores and exact counts,
+run on a view of its slice of the stack), its rewinding, and its records and checkpoints,
+saved per model as each stacked round finishes, in the same files. So a batched study
+resumes a sequential one and the other way round, and the two differ only by the rounding
+of batched matrix products.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..metrics import ConfusionCounter
+from ..optim import UndecayedSGD, decay_param_groups
+from .datasets import Dataset
+from .records import CONTROL, DENSE, make_record
+from .runner import Study, _cpu_state
+from .stacked import StackedModel, stack_models
+from .training import EVAL_BATCH, phase_seed, scoring_batches
+
+log = logging.getLogger("recallprune.study")
+
+
+def can_stack(model: nn.Module) -> bool:
+    """Whether the study's batched path can stack this kind of model."""
+    return stack_models([model]) is not None
+
+
+def stacked_batches(n: int, batch_size: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Each model's shuffled order of the ``n`` training samples, drawn from its generator
+    as the sequential loop draws it: ``[B, n]``."""
+    return torch.stack([torch.randperm(n, generator=g) for g in generators])
+
+
+def train_stacked(
+    model: StackedModel,
+    optimizer: torch.optim.Optimizer,
+    data: Dataset,
+    epochs: int,
+    batch_size: int,
+    device: torch.device,
+    generators: Sequence[torch.Generator],
+    scheduler: Any = None,
+    on_epoch: Any = None,
+) -> list[float]:
+    """Train the stacked models for ``epochs`` epochs, each on its own batches; returns each
+    model's mean loss over its last epoch. The loss summed over models has, for each model,
+    the gradient of that model's own mean batch loss."""
+    model.train()
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    n = len(x)
+    losses = torch.full((model.num_models,), float("nan"))
+    for epoch in range(epochs):
+        orders = stacked_batches(n, batch_size, generators).to(device)
+        total = torch.zeros(model.num_models, device=device)
+        count = 0
+        for start in range(0, n, batch_size):
+            batch = orders[:, start : start + batch_size]  # [B, b]
+            inputs, targets = x[batch], y[batch]
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(inputs)  # [B, b, C]
+            per_model = (
+                nn.functional.cross_entropy(
+                    logits.flatten(0, 1), targets.flatten(), reduction="none"
+                )
+                .view(targets.shape)
+                .mean(dim=1)
+            )
+            per_model.sum().backward()
+            optimizer.step()
+            total += per_model.detach()
+            count += 1
+        if scheduler is not None:
+            scheduler.step()
+        losses = (total / max(count, 1)).cpu()
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
+    return losses.tolist()
+
+
+@torch.no_grad()
+def evaluate_stacked(
+    model: StackedModel, data: Dataset, device: torch.device
+) -> list[torch.Tensor]:
+    """Each model's confusion counts on the test set, int64 ``[C, C]`` on the CPU: one
+    forward pass of the stack per batch of test samples."""
+    model.eval()
+    counters = [ConfusionCounter(data.num_classes, device=device) for _ in range(model.num_models)]
+    for start in range(0, len(data.x_test), EVAL_BATCH):
+        inputs = data.x_test[start : start + EVAL_BATCH].to(device)
+        targets = data.y_test[start : start + EVAL_BATCH].to(device)
+        logits = model(inputs.unsqueeze(0).expand(model.num_models, *inputs.shape))
+        for counter, model_logits in zip(counters, logits, strict=True):
+            counter.update(model_logits, targets)
+    return [c.compute().cpu() for c in counters]
+
+
+def model_view(stacked: StackedModel, index: int, template: nn.Module) -> nn.Module:
+    """``template`` with its parameters replaced by views of model ``index``'s slice of the
+    stack: in-place changes to one show in the other (pruning, rewinding)."""
+    for name, p in stacked.named_parameters():
+        module_name, _, attribute = name.rpartition(".")
+        owner = template.get_submodule(module_name) if module_name else template
+        setattr(owner, attribute, nn.Parameter(p.data[index], requires_grad=True))
+    return template
+
+
+class BatchedStudy(Study):
+    """:class:`Study` with its grid trained in stacks (see the module docstring)."""
+
+    def __init__(self, *args, max_stack: int = 64, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if max_stack < 1:
+            raise ValueError(f"max_stack must be at least 1, got {max_stack}")
+        self.max_stack = max_stack
+
+    def grid(self, data: Dataset, bar) -> list[dict[str, Any]]:
+        """Every run of the grid, stage by stage in stacks; models that cannot be stacked,
+        and data-parallel runs, go the sequential way (said once in the log)."""
+        config = self.config
+        reason = None
+        if self.dist.active:
+            reason = "data-parallel runs (torchrun) train one model at a time"
+        elif not can_stack(self.new_model(config.seeds[0], data)):
+            reason = f"model {config.model!r} cannot be stacked (only mlp and cnn can)"
+        if reason is not None:
+            log.info("execution: sequential, since %s", reason)
+            return super().grid(data, bar)
+        log.info("execution: batched, up to %d models per stack", self.max_stack)
+        records: dict[tuple[int, str, int], dict[str, Any]] = {}
+        for record in self.dense_stage(data, bar):
+            records[(record["seed"], DENSE, 0)] = record
+        for round_index in range(1, config.rounds + 1):
+            for record in self.round_stage(round_index, data, bar):
+                records[(record["seed"], record["criterion"], round_index)] = record
+        order = []
+        for seed in config.seeds:
+            order.append((seed, DENSE, 0))
+            for arm in self.arms():
+                order += [(seed, arm, r) for r in range(1, config.rounds + 1)]
+        return [records[key] for key in order]
+
+    def _optimizer(self, stacked: StackedModel, lr: float) -> UndecayedSGD:
+        config = self.config
+        return UndecayedSGD(
+            decay_param_groups(stacked, config.weight_decay), lr=lr, momentum=config.momentum
+        )
+
+    def _chunks(self, items: list) -> list[list]:
+        return [items[i : i + self.max_stack] for i in range(0, len(items), self.max_stack)]
+
+    # -- the dense models -----------------------------------------------------------------
+
+    def dense_stage(self, data: Dataset, bar) -> list[dict[str, Any]]:
+        config = self.config
+        out, todo = [], []
+        for seed in config.seeds:
+            path = self.folder.record_path(seed, DENSE, 0)
+            record = self.folder.load_record(path)
+            if record is not None and self.folder.checkpoint_path(seed, DENSE, 0).exists():
+                self.reused += 1
+                bar.update()
+                out.append(record)
+            else:
+                todo.append(seed)
+        for seeds in self._chunks(todo):
+            out.extend(self._dense_stack(seeds, data, bar))
+        return out
+
+    def _dense_stack(self, seeds: list[int], data: Dataset, bar) -> list[dict[str, Any]]:
+        config = self.config
+        start = time.perf_counter()
+        stacked = stack_models([self.new_model(seed, data) for seed in seeds]).to(self.device)
+        optimizer = self._optimizer(stacked, config.lr)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
+        generators = [torch.Generator().manual_seed(phase_seed(s, DENSE)) for s in seeds]
+        snapshots: list[dict[str, torch.Tensor]] = [{} for _ in seeds]
+
+        def snapshot(epoch: int) -> None:
+            if config.retrain == "rewind" and epoch == config.rewind_epoch:
+                for i in range(len(seeds)):
+                    snapshots[i] = stacked.model_state(i)
+
+        snapshot(0)
+        losses = train_stacked(
+            stacked,
+            optimizer,
+            data,
+            config.epochs,
+            config.batch_size,
+            self.device,
+            generators,
+            scheduler,
+            snapshot,
+        )
+        confusions = evaluate_stacked(stacked, data, self.device)
+        seconds = (time.perf_counter() - start) / len(seeds)
+        records = []
+        for i, seed in enumerate(seeds):
+            record = make_record(confusions[i], seed, DENSE, 0, 0.0, 0.0, losses[i], seconds)
+            checkpoint = {
+                "model": _cpu_state(stacked.model_state(i)),
+                "masks": {},
+                "rewind": _cpu_state(snapshots[i]) if snapshots[i] else {},
+            }
+            self.folder.save(
+                record,
+                self.folder.record_path(seed, DENSE, 0),
+                checkpoint,
+                self.folder.checkpoint_path(seed, DENSE, 0),
+            )
+            self.computed += 1
+            bar.update()
+            records.append(record)
+        return records
+
+    # -- one round of every (seed, arm) ---------------------------------------------------
+
+    def round_stage(self, round_index: int, data: Dataset, bar) -> list[dict[str, Any]]:
+        out, todo = [], []
+        for seed in self.config.seeds:
+            for arm in self.arms():
+                finished = self.finished_rounds(seed, arm)
+                if len(finished) >= round_index:
+                    out.append(finished[round_index - 1])
+                    self.reused += 1
+                    bar.update()
+                else:
+                    todo.append((seed, arm))
+        for cells in self._chunks(todo):
+            out.extend(self._round_stack(round_index, cells, data, bar))
+        return out
+
+    def _round_stack(
+        self, round_index: int, cells: list[tuple[int, str]], data: Dataset, bar
+    ) -> list[dict[str, Any]]:
+        config = self.config
+        start = time.perf_counter()
+        states, rewinds = [], []
+        for seed, arm in cells:
+            dense = torch.load(self.folder.checkpoint_path(seed, DENSE, 0), weights_only=True)
+            previous = (
+                dense
+                if round_index == 1
+                else torch.load(
+                    self.folder.checkpoint_path(seed, arm, round_index - 1), weights_only=True
+                )
+            )
+            states.append(previous)
+            rewinds.append(dense["rewind"] or None)
+        models = []
+        for (seed, _), state in zip(cells, states, strict=True):
+            model = self.new_model(seed, data)
+            model.load_state_dict(state["model"])
+            models.append(model)
+        stacked = stack_models(models).to(self.device)
+        # Prune each model with its own pruner, on a view of its slice of the stack.
+        masks: list[dict[str, torch.Tensor]] = []
+        sparsities = []
+        for i, ((seed, arm), state, rewind) in enumerate(zip(cells, states, rewinds, strict=True)):
+            view = model_view(stacked, i, self.new_model(seed, data))
+            # As in the sequential round: the pruner takes UP's lam from an optimizer's groups
+            # (this one only carries the masks; the stack's own optimizer trains).
+            view_optimizer = self.optimizer(view, self.retrain_lr())
+            pruner = self.pruner(view, arm, view_optimizer, seed=phase_seed(seed, arm, round_index))
+            if state["masks"]:
+                pruner.masks.update({k: v.to(self.device) for k, v in state["masks"].items()})
+                pruner.apply()
+            schedule = self.schedule()
+            schedule.load_state_dict({"round": round_index - 1, "snapshot": rewind})
+            if arm == CONTROL:
+                schedule.control_round(pruner)
+            else:
+                generator = torch.Generator().manual_seed(
+                    phase_seed(seed, arm, round_index, "score")
+                )
+                batches = scoring_batches(data, config.batch_size, config.n_batches, generator)
+                schedule.prune_round(pruner, data=batches, n_batches=config.n_batches)
+            masks.append({k: v.clone() for k, v in pruner.masks.items()})
+            sparsities.append(pruner.sparsity())
+        optimizer = self._optimizer(stacked, self.retrain_lr())
+        parameters = dict(stacked.named_parameters())
+        for name in masks[0]:
+            optimizer.set_mask(parameters[name], torch.stack([m[name] for m in masks]))
+        generators = [
+            torch.Generator().manual_seed(phase_seed(seed, arm, round_index, "train"))
+            for seed, arm in cells
+        ]
+        losses = train_stacked(
+            stacked,
+            optimizer,
+            data,
+            config.finetune_epochs,
+            config.batch_size,
+            self.device,
+            generators,
+        )
+        confusions = evaluate_stacked(stacked, data, self.device)
+        seconds = (time.perf_counter() - start) / len(cells)
+        nominal = self.schedule().sparsity_after(round_index)
+        records = []
+        for i, (seed, arm) in enumerate(cells):
+            record = make_record(
+                confusions[i], seed, arm, round_index, nominal, sparsities[i], losses[i], seconds
+            )
+            checkpoint = {
+                "model": _cpu_state(stacked.model_state(i)),
+                "masks": {k: v.cpu() for k, v in masks[i].items()},
+            }
+            self.folder.save(
+                record,
+                self.folder.record_path(seed, arm, round_index),
+                checkpoint,
+                self.folder.checkpoint_path(seed, arm, round_index),
+            )
+            if round_index > 1:
+                self.folder.drop_checkpoint(self.folder.checkpoint_path(seed, arm, round_index - 1))
+            self.computed += 1
+            bar.update()
+            records.append(record)
+        return records
+
+
+def make_study(config, out, progress: bool = True) -> Study:
+    """The study its config asks for: batched (where the model allows) or sequential."""
+    if config.execution == "batched":
+        return BatchedStudy(config, out, progress=progress, max_stack=config.max_stack)
+    return Study(config, out, progress=progress)

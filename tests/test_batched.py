@@ -1,0 +1,158 @@
+"""The grid as stacked models: stacked layers against the single models, a few training
+steps against the sequential loop, a whole small study against its sequential twin, resume
+of an interrupted batched study, and the fallback for models that cannot be stacked."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from recallprune import UndecayedSGD, decay_param_groups
+from recallprune.study import grid
+from recallprune.study.cli import main
+from recallprune.study.models import build_model
+from recallprune.study.stacked import stack_models
+
+TINY = [
+    "--seeds",
+    "0",
+    "1",
+    "2",
+    "--rounds",
+    "3",
+    "--epochs",
+    "3",
+    "--finetune-epochs",
+    "1",
+    "--criteria",
+    "magnitude",
+    "undecayed",
+    "random",
+    "--device",
+    "cpu",
+]
+
+
+def _runs(out):
+    return json.loads((Path(out) / "results.json").read_text())["runs"]
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_stacked_layers_match_the_single_models(name):
+    torch.manual_seed(0)
+    models = [build_model(name, (1, 8, 8), 10) for _ in range(3)]
+    stacked = stack_models(models)
+    assert [n for n, _ in stacked.named_parameters()] == [
+        n for n, _ in models[0].named_parameters()
+    ]
+    x = torch.randn(3, 16, 1, 8, 8)
+    y = torch.randint(0, 10, (3, 16))
+    logits = stacked(x)
+    for i, model in enumerate(models):
+        torch.testing.assert_close(logits[i], model(x[i]), rtol=1e-5, atol=1e-6)
+    nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").backward()
+    for i, model in enumerate(models):
+        nn.functional.cross_entropy(model(x[i]), y[i], reduction="sum").backward()
+        for (n, p), q in zip(stacked.named_parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(p.grad[i], q.grad, rtol=1e-5, atol=1e-6, msg=n)
+    # A model's state goes in and out by the single model's names.
+    state = stacked.model_state(1)
+    assert state.keys() == models[1].state_dict().keys()
+    stacked.load_model_state(0, state)
+    torch.testing.assert_close(stacked(x[:1].expand(3, *x.shape[1:]))[0], models[1](x[0]))
+
+
+def test_a_few_masked_steps_match_the_sequential_loop():
+    torch.manual_seed(1)
+    models = [build_model("mlp", (1, 8, 8), 10) for _ in range(4)]
+    stacked = stack_models([m for m in models])
+    masks = [torch.rand_like(m.fc1.weight) > 0.5 for m in models]
+    x = torch.randn(200, 1, 8, 8)
+    y = torch.randint(0, 10, (200,))
+    optimizers = [UndecayedSGD(decay_param_groups(m, 5e-4), lr=0.05, momentum=0.9) for m in models]
+    for optimizer, model, mask in zip(optimizers, models, masks, strict=True):
+        optimizer.set_mask(model.fc1.weight, mask)
+    stacked_optimizer = UndecayedSGD(decay_param_groups(stacked, 5e-4), lr=0.05, momentum=0.9)
+    stacked_optimizer.set_mask(stacked.fc1.weight, torch.stack(masks))
+    generators = [torch.Generator().manual_seed(s) for s in range(4)]
+    twins = [torch.Generator().manual_seed(s) for s in range(4)]
+    for _ in range(5):
+        orders = grid.stacked_batches(200, 32, generators)
+        for i, (model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
+            order = torch.randperm(200, generator=twins[i])
+            assert torch.equal(order, orders[i])  # the same data order as the sequential loop
+            batch = order[:32]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+        batch = orders[:, :32]
+        stacked_optimizer.zero_grad()
+        losses = nn.functional.cross_entropy(
+            stacked(x[batch]).flatten(0, 1), y[batch].flatten(), reduction="none"
+        )
+        losses.view(4, 32).mean(dim=1).sum().backward()
+        stacked_optimizer.step()
+    for i, model in enumerate(models):
+        for (name, p), q in zip(stacked.named_parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(p[i], q, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.all(stacked.fc1.weight[i][~masks[i]] == 0)
+
+
+def test_a_batched_study_agrees_with_the_sequential_one(tmp_path):
+    sequential, batched = tmp_path / "sequential", tmp_path / "batched"
+    assert main(["-q", "study", *TINY, "--execution", "sequential", "--out", str(sequential)]) == 0
+    assert main(["-q", "study", *TINY, "--max-stack", "7", "--out", str(batched)]) == 0
+    assert json.loads((batched / "config.json").read_text())["execution"] == "batched"
+    a, b = _runs(sequential), _runs(batched)
+    assert [(r["seed"], r["criterion"], r["round"]) for r in a] == [
+        (r["seed"], r["criterion"], r["round"]) for r in b
+    ]
+    # The same initialisations, data orders and pruning: exact counts, the same sparsities.
+    assert [r["sparsity"] for r in a] == [r["sparsity"] for r in b]
+    # Trajectories may differ by the rounding of batched products: accuracies close, most
+    # models predicting exactly alike.
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["accuracy"] - y["accuracy"]) <= 0.02, (x["criterion"], x["round"])
+    same = sum(x["confusion"] == y["confusion"] for x, y in zip(a, b, strict=True))
+    assert same >= 0.8 * len(a)
+
+
+def test_an_interrupted_batched_study_resumes(tmp_path, monkeypatch):
+    complete = tmp_path / "complete"
+    assert main(["-q", "study", *TINY, "--out", str(complete)]) == 0
+    out = tmp_path / "interrupted"
+    original = grid.BatchedStudy.round_stage
+
+    def stop_at_round_two(self, round_index, data, bar):
+        if round_index == 2:
+            raise KeyboardInterrupt
+        return original(self, round_index, data, bar)
+
+    monkeypatch.setattr(grid.BatchedStudy, "round_stage", stop_at_round_two)
+    assert main(["-q", "study", *TINY, "--out", str(out)]) == 130
+    assert not (out / "results.json").exists()
+    assert len(list((out / "runs").glob("*-r01.json"))) == 3 * 4
+    monkeypatch.setattr(grid.BatchedStudy, "round_stage", original)
+    assert main(["-q", "study", *TINY, "--out", str(out)]) == 0
+    assert _runs(out) == _runs(complete) or [r["confusion"] for r in _runs(out)] == [
+        r["confusion"] for r in _runs(complete)
+    ]
+
+
+def test_models_that_cannot_be_stacked_fall_back_to_sequential(tmp_path, caplog):
+    assert grid.can_stack(build_model("mlp", (1, 8, 8), 10))
+    assert grid.can_stack(build_model("cnn", (1, 8, 8), 10))
+    assert not grid.can_stack(build_model("resnet20", (3, 32, 32), 10))  # batch norm
+    out = tmp_path / "resnet"
+    args = ["study", "--model", "resnet20", "--seeds", "0", "--rounds", "1", "--epochs", "1"]
+    args += ["--finetune-epochs", "1", "--criteria", "magnitude", "--device", "cpu"]
+    with caplog.at_level(logging.INFO, logger="recallprune.study"):
+        assert main([*args, "--out", str(out)]) == 0
+    said = [r.message for r in caplog.records if "execution" in r.message]
+    assert said == [
+        "execution: sequential, since model 'resnet20' cannot be stacked (only mlp and cnn can)"
+    ]
+    assert len(_runs(out)) == 3
