@@ -922,3 +922,61 @@ def test_grad_count_skips_overflowed_steps():
         opt.step()
     assert int(opt.state[w]["grad_count"]) == 2
     assert torch.equal(opt.grad_average(w), torch.full((5,), 2.0))
+
+
+def test_tensor_lr_overload_matches_float_lr(kernel_device):
+    hyper = dict(momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=False, maximize=False)
+    for args, _ in _op_samples(kernel_device):
+        for lr in (
+            torch.tensor(0.1, device=kernel_device),
+            torch.tensor([0.1], dtype=torch.float64),
+        ):
+            with_tensor = copy.deepcopy(args)
+            with_float = copy.deepcopy(args)
+            torch.ops.recallprune.undecayed_sgd_.tensor_lr(
+                *with_tensor, lr=lr, is_first_step=False, **hyper
+            )
+            torch.ops.recallprune.undecayed_sgd_(*with_float, lr=0.1, is_first_step=False, **hyper)
+            tensor_results = with_tensor[0] + with_tensor[2]
+            for a, b in zip(tensor_results, with_float[0] + with_float[2], strict=True):
+                assert torch.equal(a, b)
+        torch.library.opcheck(
+            torch.ops.recallprune.undecayed_sgd_.tensor_lr,
+            args,
+            dict(lr=torch.tensor([0.1], device=kernel_device), is_first_step=False, **hyper),
+        )
+
+
+def _op_samples(device):
+    generator = torch.Generator().manual_seed(15)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator).to(device)
+
+    shapes = [(5, 3), (17,), (0,)]
+    params, grads, bufs = ([rand(*s) for s in shapes] for _ in range(3))
+    keeps = [rand(5, 3) > 0, None, torch.ones(0, dtype=torch.bool, device=device)]
+    yield (params, grads, bufs, keeps, [], []), None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensor_lr_step_does_not_sync():
+    pytest.importorskip("recallprune._C")
+    model = _make_model().cuda()
+    lr = torch.tensor(0.1, device="cuda")
+    opt = UndecayedSGD(model.parameters(), lr=lr, momentum=0.9, backend="kernel")
+    twin = _make_model().cuda()
+    twin_opt = UndecayedSGD(twin.parameters(), lr=0.1, momentum=0.9, backend="kernel")
+    for step in range(4):
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        if step >= 2:  # the first steps gather the lists; the later ones must not synchronise
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        twin_opt.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -109,14 +109,24 @@ class _KernelLaunch:
             self.momentum_buffers = [
                 init(p, memory_format=torch.contiguous_format) for p in self.params
             ]
-        torch.ops.recallprune.undecayed_sgd_.default(
+        op = torch.ops.recallprune.undecayed_sgd_.default
+        if isinstance(lr, Tensor):
+            if lr.device.type != "cpu" and self.device.type != "cpu":
+                # Read on the device, as torch's fused SGD does: no host synchronisation.
+                op = torch.ops.recallprune.undecayed_sgd_.tensor_lr
+                if lr.device != self.device or lr.dtype not in (torch.float32, torch.float64):
+                    lr = lr.to(device=self.device, dtype=torch.float32, non_blocking=True)
+                lr = lr.reshape(1)
+            else:
+                lr = float(lr)
+        op(
             self.params,
             [g.contiguous() for g in grads] if self.copy_grads else grads,
             self.momentum_buffers,
             self.keep_masks,
             self.decay_masks,
             self.grad_sums,
-            lr=float(lr),
+            lr=lr,
             momentum=float(hyper["momentum"]),
             dampening=float(hyper["dampening"]),
             weight_decay=float(hyper["weight_decay"]),

@@ -121,7 +121,7 @@ class UndecayedSGD(SGD):
     group added or its ``params`` edited, a checkpoint loaded, the state edited by hand
     (``del optimizer.state[p]["momentum_buffer"]``), a parameter's gradient appearing or
     vanishing, ``momentum`` turned to or from 0. Hyper-parameters (an lr schedule) and new
-    gradient tensors are taken at every step.
+    gradient tensors are taken at every step. A tensor ``lr`` on the GPU is read there.
 
     AMP: ``torch.amp.GradScaler`` passes ``grad_scale`` and ``found_inf`` as to torch's
     fused SGD; a step with an overflow changes nothing. An overflow on the very first
