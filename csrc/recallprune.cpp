@@ -22,6 +22,14 @@ TORCH_LIBRARY(recallprune, m) {
       "Tensor?[] keep_masks, Tensor?[] decay_masks, Tensor(c!)[] grad_sums, *, float lr, "
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // The same with the learning rate as a one-element float32/float64 tensor, as torch's
+  // _fused_sgd_.tensor_lr: a CUDA kernel reads it on the device (no host synchronisation).
+  m.def(
+      "undecayed_sgd_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, "
+      "Tensor(b!)[] momentum_buffers, Tensor?[] keep_masks, Tensor?[] decay_masks, "
+      "Tensor(c!)[] grad_sums, *, Tensor lr, float momentum, float dampening, "
+      "float weight_decay, bool nesterov, bool maximize, bool is_first_step, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 
   // Confusion counts of one batch added to `counts` (int64 [C*C], row = true class).
   // input: logits [N, C, S] (float) or predicted labels [N, S] (int32/int64);

@@ -71,6 +71,10 @@ void check_undecayed_sgd_args(at::TensorList params, at::TensorList grads,
                               const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf);
 
+// Checks of the tensor learning rate of undecayed_sgd_.tensor_lr: one float32 or float64
+// element, on the CPU or on the parameters' device.
+void check_lr_tensor(const at::Tensor& lr, at::TensorList params);
+
 // Mask pointer as bytes (bool and uint8 share a layout), or nullptr where absent.
 inline const uint8_t* mask_data(const c10::List<std::optional<at::Tensor>>& masks, size_t i) {
   if (masks.size() == 0) {

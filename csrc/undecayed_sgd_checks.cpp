@@ -102,4 +102,14 @@ void check_undecayed_sgd_args(at::TensorList params, at::TensorList grads,
   }
 }
 
+void check_lr_tensor(const at::Tensor& lr, at::TensorList params) {
+  const bool float_dtype = lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble;
+  TORCH_CHECK(lr.numel() == 1 && float_dtype,
+              "undecayed_sgd_: lr must be a one-element float32 or float64 tensor, got ",
+              lr.scalar_type(), " with ", lr.numel(), " elements");
+  TORCH_CHECK(lr.is_cpu() || params.empty() || lr.device() == params[0].device(),
+              "undecayed_sgd_: lr must be on the CPU or on the parameters' device ",
+              params[0].device(), ", got ", lr.device());
+}
+
 }  // namespace recallprune

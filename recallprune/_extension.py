@@ -12,7 +12,7 @@ import os
 
 import torch
 
-_OPS = ("undecayed_sgd_", "confusion_update_")
+_OPS = ("undecayed_sgd_", "undecayed_sgd_.tensor_lr", "confusion_update_")
 
 _loaded = False
 _load_error: str | None = None
@@ -36,7 +36,11 @@ def _load() -> None:
 
 def _register_fakes() -> None:
     # Ops that only mutate their inputs: their fake kernels do nothing.
-    for op in ("recallprune::undecayed_sgd_", "recallprune::confusion_update_"):
+    for op in (
+        "recallprune::undecayed_sgd_",
+        "recallprune::undecayed_sgd_.tensor_lr",
+        "recallprune::confusion_update_",
+    ):
         torch.library.register_fake(op)(_mutates_only)
 
     @torch.library.register_fake("recallprune::confusion_matrix")

@@ -1,8 +1,11 @@
 """UndecayedSGD: bit-identity with torch.optim.SGD, kernels against the reference, masks,
 decay suppression, gradient averages, AMP, checkpoints and errors."""
 
+import collections
 import copy
 import itertools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -649,3 +652,331 @@ def test_first_step_overflow_leaves_zero_momentum(backend):
         **hyper,
     )
     torch.testing.assert_close(bufs[0], 0.5 * grad / 2, rtol=1e-6, atol=0)
+
+
+# -- the lists a step keeps -------------------------------------------------------------------
+
+
+class _Uncached(UndecayedSGD):
+    """UndecayedSGD that gathers its lists afresh at every step: the oracle for kept ones."""
+
+    def step(self, closure=None):
+        self._step_lists = []
+        return super().step(closure)
+
+
+def _first_two_groups(model):
+    return _groups(model)[:2]
+
+
+def _mask_events(opt, model, step, memo):
+    generator = torch.Generator().manual_seed(100 + step)
+    first, last = model[0].weight, model[3].weight
+    if step == 2:
+        opt.set_mask(first, torch.rand(first.shape, generator=generator) > 0.5)
+        opt.set_mask(last, torch.rand(last.shape, generator=generator) > 0.3)
+    elif step == 5:
+        opt.set_mask(first, None)
+    elif step == 7:
+        opt.set_mask(first, torch.rand(first.shape, generator=generator) > 0.7)
+
+
+def _decay_mask_events(opt, model, step, memo):
+    generator = torch.Generator().manual_seed(200 + step)
+    weight = model[0].weight
+    if step in (2, 7):
+        opt.set_decay_mask(weight, torch.rand(weight.shape, generator=generator) > 0.5)
+    elif step == 5:
+        opt.set_decay_mask(weight, None)
+
+
+def _add_group_events(opt, model, step, memo):
+    if step == 3:
+        opt.add_param_group({"params": list(model[3:].parameters()), "lr": 0.2})
+
+
+def _load_state_dict_events(opt, model, step, memo):
+    if step == 2:
+        memo["saved"] = copy.deepcopy(opt.state_dict())
+    elif step == 5:
+        opt.load_state_dict(memo["saved"])
+
+
+def _grad_appears(models, step):
+    # The last layer gets its first gradient at step 4 (momentum buffers created mid-way).
+    if step < 4:
+        for model in models:
+            model[4].weight.grad = model[4].bias.grad = None
+
+
+def _set_to_none_events(opt, model, step, memo):
+    if step in (4, 6):
+        opt.zero_grad(set_to_none=True)
+
+
+def _hyper_parameter_events(opt, model, step, memo):
+    group = opt.param_groups[0]
+    changes = {
+        2: {"lr": group["lr"] * 0.5},
+        3: {"weight_decay": 0.05},
+        4: {"momentum": 0.5},
+        5: {"momentum": 0.0},
+        6: {"maximize": True},
+        7: {"momentum": 0.9, "dampening": 0.1},
+    }
+    group.update(changes.get(step, {}))
+
+
+def _state_edit_events(opt, model, step, memo):
+    if step == 3:  # what a rewind does: no stale momentum
+        for p in model.parameters():
+            state = opt.state.get(p)
+            if state is not None and "momentum_buffer" in state:
+                del state["momentum_buffer"]
+    elif step == 5:
+        opt.state[model[0].weight]["momentum_buffer"] = torch.ones_like(model[0].weight)
+    elif step == 7:
+        opt.state = collections.defaultdict(dict)  # start afresh
+
+
+def _param_group_edits(opt, model, step, memo):
+    if step == 3:  # a parameter moves to another group
+        opt.param_groups[1]["params"].append(opt.param_groups[2]["params"].pop())
+    elif step == 6:  # a group's parameters in another order, in a new list
+        opt.param_groups[2]["params"] = opt.param_groups[2]["params"][::-1]
+
+
+def _backend_events(opt, model, step, memo):
+    if step in (3, 6):
+        opt.backend = {"kernel": "reference", "reference": "kernel"}[opt.backend]
+
+
+def _tracking_events(opt, model, step, memo):
+    if step == 3:
+        opt.param_groups[0]["track_grad_avg"] = True
+
+
+def _tensor_lr_events(opt, model, step, memo):
+    if step == 0:
+        for group in opt.param_groups:
+            group["lr"] = torch.tensor(group["lr"])
+    elif step in (3, 5):
+        for group in opt.param_groups:
+            group["lr"].mul_(0.5)  # in place, as a schedule of tensor learning rates does
+
+
+def _grad_not_contiguous(models, step):
+    # From step 4 on, a gradient that is not contiguous (the kernels copy it).
+    if step >= 4:
+        for model in models:
+            grad = model[0].weight.grad
+            model[0].weight.grad = grad.t().contiguous().t()
+            assert not model[0].weight.grad.is_contiguous()
+
+
+class Scenario(NamedTuple):
+    events: Callable | None = None  # (optimizer, model, step, memo) before the gradients
+    groups: Callable = _groups
+    grads_in_place: bool = False  # into the existing .grad tensors, else new ones
+    after_grads: Callable | None = None  # (models, step) once the gradients are set
+    with_torch: bool = True  # also compared with torch.optim.SGD (reference backend)
+
+
+CACHE_SCENARIOS = {
+    "set_mask": Scenario(_mask_events, with_torch=False),
+    "set_decay_mask": Scenario(_decay_mask_events, with_torch=False),
+    "add_param_group": Scenario(_add_group_events, groups=_first_two_groups),
+    "load_state_dict": Scenario(_load_state_dict_events),
+    "grad_appears": Scenario(after_grads=_grad_appears),
+    "grads_in_place_then_set_to_none": Scenario(_set_to_none_events, grads_in_place=True),
+    "grad_not_contiguous": Scenario(after_grads=_grad_not_contiguous),
+    "hyper_parameters": Scenario(_hyper_parameter_events),
+    "state_edited_by_hand": Scenario(_state_edit_events),
+    "param_groups_edited": Scenario(_param_group_edits),
+    "backend_switch": Scenario(_backend_events, with_torch=False),
+    "track_grad_avg_turned_on": Scenario(_tracking_events, with_torch=False),
+    "tensor_lr_changed_in_place": Scenario(_tensor_lr_events),
+}
+
+
+def _set_grads_in_place(models, step, generator):
+    """Like _set_grads, but into the existing .grad tensors where there are some."""
+    for params in zip(*(m.parameters() for m in models), strict=True):
+        grad = torch.randn(params[0].shape, generator=generator)
+        for p in params:
+            if p.grad is None:
+                p.grad = grad.clone()
+            else:
+                p.grad.copy_(grad)
+    if step % 3 == 1:
+        for m in models:
+            m[3].bias.grad = None
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+@pytest.mark.parametrize("scenario", list(CACHE_SCENARIOS))
+def test_kept_lists_follow_every_change(backend, scenario):
+    """A step with kept lists does exactly what one that gathers them afresh does (and, where
+    no mask is involved, what torch.optim.SGD does), whatever changes between steps."""
+    if backend == "kernel" or scenario == "backend_switch":
+        pytest.importorskip("recallprune._C")
+    events, groups, in_place, after_grads, with_torch = CACHE_SCENARIOS[scenario]
+    hyper = dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    models = [_make_model(), _make_model()]
+    opts = [
+        UndecayedSGD(groups(models[0]), backend=backend, **hyper),
+        _Uncached(groups(models[1]), backend=backend, **hyper),
+    ]
+    if with_torch and backend == "reference":
+        models.append(_make_model())
+        opts.append(torch.optim.SGD(groups(models[2]), foreach=False, **hyper))
+    schedulers = [torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5) for opt in opts]
+    memos = [{} for _ in opts]
+    generator = torch.Generator().manual_seed(11)
+    for step in range(10):
+        for opt, model, memo in zip(opts, models, memos, strict=True):
+            if events is not None:
+                events(opt, model, step, memo)
+        (_set_grads_in_place if in_place else _set_grads)(models, step, generator)
+        if after_grads is not None:
+            after_grads(models, step)
+        for opt in opts:
+            opt.step()
+        if step < 5:  # the scheduler's lr changes, then the events' own
+            for scheduler in schedulers:
+                scheduler.step()
+        reference_model, reference_opt = models[1], opts[1]
+        for model, opt in zip(models[::2], opts[::2], strict=True):
+            for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
+                assert torch.equal(p, q), f"{scenario}, step {step}"
+                for key in ("momentum_buffer", "keep_mask", "decay_mask", "grad_sum"):
+                    value, expected = opt.state[p].get(key), reference_opt.state[q].get(key)
+                    if key == "momentum_buffer" or isinstance(opt, UndecayedSGD):
+                        assert (value is None) == (expected is None), f"{key}, step {step}"
+                        assert value is None or torch.equal(value, expected), f"{key}, {step}"
+
+
+def test_lists_are_kept_while_nothing_changes():
+    pytest.importorskip("recallprune._C")
+    model = _make_model()
+    opt = UndecayedSGD(model.parameters(), lr=0.1, momentum=0.9, backend="kernel")
+    generator = torch.Generator().manual_seed(12)
+    _set_grads_in_place([model], 0, generator)
+    opt.step()
+    opt.step()  # the first step created the buffers: gathered again once
+    kept = opt._step_lists[0]
+    for step in (2, 3):  # new values in the same gradients, then new gradient tensors
+        (_set_grads_in_place if step == 2 else _set_grads)([model], 0, generator)
+        opt.step()
+        assert opt._step_lists[0] is kept
+    opt.param_groups[0]["lr"] = 0.05  # hyper-parameters are read at every step
+    opt.step()
+    assert opt._step_lists[0] is kept
+    opt.set_mask(model[0].weight, torch.rand(model[0].weight.shape, generator=generator) > 0.5)
+    opt.step()
+    assert opt._step_lists[0] is not kept
+
+
+def test_kept_lists_hold_no_gradient():
+    # zero_grad() must free the gradients: the kept lists may not keep them alive.
+    pytest.importorskip("recallprune._C")
+    model = _make_model()
+    opt = UndecayedSGD(model.parameters(), lr=0.1, momentum=0.9, backend="kernel")
+    generator = torch.Generator().manual_seed(13)
+    for step in range(3):
+        _set_grads([model], step, generator)
+        opt.step()
+    grads = [torch.utils.weak.WeakIdRef(p.grad) for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    assert all(ref() is None for ref in grads)
+
+
+def test_state_copies_are_plain_dicts():
+    # Checkpoints load without recallprune: torch.load(weights_only=True), torch.optim.SGD.
+    import io
+
+    model = _make_model()
+    opt = UndecayedSGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.set_mask(model[0].weight, torch.rand(model[0].weight.shape) > 0.5)
+    _set_grads([model], 0, torch.Generator().manual_seed(14))
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    assert all(type(state) is dict for state in saved["state"].values())
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert torch.equal(loaded["state"][0]["keep_mask"], opt.get_mask(model[0].weight))
+    twin = copy.deepcopy(opt)  # the optimizer itself copies, and keeps counting its changes
+    twin_weight = twin.param_groups[0]["params"][0]
+    twin.set_mask(twin_weight, None)
+    assert twin.get_mask(twin_weight) is None and opt.get_mask(model[0].weight) is not None
+
+
+def test_grad_count_skips_overflowed_steps():
+    w = nn.Parameter(torch.ones(5))
+    opt = UndecayedSGD([w], lr=0.1, track_grad_avg=True)
+    for overflow in (0.0, 1.0, 0.0):
+        w.grad = torch.full((5,), 2.0)
+        opt.grad_scale, opt.found_inf = torch.tensor([1.0]), torch.tensor([overflow])
+        opt.step()
+    assert int(opt.state[w]["grad_count"]) == 2
+    assert torch.equal(opt.grad_average(w), torch.full((5,), 2.0))
+
+
+def test_tensor_lr_overload_matches_float_lr(kernel_device):
+    hyper = dict(momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=False, maximize=False)
+    for args, _ in _op_samples(kernel_device):
+        for lr in (
+            torch.tensor(0.1, device=kernel_device),
+            torch.tensor([0.1], dtype=torch.float64),
+        ):
+            with_tensor = copy.deepcopy(args)
+            with_float = copy.deepcopy(args)
+            torch.ops.recallprune.undecayed_sgd_.tensor_lr(
+                *with_tensor, lr=lr, is_first_step=False, **hyper
+            )
+            torch.ops.recallprune.undecayed_sgd_(*with_float, lr=0.1, is_first_step=False, **hyper)
+            tensor_results = with_tensor[0] + with_tensor[2]
+            for a, b in zip(tensor_results, with_float[0] + with_float[2], strict=True):
+                assert torch.equal(a, b)
+        torch.library.opcheck(
+            torch.ops.recallprune.undecayed_sgd_.tensor_lr,
+            args,
+            dict(lr=torch.tensor([0.1], device=kernel_device), is_first_step=False, **hyper),
+        )
+
+
+def _op_samples(device):
+    generator = torch.Generator().manual_seed(15)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator).to(device)
+
+    shapes = [(5, 3), (17,), (0,)]
+    params, grads, bufs = ([rand(*s) for s in shapes] for _ in range(3))
+    keeps = [rand(5, 3) > 0, None, torch.ones(0, dtype=torch.bool, device=device)]
+    yield (params, grads, bufs, keeps, [], []), None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensor_lr_step_does_not_sync():
+    pytest.importorskip("recallprune._C")
+    model = _make_model().cuda()
+    lr = torch.tensor(0.1, device="cuda")
+    opt = UndecayedSGD(model.parameters(), lr=lr, momentum=0.9, backend="kernel")
+    twin = _make_model().cuda()
+    twin_opt = UndecayedSGD(twin.parameters(), lr=0.1, momentum=0.9, backend="kernel")
+    for step in range(4):
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        if step >= 2:  # the first steps gather the lists; the later ones must not synchronise
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        twin_opt.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

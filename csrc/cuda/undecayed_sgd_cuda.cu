@@ -29,6 +29,13 @@ enum List : int {
   kNumLists = 6,
 };
 
+// The learning rate of undecayed_sgd_.tensor_lr, read by the kernel; data is nullptr for
+// a float lr, which SgdScalars holds already.
+struct DeviceLr {
+  const void* data;
+  bool is_double;
+};
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T value[N];
@@ -84,9 +91,14 @@ struct UndecayedSgdFunctor {
   __device__ __forceinline__ void operator()(const TensorListMetadata<kNumLists>& meta, int tensor,
                                              int64_t begin, int64_t count,
                                              SgdScalars<opmath_t> s, const float* grad_scale,
-                                             const float* found_inf) {
+                                             const float* found_inf, DeviceLr lr) {
     if (found_inf != nullptr && *found_inf != 0.0f) {
       return;  // AMP overflow: the step changes nothing
+    }
+    if (lr.data != nullptr) {
+      // Rounded as SgdScalars rounds a float lr: -(opmath_t)lr == (opmath_t)-lr.
+      s.neg_lr = -(lr.is_double ? static_cast<opmath_t>(*static_cast<const double*>(lr.data))
+                                : static_cast<opmath_t>(*static_cast<const float*>(lr.data)));
     }
     const opmath_t scale = grad_scale != nullptr ? static_cast<opmath_t>(*grad_scale) : 1;
     const auto offset = [&](int list, auto* typed) -> decltype(typed) {
@@ -143,14 +155,16 @@ struct UndecayedSgdFunctor {
   }
 };
 
-void undecayed_sgd_cuda_(at::TensorList params, at::TensorList grads,
-                         at::TensorList momentum_buffers,
-                         const c10::List<std::optional<at::Tensor>>& keep_masks,
-                         const c10::List<std::optional<at::Tensor>>& decay_masks,
-                         at::TensorList grad_sums, double lr, double momentum, double dampening,
-                         double weight_decay, bool nesterov, bool maximize, bool is_first_step,
-                         const std::optional<at::Tensor>& grad_scale,
-                         const std::optional<at::Tensor>& found_inf) {
+// Both overloads: `device_lr` (a CUDA tensor) replaces `lr` when it is given.
+void launch_undecayed_sgd(at::TensorList params, at::TensorList grads,
+                          at::TensorList momentum_buffers,
+                          const c10::List<std::optional<at::Tensor>>& keep_masks,
+                          const c10::List<std::optional<at::Tensor>>& decay_masks,
+                          at::TensorList grad_sums, double lr, const at::Tensor* device_lr,
+                          double momentum, double dampening, double weight_decay, bool nesterov,
+                          bool maximize, bool is_first_step,
+                          const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf) {
   check_undecayed_sgd_args(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums,
                            momentum, grad_scale, found_inf);
   if (params.empty()) {
@@ -158,6 +172,8 @@ void undecayed_sgd_cuda_(at::TensorList params, at::TensorList grads,
   }
   TORCH_CHECK(params[0].is_cuda(), "undecayed_sgd_ (CUDA kernel): expected CUDA tensors, got ",
               params[0].device());
+  const DeviceLr lr_on_device{device_lr != nullptr ? device_lr->const_data_ptr() : nullptr,
+                              device_lr != nullptr && device_lr->scalar_type() == at::kDouble};
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const float* grad_scale_ptr =
       grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
@@ -186,15 +202,50 @@ void undecayed_sgd_cuda_(at::TensorList params, at::TensorList grads,
       const SgdScalars<opmath_t> scalars(lr, momentum, dampening, weight_decay, nesterov,
                                          maximize, is_first_step);
       cuda::multi_tensor_apply<kNumLists>(addresses, numels, UndecayedSgdFunctor<scalar_t>(),
-                                          scalars, grad_scale_ptr, found_inf_ptr);
+                                          scalars, grad_scale_ptr, found_inf_ptr, lr_on_device);
     });
   }
+}
+
+void undecayed_sgd_cuda_(at::TensorList params, at::TensorList grads,
+                         at::TensorList momentum_buffers,
+                         const c10::List<std::optional<at::Tensor>>& keep_masks,
+                         const c10::List<std::optional<at::Tensor>>& decay_masks,
+                         at::TensorList grad_sums, double lr, double momentum, double dampening,
+                         double weight_decay, bool nesterov, bool maximize, bool is_first_step,
+                         const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf) {
+  launch_undecayed_sgd(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums, lr,
+                       nullptr, momentum, dampening, weight_decay, nesterov, maximize,
+                       is_first_step, grad_scale, found_inf);
+}
+
+void undecayed_sgd_cuda_tensor_lr_(at::TensorList params, at::TensorList grads,
+                                   at::TensorList momentum_buffers,
+                                   const c10::List<std::optional<at::Tensor>>& keep_masks,
+                                   const c10::List<std::optional<at::Tensor>>& decay_masks,
+                                   at::TensorList grad_sums, const at::Tensor& lr,
+                                   double momentum, double dampening, double weight_decay,
+                                   bool nesterov, bool maximize, bool is_first_step,
+                                   const std::optional<at::Tensor>& grad_scale,
+                                   const std::optional<at::Tensor>& found_inf) {
+  check_lr_tensor(lr, params);
+  if (lr.is_cpu()) {  // read on the host at no cost, as torch's fused SGD does
+    undecayed_sgd_cuda_(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums,
+                        lr.item<double>(), momentum, dampening, weight_decay, nesterov, maximize,
+                        is_first_step, grad_scale, found_inf);
+    return;
+  }
+  launch_undecayed_sgd(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums, 0.0,
+                       &lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step,
+                       grad_scale, found_inf);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recallprune, CUDA, m) {
   m.impl("undecayed_sgd_", &undecayed_sgd_cuda_);
+  m.impl("undecayed_sgd_.tensor_lr", &undecayed_sgd_cuda_tensor_lr_);
 }
 
 }  // namespace recallprune

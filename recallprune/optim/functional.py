@@ -1,14 +1,17 @@
 """The UndecayedSGD update over lists of tensors: one entry point, two implementations.
 
-``undecayed_sgd`` picks, per device, the fused kernel (``torch.ops.recallprune.undecayed_sgd_``,
-C++ on the CPU, CUDA on the GPU) or the pure-torch reference
-(``recallprune._reference.undecayed_sgd_reference``). The optimizer class only gathers
-state and calls this function.
+``undecayed_sgd`` sorts the lists into launches of the fused kernel
+(``torch.ops.recallprune.undecayed_sgd_``, C++ on the CPU, CUDA on the GPU), one per device,
+dtype and first step or not, and a remainder for the pure-torch reference
+(``recallprune._reference.undecayed_sgd_reference``). The sorted lists are a
+:class:`StepPlan`: the optimizer keeps its plans and reuses them while the tensors stay the
+same, so that a step costs a few Python calls however many tensors it updates.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -18,6 +21,7 @@ from .._reference import undecayed_sgd_reference
 
 BACKENDS = ("auto", "kernel", "reference")
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_IS_SPARSE = attrgetter("is_sparse")
 
 
 def _resolve_backend(backend: str, device: torch.device, differentiable: bool) -> str:
@@ -38,7 +42,8 @@ def _resolve_backend(backend: str, device: torch.device, differentiable: bool) -
 
 def _kernel_ready(param: Tensor, grad: Tensor) -> bool:
     # The kernels take dense, contiguous weights (updated in place) and dense gradients of
-    # the weights' dtype and device; anything else goes to the reference.
+    # the weights' dtype and device (copied to contiguous memory where they are not);
+    # anything else goes to the reference.
     return (
         param.is_contiguous()
         and param.layout == torch.strided
@@ -47,6 +52,249 @@ def _kernel_ready(param: Tensor, grad: Tensor) -> bool:
         and grad.dtype == param.dtype
         and grad.device == param.device
     )
+
+
+def _subset(values: list, indices: list[int] | None) -> list:
+    return values if indices is None else list(map(values.__getitem__, indices))
+
+
+class _KernelLaunch:
+    """One call of the fused op: tensors of one device and dtype, first step or not."""
+
+    __slots__ = (
+        "indices",
+        "device",
+        "params",
+        "copy_grads",
+        "momentum_buffers",
+        "first_step",
+        "keep_masks",
+        "decay_masks",
+        "grad_sums",
+    )
+
+    def __init__(self, indices, device, plan: StepPlan, grad_sums, first_step) -> None:
+        # indices: positions in the plan's lists; None when the launch holds all of them.
+        self.indices = None if indices == list(range(len(plan.params))) else indices
+        self.device = device
+        self.params = _subset(plan.params, self.indices)
+        self.copy_grads = False
+        self.first_step = first_step
+        # The op's lists: empty where no tensor of the launch has one.
+        self.momentum_buffers: list[Tensor] = []
+        if plan.has_momentum and not first_step:
+            self.momentum_buffers = _subset(plan.momentum_buffers, self.indices)
+        keep_masks = _subset(plan.keep_masks, self.indices)
+        decay_masks = _subset(plan.decay_masks, self.indices)
+        self.keep_masks = keep_masks if any(m is not None for m in keep_masks) else []
+        self.decay_masks = decay_masks if any(m is not None for m in decay_masks) else []
+        self.grad_sums = [] if grad_sums is None else _subset(grad_sums, self.indices)
+
+    def takes(self, grads: list[Tensor]) -> bool:
+        """Whether the op takes these gradients of the launch's parameters (a dense
+        gradient that is not contiguous is copied, as noted in ``copy_grads``)."""
+        # One pass in the common case: sparse gradients are never contiguous. Device, shape
+        # and dtype are the parameter's (torch checks them when .grad is set; a dtype made
+        # to differ with Tensor.grad_dtype meets the op's own check).
+        self.copy_grads = not all(map(Tensor.is_contiguous, grads))
+        return not (self.copy_grads and any(map(_IS_SPARSE, grads)))
+
+    def run(self, grads, lr, grad_scale, found_inf, **hyper) -> bool:
+        """Launch the op; True if it created the momentum buffers (the first step)."""
+        created = self.first_step
+        if created:
+            # Zeros, not empty: a first step skipped for an overflow (found_inf) must not
+            # leave uninitialised memory behind.
+            init = torch.empty_like if found_inf is None else torch.zeros_like
+            self.momentum_buffers = [
+                init(p, memory_format=torch.contiguous_format) for p in self.params
+            ]
+        op = torch.ops.recallprune.undecayed_sgd_.default
+        if isinstance(lr, Tensor):
+            if lr.device.type != "cpu" and self.device.type != "cpu":
+                # Read on the device, as torch's fused SGD does: no host synchronisation.
+                op = torch.ops.recallprune.undecayed_sgd_.tensor_lr
+                if lr.device != self.device or lr.dtype not in (torch.float32, torch.float64):
+                    lr = lr.to(device=self.device, dtype=torch.float32, non_blocking=True)
+                lr = lr.reshape(1)
+            else:
+                lr = float(lr)
+        op(
+            self.params,
+            [g.contiguous() for g in grads] if self.copy_grads else grads,
+            self.momentum_buffers,
+            self.keep_masks,
+            self.decay_masks,
+            self.grad_sums,
+            lr=lr,
+            momentum=float(hyper["momentum"]),
+            dampening=float(hyper["dampening"]),
+            weight_decay=float(hyper["weight_decay"]),
+            nesterov=hyper["nesterov"],
+            maximize=hyper["maximize"],
+            is_first_step=self.first_step,
+            grad_scale=None if grad_scale is None else _as_float_scalar(grad_scale, self.device),
+            found_inf=None if found_inf is None else _as_float_scalar(found_inf, self.device),
+        )
+        self.first_step = False
+        return created
+
+
+class _ReferencePart:
+    """The tensors that the kernels do not take, for the reference implementation."""
+
+    __slots__ = ("indices", "params", "momentum_buffers", "keep_masks", "decay_masks", "grad_sums")
+
+    def __init__(self, indices: list[int], plan: StepPlan, grad_sums) -> None:
+        self.indices = indices
+        self.params = _subset(plan.params, indices)
+        self.momentum_buffers = _subset(plan.momentum_buffers, indices)
+        self.keep_masks = _subset(plan.keep_masks, indices)
+        self.decay_masks = _subset(plan.decay_masks, indices)
+        self.grad_sums = None if grad_sums is None else _subset(grad_sums, indices)
+
+    def run(self, grads, lr, grad_scale, found_inf, **hyper) -> list[int]:
+        """Run the reference; the positions whose momentum buffer it created."""
+        before = list(self.momentum_buffers)
+        undecayed_sgd_reference(
+            self.params,
+            grads,
+            self.momentum_buffers,
+            self.keep_masks,
+            self.decay_masks,
+            self.grad_sums,
+            lr=lr,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            **hyper,
+        )
+        return [
+            i
+            for i, old, new in zip(self.indices, before, self.momentum_buffers, strict=True)
+            if new is not old
+        ]
+
+
+class StepPlan:
+    """The lists of one step sorted into kernel launches and a remainder for the reference.
+
+    Made once from the tensors (parameters with a gradient, their momentum buffers, masks and
+    gradient sums) and run any number of times with the gradients and hyper-parameters of
+    each step, which may change in between: new gradient tensors of the same parameters
+    (see :meth:`takes`), an lr schedule. Any other change of the tensors needs a new plan.
+    The plan holds no gradient between steps (``zero_grad()`` can free them).
+    ``momentum_buffers`` holds the current buffers (``None`` before the first step);
+    :meth:`run` says which of them are new, so that the caller can store them.
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffers: list[Tensor | None],
+        keep_masks: list[Tensor | None],
+        decay_masks: list[Tensor | None],
+        grad_sums: list[Tensor] | None,
+        *,
+        momentum: float,
+        backend: str = "auto",
+        differentiable: bool = False,
+    ) -> None:
+        self.params = params
+        self.has_momentum = momentum != 0
+        self.momentum_buffers = (
+            list(momentum_buffers) if self.has_momentum else [None] * len(params)
+        )
+        self.keep_masks = keep_masks
+        self.decay_masks = decay_masks
+        self._new_buffers: list[int] = []  # made contiguous here: reported by the next run
+
+        kernel_groups: dict[tuple, list[int]] = defaultdict(list)
+        reference_indices: list[int] = []
+        backend_of: dict[torch.device, str] = {}  # resolved once per device
+        for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
+            device = param.device
+            if device not in backend_of:
+                backend_of[device] = _resolve_backend(backend, device, differentiable)
+            chosen = backend_of[device]
+            if chosen == "kernel" and grad.is_sparse:
+                if backend == "kernel":
+                    raise RuntimeError(
+                        f"UndecayedSGD: parameter {i} has a sparse gradient, which the fused "
+                        "kernels do not take; use backend='reference' (or 'auto') for sparse "
+                        "gradients"
+                    )
+                chosen = "reference"
+            if chosen == "kernel" and _kernel_ready(param, grad):
+                buf = self.momentum_buffers[i]
+                if buf is not None and not buf.is_contiguous():
+                    self.momentum_buffers[i] = buf.contiguous()
+                    self._new_buffers.append(i)
+                first = self.has_momentum and buf is None
+                kernel_groups[(device, param.dtype, first)].append(i)
+            else:
+                reference_indices.append(i)
+
+        self.launches = [
+            _KernelLaunch(indices, device, self, grad_sums, first)
+            for (device, _, first), indices in kernel_groups.items()
+        ]
+        self.reference = (
+            _ReferencePart(reference_indices, self, grad_sums) if reference_indices else None
+        )
+        self.takes(grads)  # notes which launches copy their gradients to contiguous memory
+
+    def takes(self, grads: list[Tensor]) -> bool:
+        """Whether :meth:`run` takes these gradients: one per parameter, in order, and dense
+        where the parameter's launch is a kernel's. Call it before running with new gradient
+        tensors; it notes which launches copy theirs to contiguous memory."""
+        return len(grads) == len(self.params) and all(
+            launch.takes(_subset(grads, launch.indices)) for launch in self.launches
+        )
+
+    def run(
+        self,
+        grads: list[Tensor],
+        *,
+        lr: float | Tensor,
+        momentum: float,
+        dampening: float,
+        weight_decay: float | Tensor,
+        nesterov: bool,
+        maximize: bool,
+        grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+    ) -> list[int]:
+        """One step; returns the positions whose momentum buffer is new since the last run
+        (created, or made contiguous when the plan was made)."""
+        if self.has_momentum != (momentum != 0):
+            raise ValueError(
+                f"StepPlan: made for momentum {'!=' if self.has_momentum else '=='} 0, run "
+                f"with momentum={momentum}; make a new plan"
+            )
+        hyper = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+        )
+        new_buffers, self._new_buffers = self._new_buffers, []
+        for launch in self.launches:
+            if launch.run(_subset(grads, launch.indices), **hyper):
+                indices = launch.indices or range(len(self.params))
+                for i, buf in zip(indices, launch.momentum_buffers, strict=True):
+                    self.momentum_buffers[i] = buf
+                new_buffers.extend(indices)
+        if self.reference is not None:
+            created = self.reference.run(_subset(grads, self.reference.indices), **hyper)
+            for i, buf in zip(self.reference.indices, self.reference.momentum_buffers, strict=True):
+                self.momentum_buffers[i] = buf
+            new_buffers.extend(created)
+        return new_buffers
 
 
 def undecayed_sgd(
@@ -77,122 +325,30 @@ def undecayed_sgd(
     """
     if not params:
         return
-    if momentum == 0:
-        momentum_buffers = [None] * len(params)
-    kwargs = dict(
+    plan = StepPlan(
+        params,
+        grads,
+        momentum_buffers,
+        keep_masks,
+        decay_masks,
+        grad_sums,
+        momentum=momentum,
+        backend=backend,
+        differentiable=differentiable,
+    )
+    new_buffers = plan.run(
+        grads,
         lr=lr,
         momentum=momentum,
         dampening=dampening,
         weight_decay=weight_decay,
         nesterov=nesterov,
         maximize=maximize,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
     )
-
-    # Group by (device, dtype, first step?) for the kernels; the rest goes to the reference.
-    kernel_groups: dict[tuple, list[int]] = defaultdict(list)
-    reference_indices: list[int] = []
-    backend_of: dict[torch.device, str] = {}  # resolved once per device
-    for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
-        device = param.device
-        if device not in backend_of:
-            backend_of[device] = _resolve_backend(backend, device, differentiable)
-        chosen = backend_of[device]
-        if chosen == "kernel" and grad.is_sparse:
-            if backend == "kernel":
-                raise RuntimeError(
-                    f"UndecayedSGD: parameter {i} has a sparse gradient, which the fused kernels "
-                    "do not take; use backend='reference' (or 'auto') for sparse gradients"
-                )
-            chosen = "reference"
-        if chosen == "kernel" and _kernel_ready(param, grad):
-            first = momentum != 0 and momentum_buffers[i] is None
-            kernel_groups[(param.device, param.dtype, first)].append(i)
-        else:
-            reference_indices.append(i)
-
-    for (_, _, first), indices in kernel_groups.items():
-        _kernel_step(
-            indices,
-            params,
-            grads,
-            momentum_buffers,
-            keep_masks,
-            decay_masks,
-            grad_sums,
-            first=first,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            **kwargs,
-        )
-
-    if reference_indices:
-        sub_buffers = [momentum_buffers[i] for i in reference_indices]
-        undecayed_sgd_reference(
-            [params[i] for i in reference_indices],
-            [grads[i] for i in reference_indices],
-            sub_buffers,
-            [keep_masks[i] for i in reference_indices],
-            [decay_masks[i] for i in reference_indices],
-            None if grad_sums is None else [grad_sums[i] for i in reference_indices],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            **kwargs,
-        )
-        for i, buf in zip(reference_indices, sub_buffers, strict=True):
-            momentum_buffers[i] = buf
-
-
-def _kernel_step(
-    indices,
-    params,
-    grads,
-    momentum_buffers,
-    keep_masks,
-    decay_masks,
-    grad_sums,
-    *,
-    first,
-    lr,
-    momentum,
-    dampening,
-    weight_decay,
-    nesterov,
-    maximize,
-    grad_scale,
-    found_inf,
-) -> None:
-    group_params = [params[i] for i in indices]
-    device = group_params[0].device
-    group_bufs: list[Tensor] = []
-    if momentum != 0:
-        for i in indices:
-            if momentum_buffers[i] is None:
-                # Zeros, not empty: a first step skipped for an overflow (found_inf) must
-                # not leave uninitialised memory behind.
-                init = torch.empty_like if found_inf is None else torch.zeros_like
-                momentum_buffers[i] = init(params[i], memory_format=torch.contiguous_format)
-            elif not momentum_buffers[i].is_contiguous():
-                momentum_buffers[i] = momentum_buffers[i].contiguous()
-            group_bufs.append(momentum_buffers[i])
-    keeps = [keep_masks[i] for i in indices]
-    decays = [decay_masks[i] for i in indices]
-    torch.ops.recallprune.undecayed_sgd_(
-        group_params,
-        [grads[i].contiguous() for i in indices],
-        group_bufs,
-        keeps if any(m is not None for m in keeps) else [],
-        decays if any(m is not None for m in decays) else [],
-        [] if grad_sums is None else [grad_sums[i] for i in indices],
-        lr=float(lr),
-        momentum=float(momentum),
-        dampening=float(dampening),
-        weight_decay=float(weight_decay),
-        nesterov=nesterov,
-        maximize=maximize,
-        is_first_step=first,
-        grad_scale=None if grad_scale is None else _as_float_scalar(grad_scale, device),
-        found_inf=None if found_inf is None else _as_float_scalar(found_inf, device),
-    )
+    for i in new_buffers:
+        momentum_buffers[i] = plan.momentum_buffers[i]
 
 
 def _as_float_scalar(value: Tensor, device: torch.device) -> Tensor:

@@ -4,7 +4,10 @@ an optional running average of the undecayed gradient, fused into one pass over 
 from __future__ import annotations
 
 import itertools
+from collections import defaultdict
 from collections.abc import Iterable
+from itertools import compress, repeat
+from operator import attrgetter, is_not
 from typing import Any
 
 import torch
@@ -12,16 +15,73 @@ from torch import Tensor, nn
 from torch.optim import SGD
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from .functional import BACKENDS, undecayed_sgd
+from ._state import OptimizerState
+from .functional import BACKENDS, StepPlan
 
 # State keys of UndecayedSGD beyond torch.optim.SGD's "momentum_buffer".
 _MASK_KEYS = ("keep_mask", "decay_mask")
 _AVERAGE_KEYS = ("grad_sum", "grad_count")
 _EXTRA_KEYS = _MASK_KEYS + _AVERAGE_KEYS
+_GRAD = attrgetter("grad")
 
 
 def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _GroupLists:
+    """What a step gathers for one parameter group, kept for the next steps.
+
+    Valid while the group's ``params`` (the list and its length), the options that shape
+    the lists, the optimizer's state (its revision) and which parameters have a gradient
+    stay the same; the hyper-parameters are read from the group at every step. The
+    gradients are read afresh at every step and never kept: ``zero_grad()`` may free them,
+    and ``backward()`` then makes new ones.
+    """
+
+    __slots__ = (
+        "group_params",
+        "num_params",
+        "options",
+        "state",
+        "revision",
+        "has_grad",
+        "all_have_grad",
+        "params",
+        "plan",
+        "grad_counts",
+    )
+
+    def __init__(self, group: dict, options: tuple, state: OptimizerState, has_grad: list):
+        self.group_params = group["params"]
+        self.num_params = len(self.group_params)
+        self.options = options
+        self.state = state
+        self.revision: int | None = None  # set when the step that made it ends
+        self.has_grad = has_grad
+        self.all_have_grad = all(has_grad)
+        self.params = list(compress(self.group_params, has_grad))
+        self.plan: StepPlan | None = None
+        self.grad_counts: dict[torch.device, list[Tensor]] = {}
+
+    def grads_if_valid(
+        self, group: dict, options: tuple, state: OptimizerState, revision: int, grads: list
+    ) -> list[Tensor] | None:
+        """The gradients of ``self.params`` in ``grads`` (every parameter's ``.grad``) if
+        these lists still hold for the group as it is now, else None."""
+        if not (
+            self.group_params is group["params"]
+            and self.num_params == len(group["params"])
+            and self.options == options
+            and self.state is state
+            and self.revision == revision
+        ):
+            return None
+        has_grad = list(map(is_not, grads, repeat(None)))
+        if has_grad != self.has_grad:
+            return None
+        grads = grads if self.all_have_grad else list(compress(grads, has_grad))
+        return grads if self.plan.takes(grads) else None
 
 
 class UndecayedSGD(SGD):
@@ -55,6 +115,14 @@ class UndecayedSGD(SGD):
         track_grad_avg: keep, per element, the mean of the undecayed gradient over the
             steps taken (a parameter-group option; see :meth:`grad_average`).
 
+    A step gathers its lists of parameters, momentum buffers, masks and gradient sums once
+    and keeps them while they hold, so that it costs a few Python calls however many tensors
+    it updates. They are gathered again when they change: masks set or cleared, a parameter
+    group added or its ``params`` edited, a checkpoint loaded, the state edited by hand
+    (``del optimizer.state[p]["momentum_buffer"]``), a parameter's gradient appearing or
+    vanishing, ``momentum`` turned to or from 0. Hyper-parameters (an lr schedule) and new
+    gradient tensors are taken at every step. A tensor ``lr`` on the GPU is read there.
+
     AMP: ``torch.amp.GradScaler`` passes ``grad_scale`` and ``found_inf`` as to torch's
     fused SGD; a step with an overflow changes nothing. An overflow on the very first
     step leaves zero-filled momentum buffers (never uninitialised memory); the next step
@@ -81,6 +149,7 @@ class UndecayedSGD(SGD):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self._track_grad_avg_default = bool(track_grad_avg)
+        self._step_lists: list[_GroupLists | None] = []
         super().__init__(
             params,
             lr=lr,
@@ -98,13 +167,17 @@ class UndecayedSGD(SGD):
             group.setdefault("track_grad_avg", bool(track_grad_avg))
         # grad_scale / found_inf are taken as torch's fused SGD takes them.
         self._step_supports_amp_scaling = True
+        self.state = OptimizerState(self.state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Also the end of torch's load_state_dict, with a fresh plain state.
         super().__setstate__(state)
         default = getattr(self, "_track_grad_avg_default", False)
         for group in self.param_groups:
             group.setdefault("track_grad_avg", default)
         self.__dict__.setdefault("backend", "auto")
+        self.state = OptimizerState(self.state)
+        self._step_lists = []
 
     # -- masks ----------------------------------------------------------------------------
 
@@ -210,68 +283,109 @@ class UndecayedSGD(SGD):
 
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            momentum_buffers: list[Tensor | None] = []
-            keep_masks: list[Tensor | None] = []
-            decay_masks: list[Tensor | None] = []
-            grad_sums: list[Tensor] = []
-            grad_counts: list[Tensor] = []
-            tracking = group["track_grad_avg"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                params.append(p)
-                grads.append(p.grad)
-                # Touch the state only where SGD would, so state_dicts match torch's.
-                state = self.state[p] if (group["momentum"] != 0 or p in self.state) else {}
-                momentum_buffers.append(state.get("momentum_buffer"))
-                keep_masks.append(state.get("keep_mask"))
-                decay_masks.append(state.get("decay_mask"))
-                if tracking:
-                    state = self.state[p]
-                    if "grad_sum" not in state:
-                        dtype = _opmath_dtype(p.dtype)
-                        state["grad_sum"] = torch.zeros_like(
-                            p, dtype=dtype, memory_format=torch.contiguous_format
-                        )
-                        state["grad_count"] = torch.zeros((), dtype=torch.int64, device=p.device)
-                    grad_sums.append(state["grad_sum"])
-                    grad_counts.append(state["grad_count"])
-
-            undecayed_sgd(
-                params,
+        if type(self.state) is not OptimizerState:  # replaced by hand
+            self.state = OptimizerState(self.state)
+        revision = self.state.revision.count
+        if len(self._step_lists) != len(self.param_groups):
+            self._step_lists = [None] * len(self.param_groups)
+        for index, group in enumerate(self.param_groups):
+            lists, grads = self._group_lists(index, group, revision)
+            new_buffers = lists.plan.run(
                 grads,
-                momentum_buffers,
-                keep_masks,
-                decay_masks,
-                grad_sums if tracking else None,
                 lr=group["lr"],
                 momentum=group["momentum"],
                 dampening=group["dampening"],
                 weight_decay=group["weight_decay"],
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
-                backend=self.backend,
-                differentiable=group["differentiable"],
                 grad_scale=grad_scale,
                 found_inf=found_inf,
             )
-
-            if group["momentum"] != 0:
-                for p, buf in zip(params, momentum_buffers, strict=True):
-                    self.state[p]["momentum_buffer"] = buf
-            if grad_counts:
+            for i in new_buffers:
+                self.state[lists.params[i]]["momentum_buffer"] = lists.plan.momentum_buffers[i]
+            for device, counts in lists.grad_counts.items():
                 if found_inf is None:
-                    torch._foreach_add_(grad_counts, 1)
+                    torch._foreach_add_(counts, 1)
                 else:
                     # Count the step only where it was taken, without a host sync.
-                    for count in grad_counts:
-                        count.add_((found_inf.to(count.device) == 0).to(torch.int64))
+                    taken = (found_inf.to(device) == 0).to(torch.int64).reshape(())
+                    torch._foreach_add_(counts, taken)
+        # The state changed only by this step's own writes (new buffers and gradient sums),
+        # which the kept lists hold already.
+        revision = self.state.revision.count
+        for lists in self._step_lists:
+            lists.revision = revision
         return loss
 
+    def _group_lists(self, index: int, group: dict, revision: int) -> tuple[_GroupLists, list]:
+        """The lists of ``group`` for this step, kept ones where still valid, and the
+        gradients of the parameters that have one."""
+        grads = list(map(_GRAD, group["params"]))
+        options = (
+            group["momentum"] != 0,
+            group["track_grad_avg"],
+            group["differentiable"],
+            self.backend,
+        )
+        lists = self._step_lists[index]
+        if lists is not None:
+            with_grad = lists.grads_if_valid(group, options, self.state, revision, grads)
+            if with_grad is not None:
+                return lists, with_grad
+        has_grad = list(map(is_not, grads, repeat(None)))
+        with_grad = list(compress(grads, has_grad))
+        lists = self._step_lists[index] = self._gather(group, options, has_grad, with_grad)
+        return lists, with_grad
+
+    def _gather(self, group: dict, options: tuple, has_grad: list, grads: list) -> _GroupLists:
+        lists = _GroupLists(group, options, self.state, has_grad)
+        momentum_buffers: list[Tensor | None] = []
+        keep_masks: list[Tensor | None] = []
+        decay_masks: list[Tensor | None] = []
+        grad_sums: list[Tensor] = []
+        tracking = group["track_grad_avg"]
+        counts_by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for p in lists.params:
+            # Touch the state only where SGD would, so state_dicts match torch's.
+            state = self.state[p] if (group["momentum"] != 0 or p in self.state) else {}
+            momentum_buffers.append(state.get("momentum_buffer"))
+            keep_masks.append(state.get("keep_mask"))
+            decay_masks.append(state.get("decay_mask"))
+            if tracking:
+                state = self.state[p]
+                if "grad_sum" not in state:
+                    dtype = _opmath_dtype(p.dtype)
+                    state["grad_sum"] = torch.zeros_like(
+                        p, dtype=dtype, memory_format=torch.contiguous_format
+                    )
+                    state["grad_count"] = torch.zeros((), dtype=torch.int64, device=p.device)
+                grad_sums.append(state["grad_sum"])
+                counts_by_device[p.device].append(state["grad_count"])
+        lists.plan = StepPlan(
+            lists.params,
+            grads,
+            momentum_buffers,
+            keep_masks,
+            decay_masks,
+            grad_sums if tracking else None,
+            momentum=group["momentum"],
+            backend=self.backend,
+            differentiable=group["differentiable"],
+        )
+        lists.grad_counts = dict(counts_by_device)
+        return lists
+
     # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`torch.optim.Optimizer.state_dict`, with the masks and gradient sums.
+
+        The per-parameter entries are plain dicts (shallow copies), so that a checkpoint
+        loads anywhere: ``torch.load(weights_only=True)``, ``torch.optim.SGD``.
+        """
+        state_dict = super().state_dict()
+        state_dict["state"] = {key: dict(value) for key, value in state_dict["state"].items()}
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint of UndecayedSGD or of ``torch.optim.SGD``.
