@@ -202,20 +202,20 @@ void sgd_update(const SgdRange& r, const SgdHyper& h) {
 //
 // The first index of the largest value of each row, NaN counted as the largest (the first
 // NaN wins), as torch.argmax. Two strategies, chosen per number of classes C:
-//  * column blocks (short rows): a block of rows is copied, transposed, into a buffer in
-//    L1 with sequential reads, then compared one class at a time with a row in each vector
-//    lane, branch-free. (Strided loads straight from the logits, gathers, stall on memory
-//    when the rows stream in from DRAM, and gathers are slow on some CPUs.)
-//  * row scans (long rows): pass 1 takes the row's maximum with contiguous loads into four
-//    accumulators, NaN noted on the side; pass 2 finds the first lane equal to it while the
-//    row is still in L1.
+//  * row scans, for rows of at least a vector: pass 1 takes the row's maximum with
+//    contiguous loads into four accumulators, NaN noted on the side; pass 2 finds the first
+//    lane equal to it while the row is still in L1, 64 lanes at a time without a branch.
+//  * column blocks, for shorter rows: a block of rows is copied, transposed, into a buffer
+//    in L1 with sequential reads, then compared one class at a time with a row in each
+//    vector lane, branch-free. Gathers would save the copy but stall when the rows stream
+//    in from DRAM, and they are slow on AMD's cores.
 
 // The vector operations the argmax needs, on the widest registers of the instruction set
 // this copy is compiled for: AVX-512, AVX2, SSE2 (DEFAULT on x86-64), else one lane.
-// `Mask` holds a truth value per lane; `select(m, a, b)` takes b where m is true.
-// kColumnClasses: the largest C that takes column blocks, where they measured faster than
-// row scans (AMD Zen 4; benchmarks/bench_confusion.py): the wider the registers, the more
-// rows a block holds and the longer its rows may be.
+// `Mask` holds a truth value per lane; `select(m, a, b)` takes b where m is true;
+// `largest(v)` is the largest lane of a vector without NaN.
+// kColumnClasses: the largest C that takes column blocks. Row scans need C >= kSize, and
+// measured faster from there or a little above (AMD EPYC, Zen 4, one thread, N = 65,536).
 template <typename T>
 struct Lanes;
 
@@ -225,7 +225,7 @@ struct Lanes<float> {
   using Reg = __m512;
   using Mask = __mmask16;
   static constexpr int64_t kSize = 16;
-  static constexpr int64_t kColumnClasses = 64;
+  static constexpr int64_t kColumnClasses = 15;
   static Reg load(const float* p) { return _mm512_loadu_ps(p); }
   static Reg broadcast(float v) { return _mm512_set1_ps(v); }
   static void store(float* p, Reg v) { _mm512_storeu_ps(p, v); }
@@ -239,13 +239,14 @@ struct Lanes<float> {
   static Reg select(Mask m, Reg a, Reg b) { return _mm512_mask_blend_ps(m, a, b); }
   static uint64_t bits(Mask m) { return m; }
   static uint64_t equal_bits(Reg a, Reg b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+  static float largest(Reg v) { return _mm512_reduce_max_ps(v); }
 };
 template <>
 struct Lanes<double> {
   using Reg = __m512d;
   using Mask = __mmask8;
   static constexpr int64_t kSize = 8;
-  static constexpr int64_t kColumnClasses = 48;
+  static constexpr int64_t kColumnClasses = 11;
   static Reg load(const double* p) { return _mm512_loadu_pd(p); }
   static Reg broadcast(double v) { return _mm512_set1_pd(v); }
   static void store(double* p, Reg v) { _mm512_storeu_pd(p, v); }
@@ -259,6 +260,7 @@ struct Lanes<double> {
   static Reg select(Mask m, Reg a, Reg b) { return _mm512_mask_blend_pd(m, a, b); }
   static uint64_t bits(Mask m) { return m; }
   static uint64_t equal_bits(Reg a, Reg b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
+  static double largest(Reg v) { return _mm512_reduce_max_pd(v); }
 };
 #elif defined(CPU_CAPABILITY_AVX2)
 // _CMP_NLE_UQ (not less-or-equal) is true for a NaN value; _CMP_ORD_Q of best keeps a NaN
@@ -268,7 +270,7 @@ struct Lanes<float> {
   using Reg = __m256;
   using Mask = __m256;
   static constexpr int64_t kSize = 8;
-  static constexpr int64_t kColumnClasses = 32;
+  static constexpr int64_t kColumnClasses = 9;
   static Reg load(const float* p) { return _mm256_loadu_ps(p); }
   static Reg broadcast(float v) { return _mm256_set1_ps(v); }
   static void store(float* p, Reg v) { _mm256_storeu_ps(p, v); }
@@ -282,13 +284,18 @@ struct Lanes<float> {
   static Reg select(Mask m, Reg a, Reg b) { return _mm256_blendv_ps(a, b, m); }
   static uint64_t bits(Mask m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
   static uint64_t equal_bits(Reg a, Reg b) { return bits(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)); }
+  static float largest(Reg v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+  }
 };
 template <>
 struct Lanes<double> {
   using Reg = __m256d;
   using Mask = __m256d;
   static constexpr int64_t kSize = 4;
-  static constexpr int64_t kColumnClasses = 16;
+  static constexpr int64_t kColumnClasses = 9;
   static Reg load(const double* p) { return _mm256_loadu_pd(p); }
   static Reg broadcast(double v) { return _mm256_set1_pd(v); }
   static void store(double* p, Reg v) { _mm256_storeu_pd(p, v); }
@@ -302,6 +309,10 @@ struct Lanes<double> {
   static Reg select(Mask m, Reg a, Reg b) { return _mm256_blendv_pd(a, b, m); }
   static uint64_t bits(Mask m) { return static_cast<uint32_t>(_mm256_movemask_pd(m)); }
   static uint64_t equal_bits(Reg a, Reg b) { return bits(_mm256_cmp_pd(a, b, _CMP_EQ_OQ)); }
+  static double largest(Reg v) {
+    const __m128d m = _mm_max_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_max_sd(m, _mm_unpackhi_pd(m, m)));
+  }
 };
 #elif defined(__SSE2__)
 // cmpnle is true for a NaN value; cmpord of best keeps a NaN that is already there. SSE2
@@ -311,7 +322,7 @@ struct Lanes<float> {
   using Reg = __m128;
   using Mask = __m128;
   static constexpr int64_t kSize = 4;
-  static constexpr int64_t kColumnClasses = 32;
+  static constexpr int64_t kColumnClasses = 7;
   static Reg load(const float* p) { return _mm_loadu_ps(p); }
   static Reg broadcast(float v) { return _mm_set1_ps(v); }
   static void store(float* p, Reg v) { _mm_storeu_ps(p, v); }
@@ -326,13 +337,17 @@ struct Lanes<float> {
   }
   static uint64_t bits(Mask m) { return static_cast<uint32_t>(_mm_movemask_ps(m)); }
   static uint64_t equal_bits(Reg a, Reg b) { return bits(_mm_cmpeq_ps(a, b)); }
+  static float largest(Reg v) {
+    const __m128 m = _mm_max_ps(v, _mm_movehl_ps(v, v));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+  }
 };
 template <>
 struct Lanes<double> {
   using Reg = __m128d;
   using Mask = __m128d;
   static constexpr int64_t kSize = 2;
-  static constexpr int64_t kColumnClasses = 16;
+  static constexpr int64_t kColumnClasses = 7;
   static Reg load(const double* p) { return _mm_loadu_pd(p); }
   static Reg broadcast(double v) { return _mm_set1_pd(v); }
   static void store(double* p, Reg v) { _mm_storeu_pd(p, v); }
@@ -347,6 +362,7 @@ struct Lanes<double> {
   }
   static uint64_t bits(Mask m) { return static_cast<uint32_t>(_mm_movemask_pd(m)); }
   static uint64_t equal_bits(Reg a, Reg b) { return bits(_mm_cmpeq_pd(a, b)); }
+  static double largest(Reg v) { return _mm_cvtsd_f64(_mm_max_sd(v, _mm_unpackhi_pd(v, v))); }
 };
 #endif
 
@@ -367,6 +383,7 @@ struct Lanes {
   static Reg select(Mask m, Reg a, Reg b) { return m ? b : a; }
   static uint64_t bits(Mask m) { return m; }
   static uint64_t equal_bits(Reg a, Reg b) { return a == b; }
+  static T largest(Reg v) { return v; }
 };
 #endif
 
@@ -414,32 +431,38 @@ int64_t argmax_row_scan(const T* x, int64_t n) {
       if (std::isnan(x[i])) return i;
     }
   }
-  alignas(64) T lanes[kSize];
-  L::store(lanes,
-           L::max_of_numbers(L::max_of_numbers(top0, top1), L::max_of_numbers(top2, top3)));
-  T top = lanes[0];
-  for (int64_t j = 1; j < kSize; ++j) top = lanes[j] > top ? lanes[j] : top;
-  // Pass 2 (the row is in L1 now): the first lane equal to the maximum. The last, partial
-  // vector overlaps lanes already known to differ from it.
+  const T top = L::largest(
+      L::max_of_numbers(L::max_of_numbers(top0, top1), L::max_of_numbers(top2, top3)));
+  // Pass 2 (the row is in L1 now): the first lane equal to the maximum, found 64 lanes at
+  // a time with no branch inside (where the maximum lies is random: a branch per vector
+  // would be mispredicted); the last, partial vector is shifted past the lanes it shares
+  // with the one before.
   const auto target = L::broadcast(top);
-  int64_t i = 0;
-  for (; i + kSize <= n; i += kSize) {
-    const uint64_t equal = L::equal_bits(L::load(x + i), target);
-    if (equal != 0) return i + std::countr_zero(equal);
+  const int64_t partial = n % kSize;
+  const int64_t full = n - partial;
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    uint64_t equal = 0;
+    for (int64_t i = i0; i < std::min(i0 + 64, full); i += kSize) {
+      equal |= L::equal_bits(L::load(x + i), target) << (i - i0);
+    }
+    if (partial != 0 && n <= i0 + 64) {
+      const uint64_t last = L::equal_bits(L::load(x + n - kSize), target);
+      equal |= (last >> (kSize - partial)) << (full - i0);
+    }
+    if (equal != 0) return i0 + std::countr_zero(equal);
   }
-  return n - kSize + std::countr_zero(L::equal_bits(L::load(x + n - kSize), target));
+  return 0;  // unreachable: top is one of the row's values
 }
 
 // Column blocks: kColumnRegisters vectors of rows per block, so that their best values and
-// indices stay in registers and several compare chains run at once; the transposed block
-// takes at most 16 KiB (AVX-512, fp32: 64 rows of 64 classes).
+// indices stay in registers and several compare chains run at once.
 constexpr int64_t kColumnRegisters = 4;
 
 template <typename T>
 struct ColumnBlock {
   static constexpr int64_t kRows = kColumnRegisters * Lanes<T>::kSize;
   static constexpr int64_t kValues = kRows * std::max<int64_t>(1, Lanes<T>::kColumnClasses);
-  static_assert(Lanes<T>::kSize == 1 || Lanes<T>::kColumnClasses >= Lanes<T>::kSize,
+  static_assert(Lanes<T>::kColumnClasses >= Lanes<T>::kSize - 1,
                 "row scans need rows of at least one vector");
 };
 
