@@ -60,7 +60,7 @@ REGIME_CLASSES = [*range(1, 71), 95, 96, 97, 127, 128, 129, 255, 256, 257, 1000]
 def _hard_rows(n, c, seed):
     """Rows that each test one rule of torch.argmax's order: ties (first wins), a maximum at
     either end or in a row's last, partial vector, NaN anywhere (the first NaN wins, over
-    +inf too), all NaN, infinities, and -0.0 == +0.0."""
+    +inf too), all NaN, infinities, -0.0 == +0.0, and values that are subnormal in fp16."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, generator=generator, dtype=torch.float64) * 2
     position = torch.randint(0, c, (n,), generator=generator)
@@ -89,6 +89,8 @@ def _hard_rows(n, c, seed):
     x[ties, -1] = 50.0
     x[rows % 17 == 16, position[rows % 17 == 16]] = float("inf")
     x[rows % 17 == 16, other[rows % 17 == 16]] = float("nan")  # NaN beats +inf
+    tiny = rows % 19 == 18  # fp16 subnormals (below 6.1e-5), ties among them
+    x[tiny] = (x[tiny] * 4).round() * 1e-6
     return x
 
 
@@ -104,6 +106,20 @@ def test_kernel_argmax_regimes_match_torch(dtype):
         expected = confusion_matrix(x, target, c, backend="reference")
         counts = confusion_matrix(x, target, c, backend="kernel")
         assert torch.equal(counts, expected), f"C = {c}"
+
+
+@requires_ops
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_kernel_widening_keeps_the_order_of_every_16_bit_value(dtype):
+    # Every bit pattern, in order, each next to its neighbour both ways round (C = 2),
+    # then all of them in rows of 16: fp16/bf16 are widened to float before the argmax.
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    ordered = values[torch.argsort(values.float(), stable=True)]
+    pairs = torch.stack([ordered[:-1], ordered[1:]], dim=1)
+    for x in (pairs, pairs.flip(1), values.view(-1, 16)):
+        target = torch.arange(x.shape[0]) % x.shape[1]
+        expected = confusion_matrix(x, target, x.shape[1], backend="reference")
+        assert torch.equal(confusion_matrix(x, target, x.shape[1], backend="kernel"), expected)
 
 
 @pytest.mark.parametrize("ignore_index", [None, 0, 255, -100])

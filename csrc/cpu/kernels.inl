@@ -545,8 +545,34 @@ void argmax_rows(const T* logits, int64_t num_classes, int64_t inner, int64_t ro
   }
 }
 
+#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2) && defined(__SSE2__)
+// fp16 -> float without F16C, four at a time: c10's fp16_ieee_to_fp32_value in SSE2, for
+// fp16 bits in the upper half of each 32-bit lane.
+inline __m128 fp16_to_float(__m128i w) {
+  const __m128i sign = _mm_and_si128(w, _mm_set1_epi32(static_cast<int>(0x80000000u)));
+  const __m128i two_w = _mm_add_epi32(w, w);
+  // Normal numbers, infinities and NaN: move exponent and mantissa into place, then scale
+  // the exponent by 2**-112.
+  const __m128 normalized = _mm_mul_ps(
+      _mm_castsi128_ps(_mm_add_epi32(_mm_srli_epi32(two_w, 4), _mm_set1_epi32(0xE0 << 23))),
+      _mm_castsi128_ps(_mm_set1_epi32(15 << 23)));
+  // Subnormal numbers: the mantissa as the low bits of a float of known exponent, minus it.
+  const __m128 subnormal = _mm_sub_ps(
+      _mm_castsi128_ps(_mm_or_si128(_mm_srli_epi32(two_w, 17), _mm_set1_epi32(126 << 23))),
+      _mm_set1_ps(0.5f));
+  // two_w < 2**27, unsigned: a signed compare after flipping the top bits.
+  const __m128i flip = _mm_set1_epi32(static_cast<int>(0x80000000u));
+  const __m128i cutoff = _mm_set1_epi32(static_cast<int>((1u << 27) ^ 0x80000000u));
+  const __m128i is_subnormal = _mm_cmplt_epi32(_mm_xor_si128(two_w, flip), cutoff);
+  const __m128i magnitude =
+      _mm_or_si128(_mm_and_si128(is_subnormal, _mm_castps_si128(subnormal)),
+                   _mm_andnot_si128(is_subnormal, _mm_castps_si128(normalized)));
+  return _mm_castsi128_ps(_mm_or_si128(sign, magnitude));
+}
+#endif
+
 // fp16 / bf16 -> float, exact (so the argmax is unchanged), with the instruction set's own
-// widening where it has one (bf16 is the upper half of a float; F16C converts fp16).
+// widening (bf16 is the upper half of a float; F16C converts fp16; SSE2 as above).
 template <typename scalar_t>
 void widen_to_float(const scalar_t* src, float* dst, int64_t n) {
   constexpr bool kBFloat16 = std::is_same_v<scalar_t, at::BFloat16>;
@@ -566,12 +592,17 @@ void widen_to_float(const scalar_t* src, float* dst, int64_t n) {
                                         : _mm256_cvtph_ps(bits));
   }
 #elif defined(__SSE2__)
-  if constexpr (kBFloat16) {
-    for (; i + 8 <= n; i += 8) {
-      const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-      const __m128i zero = _mm_setzero_si128();
-      _mm_storeu_ps(dst + i, _mm_castsi128_ps(_mm_unpacklo_epi16(zero, bits)));
-      _mm_storeu_ps(dst + i + 4, _mm_castsi128_ps(_mm_unpackhi_epi16(zero, bits)));
+  for (; i + 8 <= n; i += 8) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m128i zero = _mm_setzero_si128();
+    // The 16 bits of each value in the upper half of a 32-bit lane.
+    const __m128i low = _mm_unpacklo_epi16(zero, bits), high = _mm_unpackhi_epi16(zero, bits);
+    if constexpr (kBFloat16) {
+      _mm_storeu_ps(dst + i, _mm_castsi128_ps(low));
+      _mm_storeu_ps(dst + i + 4, _mm_castsi128_ps(high));
+    } else {
+      _mm_storeu_ps(dst + i, fp16_to_float(low));
+      _mm_storeu_ps(dst + i + 4, fp16_to_float(high));
     }
   }
 #endif
