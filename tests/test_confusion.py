@@ -52,8 +52,9 @@ def test_kernel_matches_reference_and_sklearn(kernel_device, dtype, c, n):
 
 
 # Every C where the CPU kernel changes strategy or loop shape on some instruction set, and
-# either side of each: column blocks up to 7 to 15 classes, row scans of 2 to 16 lanes with
-# four accumulators (1 to 4 vectors, a partial one) and 64-lane chunks for the index.
+# either side of each: pairs split by shuffles for two classes, column blocks up to 7 to 15
+# classes, row scans of 2 to 16 lanes with four accumulators (1 to 4 vectors, a partial
+# one) and 64-lane chunks for the index.
 REGIME_CLASSES = [*range(1, 71), 95, 96, 97, 127, 128, 129, 255, 256, 257, 1000]
 
 

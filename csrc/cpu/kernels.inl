@@ -201,14 +201,16 @@ void sgd_update(const SgdRange& r, const SgdHyper& h) {
 // ---- argmax ---------------------------------------------------------------------------
 //
 // The first index of the largest value of each row, NaN counted as the largest (the first
-// NaN wins), as torch.argmax. Two strategies, chosen per number of classes C:
+// NaN wins), as torch.argmax. Per number of classes C:
+//  * two classes: the first and second values of the rows in two vectors are split apart
+//    with shuffles and compared lane by lane.
 //  * row scans, for rows of at least a vector: pass 1 takes the row's maximum with
 //    contiguous loads into four accumulators, NaN noted on the side; pass 2 finds the first
 //    lane equal to it while the row is still in L1, 64 lanes at a time without a branch.
-//  * column blocks, for shorter rows: a block of rows is copied, transposed, into a buffer
-//    in L1 with sequential reads, then compared one class at a time with a row in each
-//    vector lane, branch-free. Gathers would save the copy but stall when the rows stream
-//    in from DRAM, and they are slow on AMD's cores.
+//  * column blocks, for other rows shorter than about a vector: a block of rows is copied,
+//    transposed, into a buffer in L1 with sequential reads, then compared one class at a
+//    time with a row in each vector lane, branch-free. Gathers would save the copy but
+//    stall when the rows stream in from DRAM, and they are slow on AMD's cores.
 
 // The vector operations the argmax needs, on the widest registers of the instruction set
 // this copy is compiled for: AVX-512, AVX2, SSE2 (DEFAULT on x86-64), else one lane.
@@ -239,6 +241,12 @@ struct Lanes<float> {
   static Reg select(Mask m, Reg a, Reg b) { return _mm512_mask_blend_ps(m, a, b); }
   static uint64_t bits(Mask m) { return m; }
   static uint64_t equal_bits(Reg a, Reg b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+  static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    first = _mm512_permutex2var_ps(a, even, b);
+    second = _mm512_permutex2var_ps(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b);
+  }
   static float largest(Reg v) { return _mm512_reduce_max_ps(v); }
 };
 template <>
@@ -260,6 +268,11 @@ struct Lanes<double> {
   static Reg select(Mask m, Reg a, Reg b) { return _mm512_mask_blend_pd(m, a, b); }
   static uint64_t bits(Mask m) { return m; }
   static uint64_t equal_bits(Reg a, Reg b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
+  static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
+    const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    first = _mm512_permutex2var_pd(a, even, b);
+    second = _mm512_permutex2var_pd(a, _mm512_add_epi64(even, _mm512_set1_epi64(1)), b);
+  }
   static double largest(Reg v) { return _mm512_reduce_max_pd(v); }
 };
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -284,6 +297,14 @@ struct Lanes<float> {
   static Reg select(Mask m, Reg a, Reg b) { return _mm256_blendv_ps(a, b, m); }
   static uint64_t bits(Mask m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
   static uint64_t equal_bits(Reg a, Reg b) { return bits(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)); }
+  static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
+    // shuffle_ps works within 128-bit halves: pairs 0 1 4 5 2 3 6 7, then the halves swap.
+    const auto in_order = [](__m256 v) {
+      return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0xD8));
+    };
+    first = in_order(_mm256_shuffle_ps(a, b, 0x88));
+    second = in_order(_mm256_shuffle_ps(a, b, 0xDD));
+  }
   static float largest(Reg v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -309,6 +330,11 @@ struct Lanes<double> {
   static Reg select(Mask m, Reg a, Reg b) { return _mm256_blendv_pd(a, b, m); }
   static uint64_t bits(Mask m) { return static_cast<uint32_t>(_mm256_movemask_pd(m)); }
   static uint64_t equal_bits(Reg a, Reg b) { return bits(_mm256_cmp_pd(a, b, _CMP_EQ_OQ)); }
+  static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
+    // unpack works within 128-bit halves: pairs 0 2 1 3.
+    first = _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8);
+    second = _mm256_permute4x64_pd(_mm256_unpackhi_pd(a, b), 0xD8);
+  }
   static double largest(Reg v) {
     const __m128d m = _mm_max_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_max_sd(m, _mm_unpackhi_pd(m, m)));
@@ -337,6 +363,10 @@ struct Lanes<float> {
   }
   static uint64_t bits(Mask m) { return static_cast<uint32_t>(_mm_movemask_ps(m)); }
   static uint64_t equal_bits(Reg a, Reg b) { return bits(_mm_cmpeq_ps(a, b)); }
+  static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
+    first = _mm_shuffle_ps(a, b, 0x88);
+    second = _mm_shuffle_ps(a, b, 0xDD);
+  }
   static float largest(Reg v) {
     const __m128 m = _mm_max_ps(v, _mm_movehl_ps(v, v));
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
@@ -362,6 +392,10 @@ struct Lanes<double> {
   }
   static uint64_t bits(Mask m) { return static_cast<uint32_t>(_mm_movemask_pd(m)); }
   static uint64_t equal_bits(Reg a, Reg b) { return bits(_mm_cmpeq_pd(a, b)); }
+  static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
+    first = _mm_unpacklo_pd(a, b);
+    second = _mm_unpackhi_pd(a, b);
+  }
   static double largest(Reg v) { return _mm_cvtsd_f64(_mm_max_sd(v, _mm_unpackhi_pd(v, v))); }
 };
 #endif
@@ -383,6 +417,10 @@ struct Lanes {
   static Reg select(Mask m, Reg a, Reg b) { return m ? b : a; }
   static uint64_t bits(Mask m) { return m; }
   static uint64_t equal_bits(Reg a, Reg b) { return a == b; }
+  static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
+    first = a;
+    second = b;
+  }
   static T largest(Reg v) { return v; }
 };
 #endif
@@ -454,6 +492,21 @@ int64_t argmax_row_scan(const T* x, int64_t n) {
   return 0;  // unreachable: top is one of the row's values
 }
 
+// Two classes: the rows of two vectors split into their first and second values, compared
+// lane by lane.
+template <typename T>
+void argmax_pairs(const T* x, int64_t rows, int64_t* out) {
+  using L = Lanes<T>;
+  int64_t r = 0;
+  for (; r + L::kSize <= rows; r += L::kSize) {
+    typename L::Reg first, second;
+    L::split_pairs(L::load(x + 2 * r), L::load(x + 2 * r + L::kSize), first, second);
+    const uint64_t second_wins = L::bits(L::replaces(second, first));
+    for (int64_t j = 0; j < L::kSize; ++j) out[r + j] = (second_wins >> j) & 1;
+  }
+  for (; r < rows; ++r) out[r] = argmax_takes(x[2 * r + 1], x[2 * r]) ? 1 : 0;
+}
+
 // Column blocks: kColumnRegisters vectors of rows per block, so that their best values and
 // indices stay in registers and several compare chains run at once.
 constexpr int64_t kColumnRegisters = 4;
@@ -512,7 +565,9 @@ template <typename T>
 void argmax_rows(const T* logits, int64_t num_classes, int64_t inner, int64_t rows,
                  int64_t* pred) {
   if (inner == 1) {
-    if (num_classes <= Lanes<T>::kColumnClasses) {
+    if (num_classes == 2) {
+      argmax_pairs(logits, rows, pred);
+    } else if (num_classes <= Lanes<T>::kColumnClasses) {
       argmax_column_blocks(logits, num_classes, rows, pred);
     } else {
       for (int64_t r = 0; r < rows; ++r) {
