@@ -206,7 +206,8 @@ void sgd_update(const SgdRange& r, const SgdHyper& h) {
 //    with shuffles and compared lane by lane.
 //  * row scans, for rows of at least a vector: pass 1 takes the row's maximum with
 //    contiguous loads into four accumulators, NaN noted on the side; pass 2 finds the first
-//    lane equal to it while the row is still in L1, 64 lanes at a time without a branch.
+//    lane equal to it while the row is still in L1, 64 lanes at a time without a branch
+//    (in long rows after skipping, four vectors at a time, those without it).
 //  * column blocks, for other rows shorter than about a vector: a block of rows is copied,
 //    transposed, into a buffer in L1 with sequential reads, then compared one class at a
 //    time with a row in each vector lane, branch-free. Gathers would save the copy but
@@ -215,7 +216,7 @@ void sgd_update(const SgdRange& r, const SgdHyper& h) {
 // The vector operations the argmax needs, on the widest registers of the instruction set
 // this copy is compiled for: AVX-512, AVX2, SSE2 (DEFAULT on x86-64), else one lane.
 // `Mask` holds a truth value per lane; `select(m, a, b)` takes b where m is true;
-// `largest(v)` is the largest lane of a vector without NaN.
+// `largest(v)` is the largest lane of a vector without NaN; `equal_bits` is `bits(equal)`.
 // kColumnClasses: the largest C that takes column blocks. Row scans need C >= kSize, and
 // measured faster from there or a little above (AMD EPYC, Zen 4, one thread, N = 65,536).
 template <typename T>
@@ -241,6 +242,7 @@ struct Lanes<float> {
   static Reg select(Mask m, Reg a, Reg b) { return _mm512_mask_blend_ps(m, a, b); }
   static uint64_t bits(Mask m) { return m; }
   static uint64_t equal_bits(Reg a, Reg b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+  static Mask equal(Reg a, Reg b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
                                            28, 30);
@@ -268,6 +270,7 @@ struct Lanes<double> {
   static Reg select(Mask m, Reg a, Reg b) { return _mm512_mask_blend_pd(m, a, b); }
   static uint64_t bits(Mask m) { return m; }
   static uint64_t equal_bits(Reg a, Reg b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
+  static Mask equal(Reg a, Reg b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
   static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
     const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
     first = _mm512_permutex2var_pd(a, even, b);
@@ -297,6 +300,7 @@ struct Lanes<float> {
   static Reg select(Mask m, Reg a, Reg b) { return _mm256_blendv_ps(a, b, m); }
   static uint64_t bits(Mask m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
   static uint64_t equal_bits(Reg a, Reg b) { return bits(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)); }
+  static Mask equal(Reg a, Reg b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
     // shuffle_ps works within 128-bit halves: pairs 0 1 4 5 2 3 6 7, then the halves swap.
     const auto in_order = [](__m256 v) {
@@ -330,6 +334,7 @@ struct Lanes<double> {
   static Reg select(Mask m, Reg a, Reg b) { return _mm256_blendv_pd(a, b, m); }
   static uint64_t bits(Mask m) { return static_cast<uint32_t>(_mm256_movemask_pd(m)); }
   static uint64_t equal_bits(Reg a, Reg b) { return bits(_mm256_cmp_pd(a, b, _CMP_EQ_OQ)); }
+  static Mask equal(Reg a, Reg b) { return _mm256_cmp_pd(a, b, _CMP_EQ_OQ); }
   static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
     // unpack works within 128-bit halves: pairs 0 2 1 3.
     first = _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8);
@@ -363,6 +368,7 @@ struct Lanes<float> {
   }
   static uint64_t bits(Mask m) { return static_cast<uint32_t>(_mm_movemask_ps(m)); }
   static uint64_t equal_bits(Reg a, Reg b) { return bits(_mm_cmpeq_ps(a, b)); }
+  static Mask equal(Reg a, Reg b) { return _mm_cmpeq_ps(a, b); }
   static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
     first = _mm_shuffle_ps(a, b, 0x88);
     second = _mm_shuffle_ps(a, b, 0xDD);
@@ -392,6 +398,7 @@ struct Lanes<double> {
   }
   static uint64_t bits(Mask m) { return static_cast<uint32_t>(_mm_movemask_pd(m)); }
   static uint64_t equal_bits(Reg a, Reg b) { return bits(_mm_cmpeq_pd(a, b)); }
+  static Mask equal(Reg a, Reg b) { return _mm_cmpeq_pd(a, b); }
   static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
     first = _mm_unpacklo_pd(a, b);
     second = _mm_unpackhi_pd(a, b);
@@ -417,6 +424,7 @@ struct Lanes {
   static Reg select(Mask m, Reg a, Reg b) { return m ? b : a; }
   static uint64_t bits(Mask m) { return m; }
   static uint64_t equal_bits(Reg a, Reg b) { return a == b; }
+  static Mask equal(Reg a, Reg b) { return a == b; }
   static void split_pairs(Reg a, Reg b, Reg& first, Reg& second) {
     first = a;
     second = b;
@@ -433,6 +441,9 @@ int64_t argmax_row_scalar(const T* x, int64_t n) {
   }
   return best;
 }
+
+// Rows longer than this look for the maximum's index four vectors at a time first.
+constexpr int64_t kLongRow = 256;
 
 // Row scan of one row of n >= Lanes<T>::kSize values.
 template <typename T>
@@ -478,7 +489,19 @@ int64_t argmax_row_scan(const T* x, int64_t n) {
   const auto target = L::broadcast(top);
   const int64_t partial = n % kSize;
   const int64_t full = n - partial;
-  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+  int64_t start = 0;
+  if (n > kLongRow) {
+    // Long rows: one test per four vectors up to those holding the maximum, where one
+    // mispredicted branch costs less than the bits of every lane.
+    for (; start + 4 * kSize <= full; start += 4 * kSize) {
+      const auto a = L::equal(L::load(x + start), target);
+      const auto b = L::equal(L::load(x + start + kSize), target);
+      const auto d = L::equal(L::load(x + start + 2 * kSize), target);
+      const auto e = L::equal(L::load(x + start + 3 * kSize), target);
+      if (L::bits(L::either(L::either(a, b), L::either(d, e))) != 0) break;
+    }
+  }
+  for (int64_t i0 = start; i0 < n; i0 += 64) {
     uint64_t equal = 0;
     for (int64_t i = i0; i < std::min(i0 + 64, full); i += kSize) {
       equal |= L::equal_bits(L::load(x + i), target) << (i - i0);
