@@ -45,9 +45,10 @@ format: $(DEPS_STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# The CPU once per instruction set it has (default, AVX2, AVX-512), the GPU once when present.
 bench: setup
-	$(PY) benchmarks/bench_optimizer.py
-	$(PY) benchmarks/bench_confusion.py
+	$(PY) benchmarks/bench_optimizer.py --capability all
+	$(PY) benchmarks/bench_confusion.py --capability all
 
 # On a machine with an NVIDIA GPU (not part of `make test`): build for that GPU with the
 # Python that holds torch, run the CUDA tests, compute-sanitizer and both benchmarks on CUDA,

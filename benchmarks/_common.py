@@ -2,7 +2,8 @@
 
 Median-of-N timing with warm-up (wall clock on the CPU, CUDA events plus synchronisation on
 the GPU), memory-bandwidth baselines (``dst.copy_(src)`` for "fraction of copy bandwidth",
-and an in-place ``a.add_(b)``), device naming, JSON writing and plain-text tables.
+and an in-place ``a.add_(b)``), device naming, the flags both scripts take, the loop over
+devices and CPU instruction sets (``--capability``), JSON writing and plain-text tables.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +26,12 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# The CPU instruction sets torch's kernels (and recallprune's) are compiled for, as
+# ATEN_CPU_CAPABILITY names them.
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+# Set in the processes that --capability starts: the capability they were started for.
+_CAPABILITY_CHILD = "RECALLPRUNE_BENCH_CAPABILITY"
 
 # Copy buffers larger than this (per side) add nothing: far past every cache the copy's
 # bandwidth no longer depends on its size, so a larger copy is measured at this size.
@@ -273,6 +282,45 @@ def device_name(device: torch.device | str) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def device_label(device: torch.device | str) -> str:
+    """``"AMD EPYC / cpu, avx2"`` or ``"NVIDIA H100 / cuda"``: for table titles."""
+    device = torch.device(device)
+    label = f"{device_name(device)} / {device}"
+    return f"{label}, {cpu_capability()}" if device.type == "cpu" else label
+
+
+def cpu_model() -> str:
+    """The CPU's ``model name`` from /proc/cpuinfo (or what ``platform`` knows)."""
+    return device_name("cpu")
+
+
+def cpu_capability() -> str:
+    """The instruction set torch's CPU kernels use in this process, lower case ("default",
+    "avx2", "avx512"): the best the CPU has, unless ATEN_CPU_CAPABILITY asks for less."""
+    return torch.backends.cpu.get_cpu_capability().lower()
+
+
+def supported_cpu_capabilities() -> list[str]:
+    """The entries of ``CPU_CAPABILITIES`` that torch can use on this CPU.
+
+    torch reads ATEN_CPU_CAPABILITY once, when it loads, and falls back to a lesser set when
+    the CPU lacks the one asked for: each set is tried in a fresh interpreter.
+    """
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    found = []
+    for capability in CPU_CAPABILITIES:
+        result = subprocess.run(
+            [sys.executable, "-c", probe],
+            env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        if result.stdout.strip().lower() == capability:
+            found.append(capability)
+    return found
+
+
 def slugify(text: str) -> str:
     """``"Intel(R) Xeon(R) Processor"`` -> ``"intel-xeon-processor"``."""
     text = re.sub(r"\((r|tm|c)\)", "", text.lower())
@@ -289,6 +337,9 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "platform": platform.platform(),
         "device": str(device),
         "device_name": device_name(device),
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
         "num_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
@@ -394,8 +445,11 @@ def extension_state() -> dict[str, Any]:
     import hashlib
 
     import recallprune
-    from recallprune import _C
 
+    try:
+        from recallprune import _C
+    except ImportError as error:  # a script that also runs on the pure-torch fallback
+        return {"recallprune": recallprune.__version__, "extension": None, "error": str(error)}
     path = Path(_C.__file__)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     mtime = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.UTC)
@@ -454,6 +508,14 @@ def add_timing_arguments(parser, unit: str, name: str, defaults: dict[str, float
         help=f"lower the repeats of a slow method (never below 5) so that its timed {unit} "
         f"take about this long in all (default {defaults['max_seconds']}; 0: never lower)",
     )
+    parser.add_argument(
+        "--capability",
+        choices=(*CPU_CAPABILITIES, "all"),
+        default=None,
+        help="measure the CPU with this instruction set of torch's (ATEN_CPU_CAPABILITY), or "
+        "with each one the CPU has ('all'), each in a fresh process of this script; other "
+        "devices are measured once (default: the set torch picks, in this process)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -464,7 +526,8 @@ def add_timing_arguments(parser, unit: str, name: str, defaults: dict[str, float
         type=Path,
         default=None,
         help=f"JSON path for all devices (default: benchmarks/results/{name}-<device>.json "
-        "per device, -quick appended with --quick)",
+        "per device, the CPU's with -<capability>, -quick appended with --quick); with "
+        "--capability, each capability's CPU run goes to this path with -<capability> added",
     )
 
 
@@ -482,3 +545,94 @@ def resolve_timing_arguments(args, parser, defaults: dict[str, float], quick_max
         args.max_seconds = None
     if args.repeats < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--repeats and --rounds must be >= 1 and --warmup >= 0")
+
+
+def run_devices(
+    args,
+    argv: Sequence[str],
+    script: Path | str,
+    name: str,
+    measure: Callable[[torch.device], dict[str, Any]],
+    payload: Callable[[list[dict[str, Any]]], dict[str, Any]],
+) -> list[Path]:
+    """Measure every device that ``--device`` names and write the JSON; return the files.
+
+    ``measure(device)`` returns the device's results (merged into its run, after its
+    environment); ``payload(runs)`` wraps runs into a file's content. With
+    ``--capability``, the CPU is measured by fresh processes of ``script`` (run with
+    ``argv``), one per instruction set, with ATEN_CPU_CAPABILITY set; other devices are
+    measured here, once. File names: see ``result_path``.
+    """
+    child_capability = os.environ.get(_CAPABILITY_CHILD)
+    written: list[Path] = []
+    if child_capability is not None:
+        if cpu_capability() != child_capability:
+            raise SystemExit(
+                f"--capability {child_capability}: torch uses {cpu_capability()} on this CPU "
+                f"({cpu_model()}), which lacks {child_capability}"
+            )
+        devices = [torch.device("cpu")]
+    else:
+        devices = devices_for(args.device)
+        if args.capability is not None and any(d.type == "cpu" for d in devices):
+            written += _run_capabilities(args, argv, script, name)
+            devices = [d for d in devices if d.type != "cpu"]
+
+    runs = []
+    for device in devices:
+        started = time.perf_counter()
+        run: dict[str, Any] = {
+            "environment": {**environment(device), **git_state(), **extension_state()}
+        }
+        run.update(measure(device))
+        run["seconds"] = time.perf_counter() - started
+        runs.append(run)
+        if args.out is None:
+            path = result_path(name, device, cpu_capability(), args.quick, None)
+            written.append(write_json(path, payload([run])))
+    if args.out is not None and runs:
+        path = result_path(name, devices[0], child_capability, args.quick, args.out)
+        written.append(write_json(path, payload(runs)))
+    return written
+
+
+def result_path(
+    name: str, device: torch.device, capability: str | None, quick: bool, out: Path | None
+) -> Path:
+    """Where a run's JSON goes. Default: ``results/{name}-<device>[-<capability>][-quick]
+    .json``, the capability for the CPU only; with ``--out``, that path, with
+    ``-<capability>`` added for a run that ``--capability`` started."""
+    if out is not None:
+        out = Path(out)
+        return out if capability is None else out.with_name(f"{out.stem}-{capability}{out.suffix}")
+    parts = [name, slugify(device_name(device))]
+    if device.type == "cpu" and capability is not None:
+        parts.append(slugify(capability))
+    if quick:
+        parts.append("quick")
+    return RESULTS_DIR / ("-".join(parts) + ".json")
+
+
+def _run_capabilities(args, argv: Sequence[str], script: Path | str, name: str) -> list[Path]:
+    """Run ``script argv`` once per capability that ``--capability`` names and the CPU has;
+    return the files they wrote."""
+    supported = supported_cpu_capabilities()
+    if args.capability == "all":
+        chosen = supported
+    elif args.capability in supported:
+        chosen = [args.capability]
+    else:
+        raise SystemExit(
+            f"--capability {args.capability}: this CPU ({cpu_model()}) does not have it; "
+            f"it has {', '.join(supported)}"
+        )
+    written = []
+    for capability in chosen:
+        print(f"\n== CPU, {capability} ({cpu_model()}) ==", flush=True)
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, _CAPABILITY_CHILD: capability}
+        result = subprocess.run([sys.executable, str(script), *argv], env=env, check=False)
+        if result.returncode != 0:
+            raise SystemExit(f"the {capability} run failed (exit status {result.returncode})")
+        cpu = torch.device("cpu")
+        written.append(result_path(name, cpu, capability, args.quick, args.out))
+    return written

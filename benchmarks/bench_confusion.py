@@ -1,8 +1,9 @@
 """Benchmark the confusion-count kernel against argmax + bincount, scatter_add_ and torchmetrics.
 
-What is measured, per device (CPU, and CUDA when present), per logits dtype (fp32, bf16),
-per number of classes C (2, 10, 100, 1000) and per batch size N (256, 4,096, 65,536, 2**20),
-on the same random logits ``[N, C]`` and targets ``[N]`` (int64, uniform over the classes):
+What is measured, per device (CPU, and CUDA when present), per logits dtype (fp32, bf16,
+fp16, fp64), per number of classes C (2, 10, 100, 1000) and per batch size N (256, 4,096,
+65,536, 2**20), on the same random logits ``[N, C]`` and targets ``[N]`` (int64, uniform
+over the classes):
 
 * ``torch.ops.recallprune.confusion_update_(counts, invalid, logits[N, C, 1], target[N, 1],
   C, None)``, the raw op ("op"), and ``recallprune.ConfusionCounter(C).update(logits,
@@ -24,7 +25,9 @@ of one batch are checked against argmax + bincount; on CUDA the script also reco
 one call runs without a host synchronisation (``set_sync_debug_mode("error")``).
 
 Run ``python benchmarks/bench_confusion.py`` (``--help`` for options; ``--quick`` for a
-smoke run of a few seconds). Results go to ``benchmarks/results/confusion-<device>.json``.
+smoke run of a few seconds; ``--capability all`` to measure the CPU under each instruction
+set torch can use on it). Results go to ``benchmarks/results/confusion-<device>.json``, for
+the CPU ``confusion-<cpu model>-<capability>.json``.
 """
 
 from __future__ import annotations
@@ -39,20 +42,14 @@ from typing import Any
 
 import torch
 from _common import (
-    RESULTS_DIR,
     add_timing_arguments,
     check_no_host_sync,
-    device_name,
-    devices_for,
-    environment,
-    extension_state,
-    git_state,
+    device_label,
     print_table,
     resolve_timing_arguments,
-    slugify,
+    run_devices,
     synchronize,
     time_interleaved,
-    write_json,
 )
 
 from recallprune import ConfusionCounter, has_ops, load_error
@@ -61,7 +58,12 @@ CLASSES = (2, 10, 100, 1000)
 SIZES = (256, 4096, 65536, 2**20)
 QUICK_CLASSES = (10, 100)
 QUICK_SIZES = (256, 4096)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp64": torch.float64,
+}
 MAX_LOGIT_BYTES = int(1.1e9)  # larger logits are skipped (N = 2**20, C = 1000: 4 GB / 2 GB)
 MIN_REPEATS = 5  # slow methods run fewer repeats (see --max-seconds), never fewer than this
 
@@ -390,7 +392,7 @@ def print_cases(cases: list[dict[str, Any]], device: torch.device, dtype_name: s
             + [update_speedup.get("bincount"), check]
         )
     title = (
-        f"[{device_name(device)} / {device}, {torch.get_num_threads()} threads] {dtype_name} "
+        f"[{device_label(device)}, {torch.get_num_threads()} threads] {dtype_name} "
         "logits: median ms per call; GB/s = (logits + target bytes) / median; "
         "x B = time(B) / time(op), > 1: the op is faster"
     )
@@ -426,7 +428,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated N (default 256,4096,65536,1048576)",
     )
     parser.add_argument(
-        "--dtypes", default=None, help="comma-separated subset of fp32, bf16 (default both)"
+        "--dtypes",
+        default=None,
+        help="comma-separated subset of fp32, bf16, fp16, fp64 (default all)",
     )
     args = parser.parse_args(argv)
     resolve_timing_arguments(args, parser, CONFUSION_DEFAULTS, quick_max_seconds=0.2)
@@ -444,6 +448,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if not has_ops():
         raise SystemExit(f"recallprune's compiled kernels did not load: {load_error()}")
@@ -468,31 +473,23 @@ def main(argv: list[str] | None = None) -> list[Path]:
         "dtypes": args.dtypes,
         "max_logit_bytes": MAX_LOGIT_BYTES,
         "torchmetrics": tm_version,
-        "argv": sys.argv[1:] if argv is None else argv,
+        "argv": argv,
     }
-    runs = []
-    written = []
-    started = time.perf_counter()
-    for device in devices_for(args.device):
-        device_started = time.perf_counter()
-        run: dict[str, Any] = {
-            "environment": {**environment(device), **git_state(), **extension_state()},
-            "cases": [],
-        }
+
+    def measure(device: torch.device) -> dict[str, Any]:
+        cases: list[dict[str, Any]] = []
         for dtype_name in args.dtypes:
             for c in args.classes:
                 for n in args.sizes:
-                    run["cases"].append(run_case(c, n, dtype_name, device, args, tm_class))
+                    cases.append(run_case(c, n, dtype_name, device, args, tm_class))
                     synchronize(device)
-            print_cases(run["cases"], device, dtype_name)
-        run["seconds"] = time.perf_counter() - device_started
-        runs.append(run)
-        if args.out is None:
-            suffix = "-quick" if args.quick else ""
-            path = RESULTS_DIR / f"confusion-{slugify(device_name(device))}{suffix}.json"
-            written.append(write_json(path, payload(settings, [run], notes)))
-    if args.out is not None:
-        written.append(write_json(args.out, payload(settings, runs, notes)))
+            print_cases(cases, device, dtype_name)
+        return {"cases": cases}
+
+    started = time.perf_counter()
+    written = run_devices(
+        args, argv, __file__, "confusion", measure, lambda runs: payload(settings, runs, notes)
+    )
     print(f"\ntotal {time.perf_counter() - started:.1f} s; wrote " + ", ".join(map(str, written)))
     return written
 

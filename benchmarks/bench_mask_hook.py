@@ -21,17 +21,12 @@ from typing import Any
 
 import torch
 from _common import (
-    RESULTS_DIR,
     add_timing_arguments,
-    device_name,
-    devices_for,
-    environment,
-    git_state,
+    device_label,
     print_table,
     resolve_timing_arguments,
-    slugify,
+    run_devices,
     time_interleaved,
-    write_json,
 )
 from torch import nn
 
@@ -123,7 +118,7 @@ def run_model(name: str, build: Callable[[], nn.Module], device, args) -> dict[s
     ]
     print_table(
         f"{name}: {sum(p.numel() for p in params) / 1e6:.1f} M parameters, "
-        f"{pruned_weights / 1e6:.1f} M prunable, {PRUNED:.0%} pruned, {device_name(device)}",
+        f"{pruned_weights / 1e6:.1f} M prunable, {PRUNED:.0%} pruned, {device_label(device)}",
         ["method", "median ms", "with / without hook"],
         rows,
     )
@@ -138,6 +133,7 @@ def run_model(name: str, build: Callable[[], nn.Module], device, args) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_timing_arguments(parser, "steps", "mask-hook", DEFAULTS)
     args = parser.parse_args(argv)
@@ -147,27 +143,20 @@ def main(argv: list[str] | None = None) -> list[Path]:
     settings = {
         k: getattr(args, k) for k in ("repeats", "warmup", "rounds", "max_seconds", "quick")
     }
-    settings["argv"] = sys.argv[1:] if argv is None else argv
-    runs, written = [], []
-    started = time.perf_counter()
-    for device in devices_for(args.device):
-        environment_info = {**environment(device), **git_state()}
-        if device.type == "cpu":
-            environment_info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        run = {
-            "environment": environment_info,
+    settings["argv"] = argv
+
+    def measure(device: torch.device) -> dict[str, Any]:
+        return {
             "workloads": [
                 run_model(name, build, device, args)
                 for name, build in make_models(args.quick).items()
-            ],
+            ]
         }
-        runs.append(run)
-        if args.out is None:
-            suffix = "-quick" if args.quick else ""
-            path = RESULTS_DIR / f"mask-hook-{slugify(device_name(device))}{suffix}.json"
-            written.append(write_json(path, payload(settings, [run])))
-    if args.out is not None:
-        written.append(write_json(args.out, payload(settings, runs)))
+
+    started = time.perf_counter()
+    written = run_devices(
+        args, argv, __file__, "mask-hook", measure, lambda runs: payload(settings, runs)
+    )
     print(f"\ntotal {time.perf_counter() - started:.1f} s; wrote " + ", ".join(map(str, written)))
     return written
 

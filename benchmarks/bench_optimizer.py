@@ -27,7 +27,9 @@ time), its share of the copy's bandwidth, and for every UndecayedSGD row the spe
 also records whether one step runs without a host synchronisation.
 
 Run ``python benchmarks/bench_optimizer.py`` (``--help`` for options; ``--quick`` for a
-smoke run of a few seconds). Results go to ``benchmarks/results/optimizer-<device>.json``.
+smoke run of a few seconds; ``--capability all`` to measure the CPU under each instruction
+set torch can use on it). Results go to ``benchmarks/results/optimizer-<device>.json``, for
+the CPU ``optimizer-<cpu model>-<capability>.json``.
 """
 
 from __future__ import annotations
@@ -43,21 +45,15 @@ from typing import Any
 
 import torch
 from _common import (
-    RESULTS_DIR,
     add_timing_arguments,
     bandwidth_fn,
     check_no_host_sync,
-    device_name,
-    devices_for,
-    environment,
-    extension_state,
-    git_state,
+    device_label,
     print_table,
     resolve_timing_arguments,
-    slugify,
+    run_devices,
     synchronize,
     time_interleaved,
-    write_json,
 )
 
 from recallprune import UndecayedSGD, has_ops, load_error
@@ -515,7 +511,7 @@ def print_workload(result: dict[str, Any], device: torch.device) -> None:
         line.extend(speedup.get(key) for key, _ in SPEEDUP_BASELINES)
         table.append(line)
     title = (
-        f"[{device_name(device)} / {device}, {torch.get_num_threads()} threads] "
+        f"[{device_label(device)}, {torch.get_num_threads()} threads] "
         f"{result['name']}: {result['description']} ({result['numel']:,} elements, "
         f"{result['num_tensors']} tensors); best float composite: {result['best_composite_float']}"
     )
@@ -543,6 +539,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if not has_ops():
         raise SystemExit(f"recallprune's compiled kernels did not load: {load_error()}")
@@ -570,29 +567,27 @@ def main(argv: list[str] | None = None) -> list[Path]:
         "momentum": MOMENTUM,
         "weight_decay": WEIGHT_DECAY,
         "composite_pruned_fraction": COMPOSITE_PRUNED,
-        "argv": sys.argv[1:] if argv is None else argv,
+        "argv": argv,
     }
-    runs = []
-    written = []
-    started = time.perf_counter()
-    for device in devices_for(args.device):
-        device_started = time.perf_counter()
-        run = {
-            "environment": {**environment(device), **git_state(), **extension_state()},
-            "workloads": [],
+
+    def measure(device: torch.device) -> dict[str, Any]:
+        return {
+            "workloads": [
+                run_workload(workload, device, args)
+                for workload in workloads
+                if not (workload.cuda_only and device.type != "cuda")
+            ]
         }
-        for workload in workloads:
-            if workload.cuda_only and device.type != "cuda":
-                continue
-            run["workloads"].append(run_workload(workload, device, args))
-        run["seconds"] = time.perf_counter() - device_started
-        runs.append(run)
-        if args.out is None:
-            suffix = "-quick" if args.quick else ""
-            path = RESULTS_DIR / f"optimizer-{slugify(device_name(device))}{suffix}.json"
-            written.append(write_json(path, payload(settings, [run], workload_notes)))
-    if args.out is not None:
-        written.append(write_json(args.out, payload(settings, runs, workload_notes)))
+
+    started = time.perf_counter()
+    written = run_devices(
+        args,
+        argv,
+        __file__,
+        "optimizer",
+        measure,
+        lambda runs: payload(settings, runs, workload_notes),
+    )
     print(f"\ntotal {time.perf_counter() - started:.1f} s; wrote " + ", ".join(map(str, written)))
     return written
 

@@ -1,17 +1,20 @@
 """The benchmark scripts run (smoke runs, --quick) and record what they claim. Their timings
 are not tested: speed is measured by running them, never asserted in the suite."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script, out):
+def _run_script(script, out, *flags):
+    """A --quick CPU run of ``script`` writing to ``out``; returns what it printed."""
     result = subprocess.run(
         [
             sys.executable,
@@ -21,13 +24,30 @@ def _run(script, out):
             "cpu",
             "--out",
             str(out),
+            *flags,
         ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _run(script, out):
+    _run_script(script, out)
     return json.loads(out.read_text())
+
+
+def _common():
+    """benchmarks/_common.py, imported by path (benchmarks/ is not a package)."""
+    name = "recallprune_benchmarks_common"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "_common.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def test_bench_optimizer_smoke(tmp_path):
@@ -53,7 +73,8 @@ def test_bench_confusion_smoke(tmp_path):
     pytest.importorskip("recallprune._C")
     data = _run("bench_confusion.py", tmp_path / "confusion.json")
     cases = data["runs"][0]["cases"]
-    assert cases and all(case["counts_match_bincount"] for case in cases)
+    assert {case["dtype"] for case in cases} == {"fp32", "bf16", "fp16", "fp64"}
+    assert cases and all(all(case["counts_match_bincount"].values()) for case in cases)
 
 
 def test_bench_mask_hook_smoke(tmp_path):
@@ -64,3 +85,39 @@ def test_bench_mask_hook_smoke(tmp_path):
         assert methods[name]["median_ms"] > 0
         assert methods[f"{name} + hook"]["ratio_to_without"] > 0
     assert methods["hook alone"]["median_ms"] > 0 and not workload["errors"]
+
+
+@pytest.mark.parametrize(
+    "script, flags",
+    [
+        ("bench_confusion.py", ["--classes", "10", "--sizes", "256", "--dtypes", "fp32"]),
+        ("bench_optimizer.py", ["--workloads", "small-2000"]),
+    ],
+)
+def test_capability_runs_in_a_subprocess_and_is_recorded(tmp_path, script, flags):
+    pytest.importorskip("recallprune._C")
+    out = tmp_path / "result.json"
+    stdout = _run_script(script, out, "--capability", "default", *flags)
+    assert "== CPU, default" in stdout
+    assert not out.exists()  # the run started for the capability names its own file
+    data = json.loads((tmp_path / "result-default.json").read_text())
+    environment = data["runs"][0]["environment"]
+    assert environment["cpu_capability"] == "DEFAULT"
+    assert environment["aten_cpu_capability_env"] == "default"
+    assert environment["cpu_model"]
+
+
+def test_result_file_names_carry_the_cpu_capability():
+    common = _common()
+    cpu = torch.device("cpu")
+    path = common.result_path("confusion", cpu, "avx2", False, None)
+    assert path.name == f"confusion-{common.slugify(common.cpu_model())}-avx2.json"
+    assert path.parent == ROOT / "benchmarks" / "results"
+    assert common.result_path("confusion", cpu, "avx512", True, None).name.endswith(
+        "-avx512-quick.json"
+    )
+    assert common.result_path("x", cpu, "default", False, Path("a/b.json")) == Path(
+        "a/b-default.json"
+    )
+    assert common.result_path("x", cpu, None, False, Path("a/b.json")) == Path("a/b.json")
+    assert "default" in common.supported_cpu_capabilities()

@@ -51,6 +51,78 @@ def test_kernel_matches_reference_and_sklearn(kernel_device, dtype, c, n):
     assert torch.equal(kernel.cpu(), expected)
 
 
+# Every C where the CPU kernel changes strategy or loop shape on some instruction set, and
+# either side of each: pairs split by shuffles for two classes, column blocks up to 7 to 15
+# classes, row scans of 2 to 16 lanes with four accumulators (1 to 4 vectors, a partial
+# one) and 64-lane chunks for the index.
+REGIME_CLASSES = [*range(1, 71), 95, 96, 97, 127, 128, 129, 255, 256, 257, 1000]
+
+
+def _hard_rows(n, c, seed):
+    """Rows that each test one rule of torch.argmax's order: ties (first wins), a maximum at
+    either end or in a row's last, partial vector, NaN anywhere (the first NaN wins, over
+    +inf too), all NaN, infinities, -0.0 == +0.0, and values that are subnormal in fp16."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=generator, dtype=torch.float64) * 2
+    position = torch.randint(0, c, (n,), generator=generator)
+    other = torch.randint(0, c, (n,), generator=generator)
+    rows = torch.arange(n)
+    pattern = rows % 13
+    x[pattern == 1] = x[pattern == 1].round()  # many ties
+    x[pattern == 2] = 1.5  # all equal: index 0
+    x[pattern == 3, -1] = 100.0  # largest last
+    x[pattern == 4, 0] = 100.0  # largest first
+    x[pattern == 5, position[pattern == 5]] = float("nan")
+    x[pattern == 6, -1] = float("nan")
+    x[pattern == 7, position[pattern == 7]] = float("nan")
+    x[pattern == 7, other[pattern == 7]] = float("nan")  # two NaNs: the first wins
+    x[pattern == 8] = float("nan")
+    x[pattern == 9, position[pattern == 9]] = float("inf")
+    x[pattern == 9, other[pattern == 9]] = float("inf")  # two +inf: the first wins
+    x[pattern == 10] = float("-inf")
+    x[pattern == 10, position[pattern == 10]] = -1e30
+    zeros = pattern == 11  # -0.0 and +0.0 tie as the maximum
+    x[zeros] = -1.0
+    x[zeros, position[zeros]] = -0.0
+    x[zeros, other[zeros]] = 0.0
+    ties = pattern == 12  # the largest value twice, the second time in the last lanes
+    x[ties, c // 3] = 50.0
+    x[ties, -1] = 50.0
+    x[rows % 17 == 16, position[rows % 17 == 16]] = float("inf")
+    x[rows % 17 == 16, other[rows % 17 == 16]] = float("nan")  # NaN beats +inf
+    tiny = rows % 19 == 18  # fp16 subnormals (below 6.1e-5), ties among them
+    x[tiny] = (x[tiny] * 4).round() * 1e-6
+    return x
+
+
+@requires_ops
+@pytest.mark.parametrize("dtype", LOGIT_DTYPES, ids=str)
+def test_kernel_argmax_regimes_match_torch(dtype):
+    for c in REGIME_CLASSES:
+        # Whole column blocks of every size and a partial one; for fp16/bf16 several
+        # buffers of widened rows.
+        n = 4099 if c <= 70 else 517
+        x = _hard_rows(n, c, seed=c).to(dtype)
+        target = torch.arange(n) % c
+        expected = confusion_matrix(x, target, c, backend="reference")
+        counts = confusion_matrix(x, target, c, backend="kernel")
+        assert torch.equal(counts, expected), f"C = {c}"
+
+
+@requires_ops
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_kernel_widening_keeps_the_order_of_every_16_bit_value(dtype):
+    # Every bit pattern, in order, each next to its neighbour both ways round (C = 2),
+    # then all of them in rows of 16: fp16/bf16 are widened to float before the argmax.
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    ordered = values[torch.argsort(values.float(), stable=True)]
+    pairs = torch.stack([ordered[:-1], ordered[1:]], dim=1)
+    for x in (pairs, pairs.flip(1), values.view(-1, 16)):
+        target = torch.arange(x.shape[0]) % x.shape[1]
+        expected = confusion_matrix(x, target, x.shape[1], backend="reference")
+        assert torch.equal(confusion_matrix(x, target, x.shape[1], backend="kernel"), expected)
+
+
 @pytest.mark.parametrize("ignore_index", [None, 0, 255, -100])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 4, 1), (6, 3, 2, 2, 2)])
 def test_segmentation_shapes_and_ignore_index(kernel_device, ignore_index, shape):
