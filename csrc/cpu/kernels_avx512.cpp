@@ -1,5 +1,32 @@
 // The CPU kernels compiled for AVX-512 (chosen at run time where torch uses AVX-512).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The standard headers first, compiled without the target pragma: GCC 13 refuses to inline
+// their functions into code of another target ("target specific option mismatch").
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <complex>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <iostream>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <ostream>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <variant>
+#include <vector>
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
 // The pragma enables the instructions but not their feature macros, which the ATen and
 // Sleef headers test: define them for this file only.
