@@ -213,3 +213,20 @@ def test_studies_that_do_not_match_are_refused(tmp_path):
         C.compare([a])
     with pytest.raises(StudyError, match="does not exist"):
         C.compare([a, tmp_path / "missing"])
+
+
+def test_the_compare_command(sweep, tmp_path, capsys):
+    from recallprune.study.cli import main
+
+    out = tmp_path / "pooled"
+    assert main(["compare", *map(str, sweep), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Is intensification stronger on more difficult tasks?" in printed
+    assert {p.name for p in out.iterdir()} == {
+        "compare.md",
+        "compare.json",
+        "compare.csv",
+        "compare.png",
+    }
+    assert main(["compare", str(sweep[0]), "--out", str(out)]) == 2
+    assert "at least two" in capsys.readouterr().err

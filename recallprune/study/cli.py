@@ -424,7 +424,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="test-set resamples per model for the measurement noise (0: skip; default: 200)",
     )
     analyze.add_argument("--out", metavar="FILE", help="write the analysis as JSON here")
+    compare = subparsers.add_parser(
+        "compare",
+        help="the paper's questions across studies (task difficulty, model size)",
+        description="Pool the per-seed ratios of several study folders and, per criterion, fit "
+        "the ratio on sparsity, the dense error and log2 of the parameter count (errors "
+        "clustered by study and seed); write compare.md, compare.json, compare.csv and a plot.",
+    )
+    _add_verbosity(compare, top_level=False)
+    compare.add_argument("dirs", nargs="+", metavar="DIR", help="study output folders")
+    compare.add_argument(
+        "--out", default="compare", metavar="DIR", help="output folder (default: compare)"
+    )
+    compare.add_argument(
+        "--level",
+        type=float,
+        default=0.05,
+        help="significance level of the answers (default: 0.05)",
+    )
     return parser
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare, write_compare
+
+    result = compare([Path(d) for d in args.dirs], level=args.level)
+    write_compare(result, Path(args.out))
+    for i, answer in enumerate(result["answers"], 1):
+        print(f"{i}. {answer['question']} {answer['answer']}")
+    print(f"wrote {Path(args.out) / 'compare.md'}")
+    return 0
 
 
 # Errors that are the user's to fix: said in one line, with no traceback.
@@ -450,7 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("recallprune").setLevel(level)
-    commands = {"study": cmd_study, "report": cmd_report, "analyze": cmd_analyze}
+    commands = {
+        "study": cmd_study,
+        "report": cmd_report,
+        "analyze": cmd_analyze,
+        "compare": cmd_compare,
+    }
     try:
         return commands[args.command](args)
     except _USER_ERRORS as error:
