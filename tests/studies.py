@@ -3,7 +3,11 @@
 from recallprune.study import runner
 
 # One seed, one round, one criterion: three runs (dense, control, magnitude).
+# These tests reach into the one-model-at-a-time runner (tests/test_batched.py covers the
+# stacked grid and its agreement with this one).
 MINI = [
+    "--execution",
+    "sequential",
     "--seeds",
     "0",
     "--rounds",

@@ -84,3 +84,28 @@ def test_train_fraction_keeps_a_stratified_share_and_the_test_set():
     with pytest.raises(ValueError, match="fewer than the 10 classes"):
         subsample_train(data, 0.001)
     assert math.isclose(len(subsample_train(data, 0.1).y_train), 0.1 * len(data.y_train), abs_tol=1)
+
+
+def test_the_study_takes_width_and_train_fraction(tmp_path):
+    import json
+
+    from recallprune.study.cli import main
+
+    out = tmp_path / "narrow"
+    args = ["-q", "study", "--seeds", "0", "1", "--rounds", "1", "--epochs", "2"]
+    args += ["--finetune-epochs", "1", "--criteria", "magnitude", "--device", "cpu"]
+    assert main([*args, "--width", "0.5", "--train-fraction", "0.5", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    full = len(load_dataset("digits").y_train)
+    assert results["config"]["width"] == 0.5 and results["config"]["train_fraction"] == 0.5
+    assert results["model"] == {
+        "name": "mlp",
+        "width": 0.5,
+        "params": 64 * 150 + 150 + 150 * 50 + 50 + 50 * 10 + 10,
+        "train_samples": round(0.5 * full),
+    }
+    # compare reads the recorded parameter count.
+    from recallprune.study.compare import load_study
+
+    assert load_study(out).params == results["model"]["params"]
+    assert main([*args, "--width", "2", "--model", "resnet20", "--out", str(tmp_path / "r")]) == 2

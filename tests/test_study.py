@@ -21,7 +21,11 @@ from recallprune.study.models import build_model, output_layer_name
 
 from .studies import interrupt_evaluation
 
+# These tests reach into the one-model-at-a-time runner (tests/test_batched.py covers the
+# stacked grid and its agreement with this one).
 TINY = [
+    "--execution",
+    "sequential",
     "--seeds",
     "0",
     "1",

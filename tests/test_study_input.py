@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from recallprune.study import StudyConfig, StudyError, runner
+from recallprune.study import StudyConfig, StudyError, grid, runner
 from recallprune.study.cli import main
 from recallprune.study.config import check_setting, read_config_file
 
@@ -149,7 +149,8 @@ def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path, capsys, mon
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("simulated: out of memory")
 
-    monkeypatch.setattr(runner, "train", out_of_memory)
+    monkeypatch.setattr(runner, "train", out_of_memory)  # one model at a time
+    monkeypatch.setattr(grid, "train_stacked", out_of_memory)  # the batched grid
     assert main(["-q", "study", *MINI, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "simulated: out of memory" in err

@@ -63,6 +63,12 @@ _FLAGS: dict[str, tuple[Any, str, Any]] = {
     "weight_decay": (float, "weight decay (also UP's lambda)", None),
     "difficulty": (float, "synthetic task: higher is harder (class_sep = 2 / difficulty)", None),
     "imbalance": (float, "synthetic task: 0 balanced; larger skews class frequencies", None),
+    "train_fraction": (
+        float,
+        "train on this stratified share of the training set (smaller: a harder task)",
+        None,
+    ),
+    "width": (float, "multiply the hidden sizes of mlp and the channels of cnn by this", None),
     "level": (float, "significance level of the verdicts", None),
     "device": (str, "cpu, cuda or cuda:N", None),
     "execution": (
@@ -226,7 +232,13 @@ def cmd_study(args) -> int:
     try:
         runs = study.run()
         if study.dist.is_main:
-            write_outputs(config.to_dict(), runs, Path(config.out), describe(config.device))
+            write_outputs(
+                config.to_dict(),
+                runs,
+                Path(config.out),
+                describe(config.device),
+                study.model_info,
+            )
     except KeyboardInterrupt:
         if study.dist.is_main:
             print(f"interrupted: {_stopped_note(study)}", file=sys.stderr)

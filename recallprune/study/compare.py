@@ -56,9 +56,13 @@ class StudyRows:
     rows: list[dict[str, Any]]
 
 
-def model_params(config: dict[str, Any]) -> int:
+def model_params(results: dict[str, Any]) -> int:
     """The parameter count of a study's model: recorded by the study, or else counted from a
     model built for its dataset."""
+    recorded = (results.get("model") or {}).get("params")
+    if recorded:
+        return int(recorded)
+    config = results["config"]
     if config.get("params"):
         return int(config["params"])
     from .datasets import load_dataset
@@ -70,7 +74,9 @@ def model_params(config: dict[str, Any]) -> int:
         difficulty=config.get("difficulty", 1.0),
         imbalance=config.get("imbalance", 0.0),
     )
-    model = build_model(config["model"], data.input_shape, data.num_classes)
+    model = build_model(
+        config["model"], data.input_shape, data.num_classes, config.get("width", 1.0)
+    )
     return sum(p.numel() for p in model.parameters())
 
 
@@ -90,7 +96,7 @@ def load_study(folder: Path, name: str | None = None) -> StudyRows:
         raise StudyError(f"{path} holds no dense model")
     num_classes = len(dense[0]["recall"])
     dense_error = 1.0 - float(np.mean([r["accuracy"] for r in dense]))
-    params = model_params(config)
+    params = model_params(results)
     study = name or folder.name
     rows = []
     for summary in results["analysis"]["summaries"]:

@@ -20,7 +20,7 @@ from .files import StudyError, os_problem
 # Fields that may differ between a study and its resumption without changing its results.
 NOT_IDENTITY = ("data_root", "download", "out", "max_stack")
 # Settings added after studies were first saved, with the value older studies ran with.
-LEGACY_DEFAULTS: dict[str, Any] = {"execution": "sequential"}
+LEGACY_DEFAULTS: dict[str, Any] = {"execution": "sequential", "width": 1.0, "train_fraction": 1.0}
 EXECUTIONS = ("batched", "sequential")
 
 
@@ -57,6 +57,8 @@ class StudyConfig:
     weight_decay: float = 5e-4
     difficulty: float = 1.0
     imbalance: float = 0.0
+    train_fraction: float = 1.0  # a stratified share of the training set: smaller is harder
+    width: float = 1.0  # times the hidden sizes of mlp and the channels of cnn
     level: float = 0.05
     device: str = "cpu"
     execution: str = "batched"  # the grid as stacked models where the model allows
@@ -104,6 +106,12 @@ class StudyConfig:
             raise ValueError(f"level must lie in (0, 1), got {self.level}")
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {self.execution!r}")
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must lie in (0, 1], got {self.train_fraction}")
+        if not self.width > 0:
+            raise ValueError(f"width must be positive, got {self.width}")
+        if self.width != 1 and self.model not in ("mlp", "cnn"):
+            raise ValueError(f"width applies to the mlp and cnn models only, not {self.model!r}")
         if self.max_stack < 1:
             raise ValueError(f"max_stack must be at least 1, got {self.max_stack}")
 

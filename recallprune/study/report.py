@@ -49,13 +49,17 @@ def analysis_inputs(runs: list[dict[str, Any]]):
 
 
 def build_results(
-    config: dict[str, Any], runs: list[dict[str, Any]], environment: dict[str, Any] | None = None
+    config: dict[str, Any],
+    runs: list[dict[str, Any]],
+    environment: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     dense, pruned = analysis_inputs(runs)
     analysis = D.analyze(dense, pruned, level=config.get("level", 0.05), control=CONTROL)
     return {
         "config": config,
         "environment": environment,
+        "model": model,
         "runs": runs,
         "analysis": analysis.to_dict(),
     }
@@ -524,9 +528,11 @@ def write_outputs(
     runs: list[dict[str, Any]],
     out: Path,
     environment: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write results.json, results.csv, report.md and the plots; returns the results."""
-    results = build_results(config, runs, environment)
+    """Write results.json, results.csv, report.md and the plots; returns the results.
+    ``model``: the model's name, width, parameter count and training samples."""
+    results = build_results(config, runs, environment, model)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     write_csv(results, out / "results.csv")
     write_plots(results, out)
@@ -542,4 +548,10 @@ def rebuild(out: Path) -> dict[str, Any]:
         raise StudyError(f"{path} does not exist: is {out} a study's output folder?")
     results = check_results(read_json(path, "results file"), path)
     # The environment the runs were computed in, not this process's.
-    return write_outputs(results["config"], results["runs"], out, results.get("environment"))
+    return write_outputs(
+        results["config"],
+        results["runs"],
+        out,
+        results.get("environment"),
+        results.get("model"),
+    )

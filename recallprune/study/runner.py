@@ -16,7 +16,7 @@ from torch import nn
 from .._extras import study_imports
 from ..pruning import Iterative, Pruner
 from .config import StudyConfig
-from .datasets import Dataset, load_dataset
+from .datasets import Dataset, load_dataset, subsample_train
 from .distributed import setup_distributed
 from .files import StudyError, load_checkpoint
 from .folder import StudyFolder
@@ -50,6 +50,7 @@ class Study:
         self.device = resolve_device(config.device)
         self.dist = setup_distributed(self.device)
         self.folder = StudyFolder(Path(out), self.dist)
+        self.model_info: dict[str, Any] | None = None  # set by check()
         self.started = False
         self.reused = 0
         self.computed = 0
@@ -106,9 +107,17 @@ class Study:
             difficulty=config.difficulty,
             imbalance=config.imbalance,
         )
+        data = subsample_train(data, config.train_fraction)
         log.info("dataset: %s", data.description)
         with torch.device("meta"):  # no memory, no random numbers drawn
-            model = build_model(config.model, data.input_shape, data.num_classes)
+            model = build_model(config.model, data.input_shape, data.num_classes, config.width)
+        self.model_info = {
+            "name": config.model,
+            "width": config.width,
+            "params": sum(p.numel() for p in model.parameters()),
+            "train_samples": len(data.y_train),
+        }
+        with torch.device("meta"):
             try:
                 logits = model(torch.empty(2, *data.input_shape))
             except (RuntimeError, ValueError, NotImplementedError) as error:
@@ -142,7 +151,9 @@ class Study:
 
     def new_model(self, seed: int, data: Dataset) -> nn.Module:
         torch.manual_seed(phase_seed(seed, "init"))
-        return build_model(self.config.model, data.input_shape, data.num_classes).to(self.device)
+        config = self.config
+        model = build_model(config.model, data.input_shape, data.num_classes, config.width)
+        return model.to(self.device)
 
     def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         config = self.config
