@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace recallprune {
@@ -20,7 +22,59 @@ constexpr int64_t kValuesPerTask = 1 << 16;
 // Largest C*C for private per-thread histograms (4 copies each, to break the store-to-load
 // dependency of consecutive increments of one bin): 4 * 4096 * 8 B = 128 KiB per thread.
 constexpr int64_t kPrivateBins = 4096;
-constexpr int kCopies = 4;
+constexpr int64_t kCopies = 4;
+// Counts per cache line: each thread's histograms start on a line of their own, so that no
+// two threads write one line.
+constexpr int64_t kLineCounts = 64 / sizeof(int64_t);
+
+// Counts entries [0, n) of a block into the kCopies private histograms at `hist` (entry i
+// into copy i % kCopies), or into `shared` with atomic increments when `hist` is null;
+// returns the number of invalid entries. The switches are template parameters, so that the
+// loop tests none of them.
+template <bool kIgnore, bool kPrivate, typename label_t, typename pred_t>
+int64_t count_block(const label_t* truth, const pred_t* pred, int64_t n, int64_t num_classes,
+                    int64_t ignore, int64_t* hist, int64_t bins, int64_t* shared) {
+  int64_t bad = 0;
+  const auto count = [&](int64_t i, int64_t* copy) {
+    const int64_t t = static_cast<int64_t>(truth[i]);
+    if (kIgnore && t == ignore) return;
+    const int64_t p = static_cast<int64_t>(pred[i]);
+    // One unsigned compare per label checks both bounds.
+    if (static_cast<uint64_t>(t) >= static_cast<uint64_t>(num_classes) ||
+        static_cast<uint64_t>(p) >= static_cast<uint64_t>(num_classes)) {
+      ++bad;
+      return;
+    }
+    if constexpr (kPrivate) {
+      ++copy[t * num_classes + p];
+    } else {
+      std::atomic_ref<int64_t>(shared[t * num_classes + p])
+          .fetch_add(1, std::memory_order_relaxed);
+    }
+  };
+  int64_t i = 0;
+  for (; i + kCopies <= n; i += kCopies) {
+    for (int64_t k = 0; k < kCopies; ++k) count(i + k, hist + k * bins);
+  }
+  for (; i < n; ++i) count(i, hist);
+  return bad;
+}
+
+template <typename label_t, typename pred_t>
+int64_t count_block(bool has_ignore, bool private_bins, const label_t* truth, const pred_t* pred,
+                    int64_t n, int64_t num_classes, int64_t ignore, int64_t* hist,
+                    int64_t* shared) {
+  const auto run = [&](auto with_ignore, auto with_private) {
+    return count_block<decltype(with_ignore)::value, decltype(with_private)::value>(
+        truth, pred, n, num_classes, ignore, hist, num_classes * num_classes, shared);
+  };
+  if (has_ignore) {
+    return private_bins ? run(std::true_type{}, std::true_type{})
+                        : run(std::true_type{}, std::false_type{});
+  }
+  return private_bins ? run(std::false_type{}, std::true_type{})
+                      : run(std::false_type{}, std::false_type{});
+}
 
 template <typename label_t>
 void update_cpu(at::Tensor& counts, at::Tensor& invalid, const at::Tensor& input,
@@ -30,8 +84,11 @@ void update_cpu(at::Tensor& counts, at::Tensor& invalid, const at::Tensor& input
   const int64_t bins = num_classes * num_classes;
   const bool private_bins = bins <= kPrivateBins;
   const int threads = at::get_num_threads();
-  std::vector<int64_t> histograms(private_bins ? static_cast<size_t>(threads) * kCopies * bins : 0);
-  std::vector<int64_t> invalid_per_thread(threads, 0);
+  const int64_t per_thread = (kCopies * bins + kLineCounts - 1) / kLineCounts * kLineCounts;
+  std::vector<int64_t> storage(private_bins ? threads * per_thread + kLineCounts : 0);
+  int64_t* histograms = reinterpret_cast<int64_t*>(
+      (reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~static_cast<uintptr_t>(63));
+  std::vector<int64_t> invalid_per_thread(threads * kLineCounts, 0);
   int64_t* shared_counts = counts.data_ptr<int64_t>();
   const bool logits = at::isFloatingType(input.scalar_type());
   const bool has_ignore = ignore_index.has_value();
@@ -42,55 +99,41 @@ void update_cpu(at::Tensor& counts, at::Tensor& invalid, const at::Tensor& input
   const int64_t block_rows = std::max<int64_t>(1, kValuesPerTask / values_per_row);
   at::parallel_for(0, rows, block_rows, [&](int64_t r0, int64_t r1) {
     const int thread = at::get_thread_num();
-    int64_t* hist = private_bins ? histograms.data() + static_cast<size_t>(thread) * kCopies * bins
-                                 : nullptr;
+    int64_t* hist = private_bins ? histograms + thread * per_thread : nullptr;
     int64_t bad = 0;
     std::vector<int64_t> pred;
     for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
       const int64_t b1 = std::min(r1, b0 + block_rows);
       const int64_t entries = (b1 - b0) * inner;
-      const int64_t* labels = nullptr;
-      const int32_t* labels32 = nullptr;
+      const label_t* truth = target + b0 * inner;
+      const auto count = [&](const auto* labels) {
+        return count_block(has_ignore, private_bins, truth, labels, entries, num_classes, ignore,
+                           hist, shared_counts);
+      };
       if (logits) {
         pred.resize(entries);
         kernels.argmax({input.scalar_type(), input.const_data_ptr(), num_classes, inner, b0, b1,
                         pred.data()});
-        labels = pred.data();
+        bad += count(pred.data());
       } else if (input.scalar_type() == at::kLong) {
-        labels = input.const_data_ptr<int64_t>() + b0 * inner;
+        bad += count(input.const_data_ptr<int64_t>() + b0 * inner);
       } else {
-        labels32 = input.const_data_ptr<int32_t>() + b0 * inner;
-      }
-      const label_t* truth = target + b0 * inner;
-      for (int64_t i = 0; i < entries; ++i) {
-        const int64_t t = static_cast<int64_t>(truth[i]);
-        if (has_ignore && t == ignore) continue;
-        const int64_t p = labels != nullptr ? labels[i] : static_cast<int64_t>(labels32[i]);
-        // One unsigned compare per label checks both bounds.
-        if (static_cast<uint64_t>(t) >= static_cast<uint64_t>(num_classes) ||
-            static_cast<uint64_t>(p) >= static_cast<uint64_t>(num_classes)) {
-          ++bad;
-          continue;
-        }
-        const int64_t bin = t * num_classes + p;
-        if (hist != nullptr) {
-          ++hist[(i % kCopies) * bins + bin];
-        } else {
-          std::atomic_ref<int64_t>(shared_counts[bin]).fetch_add(1, std::memory_order_relaxed);
-        }
+        bad += count(input.const_data_ptr<int32_t>() + b0 * inner);
       }
     }
-    invalid_per_thread[thread] += bad;
+    invalid_per_thread[thread * kLineCounts] += bad;
   });
 
   if (private_bins) {
-    for (int64_t copy = 0; copy < static_cast<int64_t>(threads) * kCopies; ++copy) {
-      const int64_t* hist = histograms.data() + copy * bins;
-      for (int64_t bin = 0; bin < bins; ++bin) shared_counts[bin] += hist[bin];
+    for (int thread = 0; thread < threads; ++thread) {
+      for (int64_t copy = 0; copy < kCopies; ++copy) {
+        const int64_t* hist = histograms + thread * per_thread + copy * bins;
+        for (int64_t bin = 0; bin < bins; ++bin) shared_counts[bin] += hist[bin];
+      }
     }
   }
   int64_t bad = 0;
-  for (const int64_t b : invalid_per_thread) bad += b;
+  for (int thread = 0; thread < threads; ++thread) bad += invalid_per_thread[thread * kLineCounts];
   invalid.data_ptr<int64_t>()[0] += bad;
 }
 
