@@ -273,7 +273,7 @@ class BatchedStudy(Study):
         masks: list[dict[str, torch.Tensor]] = []
         sparsities = []
         for i, ((seed, arm), state, rewind) in enumerate(zip(cells, states, rewinds, strict=True)):
-            view = model_view(stacked, i, self.new_model(seed, data))
+            view = model_view(stacked, i, models[i])
             # As in the sequential round: the pruner takes UP's lam from an optimizer's groups
             # (this one only carries the masks; the stack's own optimizer trains).
             view_optimizer = self.optimizer(view, self.retrain_lr())

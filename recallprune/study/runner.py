@@ -36,6 +36,9 @@ with study_imports():
 
 log = logging.getLogger("recallprune.study")
 
+# Models up to this many parameters are tried on the CPU before a study starts (see check).
+_CPU_CHECK_PARAMS = 1 << 22
+
 __all__ = ["CONTROL", "DENSE", "Study", "StudyError"]
 
 
@@ -111,15 +114,22 @@ class Study:
         log.info("dataset: %s", data.description)
         with torch.device("meta"):  # no memory, no random numbers drawn
             model = build_model(config.model, data.input_shape, data.num_classes, config.width)
+        params = sum(p.numel() for p in model.parameters())
         self.model_info = {
             "name": config.model,
             "width": config.width,
-            "params": sum(p.numel() for p in model.parameters()),
+            "params": params,
             "train_samples": len(data.y_train),
         }
-        with torch.device("meta"):
+        # A small model takes its trial batch on the CPU, its random numbers drawn from a
+        # forked generator: the first forward pass on "meta" loads torch's decompositions,
+        # which costs seconds that a small study notices.
+        device = torch.device("cpu" if params <= _CPU_CHECK_PARAMS else "meta")
+        with torch.random.fork_rng(devices=[]), device:
+            if device.type == "cpu":
+                model = build_model(config.model, data.input_shape, data.num_classes, config.width)
             try:
-                logits = model(torch.empty(2, *data.input_shape))
+                logits = model(torch.zeros(2, *data.input_shape))
             except (RuntimeError, ValueError, NotImplementedError) as error:
                 raise ValueError(
                     f"model {config.model!r} cannot take {config.dataset}'s inputs of shape "

@@ -27,6 +27,25 @@ def _stack(tensors: Sequence[Tensor]) -> nn.Parameter:
     return nn.Parameter(torch.stack([t.detach() for t in tensors]).contiguous())
 
 
+class _StackedLinearFunction(torch.autograd.Function):
+    """``baddbmm(bias, x, weight^T)`` with the weight's gradient computed in the weight's own
+    layout (``dy^T @ x``, ``[B, out, in]``): autograd's ``x^T @ dy`` is its transpose, which
+    gradient accumulation would copy to the parameter's layout on every step."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(dim=1) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
 class StackedLinear(nn.Module):
     """``B`` linear layers: ``x [B, N, in] -> [B, N, out]``."""
 
@@ -36,7 +55,7 @@ class StackedLinear(nn.Module):
         self.bias = _stack([layer.bias for layer in layers])  # [B, out]
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+        return _StackedLinearFunction.apply(x, self.weight, self.bias)
 
 
 class StackedConv2d(nn.Module):
