@@ -156,3 +156,44 @@ def test_models_that_cannot_be_stacked_fall_back_to_sequential(tmp_path, caplog)
         "execution: sequential, since model 'resnet20' cannot be stacked (only mlp and cnn can)"
     ]
     assert len(_runs(out)) == 3
+
+
+def _cells(runs):
+    return [(r["seed"], r["criterion"], r["round"], r["sparsity"], r["confusion"]) for r in runs]
+
+
+def test_shards_write_one_study_that_matches_one_process(tmp_path, capsys):
+    sequential = [*TINY, "--execution", "sequential"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["-q", "study", *sequential, "--out", str(whole)]) == 0
+    # The second shard (seed 1) finishes first: no results yet, and report says what is missing.
+    assert main(["-q", "study", *sequential, "--shard", "2/2", "--out", str(parts)]) == 0
+    assert "runs of other shards are not finished yet" in capsys.readouterr().out
+    assert not (parts / "results.json").exists()
+    assert main(["-q", "report", str(parts)]) == 2
+    assert "holds 13 of the study's 39 runs" in capsys.readouterr().err
+    # The last shard writes the whole study's results, as one process would have.
+    assert main(["-q", "study", *sequential, "--shard", "1/2", "--out", str(parts)]) == 0
+    assert _cells(_runs(parts)) == _cells(_runs(whole))
+    # `report` merges the run records of a study whose results were never written.
+    (parts / "results.json").unlink()
+    (parts / "report.md").unlink()
+    assert main(["-q", "report", str(parts)]) == 0
+    assert _cells(_runs(parts)) == _cells(_runs(whole))
+    assert (parts / "report.md").exists()
+
+
+def test_shards_of_a_batched_study_and_their_errors(tmp_path, capsys):
+    out = tmp_path / "parts"
+    for shard in ("1/3", "3/3", "2/3"):
+        assert main(["-q", "study", *TINY, "--shard", shard, "--out", str(out)]) == 0
+    runs = _runs(out)
+    assert sorted({r["seed"] for r in runs}) == [0, 1, 2] and len(runs) == 39
+    assert main(["-q", "study", *TINY, "--shard", "4/4", "--out", str(tmp_path / "b")]) == 2
+    assert "--shard 4/4 has no seeds: the study has 3 seed(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["-q", "study", *TINY, "--shard", "0/2", "--out", str(tmp_path / "c")])
+    assert "--shard must be I/N with 1 <= I <= N" in capsys.readouterr().err
+    assert main(["-q", "study", *TINY, "--shard", "1/2"]) == 2
+    assert "--shard needs the folder that every shard writes into" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

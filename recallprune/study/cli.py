@@ -25,7 +25,7 @@ from .datasets import DATASETS
 from .files import StudyError, atomic_write_text, os_problem, read_json
 from .grid import make_study
 from .models import MODELS
-from .runner import Study
+from .runner import Study, parse_shard
 
 log = logging.getLogger("recallprune.study")
 
@@ -148,6 +148,21 @@ def _study_parser(subparsers) -> None:
         metavar="DIR",
         help="resume the study in DIR with the settings of its config.json",
     )
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        type=_shard_argument,
+        help="run only every N-th seed, from the I-th (1 <= I <= N): N processes, or machines "
+        "sharing a file system, split the grid and write into one --out; the last to finish "
+        "writes the report (or run `recallprune report DIR`) (default: all seeds)",
+    )
+
+
+def _shard_argument(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _config_from_args(args) -> StudyConfig:
@@ -203,14 +218,18 @@ def _resumed_config(args) -> StudyConfig:
     return config
 
 
-def resume_command(out: Path) -> str:
-    """The command that resumes the study in ``out``, as this process was started."""
+def _program() -> str:
+    """How this process was started: the ``recallprune`` script or ``python -m``."""
     script = sys.argv[0] if sys.argv else ""
     if Path(script).name == "recallprune":
-        program = shlex.quote(script)
-    else:
-        program = f"{shlex.quote(sys.executable)} -m recallprune"
-    return f"{program} study --resume {shlex.quote(str(out))}"
+        return shlex.quote(script)
+    return f"{shlex.quote(sys.executable)} -m recallprune"
+
+
+def resume_command(out: Path, shard: tuple[int, int] | None = None) -> str:
+    """The command that resumes the study (or this shard of it) in ``out``."""
+    shard_flag = f" --shard {shard[0]}/{shard[1]}" if shard else ""
+    return f"{_program()} study --resume {shlex.quote(str(out))}{shard_flag}"
 
 
 def _stopped_note(study: Study) -> str:
@@ -218,7 +237,8 @@ def _stopped_note(study: Study) -> str:
         return "nothing was written"
     return (
         f"{study.computed} runs computed in this session, {study.reused} reused; every "
-        f"finished run is saved in {study.out}. Resume with:\n  {resume_command(study.out)}"
+        f"finished run is saved in {study.out}. Resume with:\n  "
+        f"{resume_command(study.out, study.shard)}"
     )
 
 
@@ -226,11 +246,30 @@ def cmd_study(args) -> int:
     from .environment import describe
     from .report import write_outputs
 
+    if args.shard and not (args.out or args.resume):
+        raise StudyError(
+            "--shard needs the folder that every shard writes into: give --out DIR "
+            "(or --resume DIR)"
+        )
     config = _config_from_args(args)
-    study = make_study(config, Path(config.out), progress=not args.quiet)
+    study = make_study(config, Path(config.out), progress=not args.quiet, shard=args.shard)
     start = time.perf_counter()
     try:
         runs = study.run()
+        missing = 0
+        if study.shard is not None:
+            # The whole grid, when every shard's runs are there: the last shard reports.
+            runs, missing = study.saved_records()
+        if missing:
+            if study.dist.is_main:
+                index, count = study.shard
+                print(
+                    f"shard {index}/{count} done ({study.computed} runs computed); "
+                    f"{missing} runs of other shards are not finished yet: the last shard to "
+                    f"finish writes the report, or run\n  {_program()} report "
+                    f"{shlex.quote(str(config.out))}\nonce they are"
+                )
+            return 0
         if study.dist.is_main:
             write_outputs(
                 config.to_dict(),
@@ -263,9 +302,38 @@ def cmd_study(args) -> int:
 def cmd_report(args) -> int:
     from .report import rebuild
 
-    rebuild(Path(args.dir))
-    print(f"rebuilt {Path(args.dir) / 'report.md'} and its plots from results.json")
+    folder = Path(args.dir)
+    if not (folder / "results.json").exists() and (folder / "config.json").exists():
+        merged = _merge_shards(folder)
+        print(f"wrote {folder / 'report.md'} from the {merged} runs in {folder / 'runs'}")
+        return 0
+    rebuild(folder)
+    print(f"rebuilt {folder / 'report.md'} and its plots from results.json")
     return 0
+
+
+def _merge_shards(folder: Path) -> int:
+    """``report DIR`` of a study whose results were never written (its shards ran apart, or
+    it stopped early): the results and report from the run records, when all are there."""
+    from .environment import describe
+    from .report import write_outputs
+
+    path = folder / "config.json"
+    try:
+        config = StudyConfig.from_dict(read_json(path, "the study's config"))
+    except ValueError as error:
+        raise StudyError(f"{path}: {error}") from error
+    config.out = str(folder)
+    study = make_study(config, folder, progress=False)
+    runs, missing = study.saved_records()
+    if missing:
+        raise StudyError(
+            f"{folder} holds {len(runs)} of the study's {len(runs) + missing} runs: finish "
+            f"them first (every shard, or `{resume_command(folder)}`)"
+        )
+    study.check()  # the model's size for the results, as the study measured it
+    write_outputs(config.to_dict(), runs, folder, describe(config.device), study.model_info)
+    return len(runs)
 
 
 def _seed(value: Any, where: str) -> int:

@@ -136,7 +136,7 @@ class BatchedStudy(Study):
         reason = None
         if self.dist.active:
             reason = "data-parallel runs (torchrun) train one model at a time"
-        elif not can_stack(self.new_model(config.seeds[0], data)):
+        elif not can_stack(self.new_model(self.seeds[0], data)):
             reason = f"model {config.model!r} cannot be stacked (only mlp and cnn can)"
         if reason is not None:
             log.info("execution: sequential, since %s", reason)
@@ -148,12 +148,7 @@ class BatchedStudy(Study):
         for round_index in range(1, config.rounds + 1):
             for record in self.round_stage(round_index, data, bar):
                 records[(record["seed"], record["criterion"], round_index)] = record
-        order = []
-        for seed in config.seeds:
-            order.append((seed, DENSE, 0))
-            for arm in self.arms():
-                order += [(seed, arm, r) for r in range(1, config.rounds + 1)]
-        return [records[key] for key in order]
+        return [records[key] for key in self.grid_order()]
 
     def _optimizer(self, stacked: StackedModel, lr: float) -> UndecayedSGD:
         config = self.config
@@ -167,9 +162,8 @@ class BatchedStudy(Study):
     # -- the dense models -----------------------------------------------------------------
 
     def dense_stage(self, data: Dataset, bar) -> list[dict[str, Any]]:
-        config = self.config
         out, todo = [], []
-        for seed in config.seeds:
+        for seed in self.seeds:
             path = self.folder.record_path(seed, DENSE, 0)
             record = self.folder.load_record(path)
             if record is not None and self.folder.checkpoint_path(seed, DENSE, 0).exists():
@@ -233,7 +227,7 @@ class BatchedStudy(Study):
 
     def round_stage(self, round_index: int, data: Dataset, bar) -> list[dict[str, Any]]:
         out, todo = [], []
-        for seed in self.config.seeds:
+        for seed in self.seeds:
             for arm in self.arms():
                 finished = self.finished_rounds(seed, arm)
                 if len(finished) >= round_index:
@@ -336,8 +330,9 @@ class BatchedStudy(Study):
         return records
 
 
-def make_study(config, out, progress: bool = True) -> Study:
-    """The study its config asks for: batched (where the model allows) or sequential."""
+def make_study(config, out, progress: bool = True, shard: tuple[int, int] | None = None) -> Study:
+    """The study its config asks for: batched (where the model allows) or sequential; with
+    ``shard`` (i, n), only every n-th seed from the i-th."""
     if config.execution == "batched":
-        return BatchedStudy(config, out, progress=progress, max_stack=config.max_stack)
-    return Study(config, out, progress=progress)
+        return BatchedStudy(config, out, progress=progress, shard=shard, max_stack=config.max_stack)
+    return Study(config, out, progress=progress, shard=shard)

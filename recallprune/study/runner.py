@@ -42,13 +42,47 @@ _CPU_CHECK_PARAMS = 1 << 22
 __all__ = ["CONTROL", "DENSE", "Study", "StudyError"]
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``--shard i/n`` as ``(i, n)``, 1 <= i <= n."""
+    index, _, count = str(text).partition("/")
+    try:
+        shard = int(index), int(count)
+    except ValueError:
+        shard = None
+    if shard is None or not 1 <= shard[0] <= shard[1]:
+        raise ValueError(f"--shard must be I/N with 1 <= I <= N (e.g. 1/4), got {text!r}")
+    return shard
+
+
+def shard_seeds(seeds: list[int], shard: tuple[int, int] | None) -> list[int]:
+    """The seeds of one shard: every n-th seed, from the i-th (all of them without a shard)."""
+    if shard is None:
+        return list(seeds)
+    index, count = shard
+    mine = list(seeds[index - 1 :: count])
+    if not mine:
+        raise ValueError(
+            f"--shard {index}/{count} has no seeds: the study has {len(seeds)} "
+            f"seed(s); use at most {len(seeds)} shards"
+        )
+    return mine
+
+
 class Study:
     """One study in one output folder. ``run()`` checks it, does (or resumes) it and returns
     its records; ``started`` says whether the folder has been claimed for it."""
 
-    def __init__(self, config: StudyConfig, out: Path, progress: bool = True) -> None:
+    def __init__(
+        self,
+        config: StudyConfig,
+        out: Path,
+        progress: bool = True,
+        shard: tuple[int, int] | None = None,
+    ) -> None:
         config.validate()
         self.config = config
+        self.shard = shard
+        self.seeds = shard_seeds(config.seeds, shard)
         self.progress = progress
         self.device = resolve_device(config.device)
         self.dist = setup_distributed(self.device)
@@ -74,7 +108,7 @@ class Study:
         data = self.check()
         self.folder.prepare(config.to_dict(), config.identity())
         self.started = True
-        total = len(config.seeds) * (1 + len(self.arms()) * config.rounds)
+        total = len(self.seeds) * (1 + len(self.arms()) * config.rounds)
         bar = tqdm(total=total, desc="runs", disable=not self.progress or not self.dist.is_main)
         try:
             records = self.grid(data, bar)
@@ -85,11 +119,33 @@ class Study:
         )
         return records
 
+    def grid_order(self, seeds: list[int] | None = None) -> list[tuple[int, str, int]]:
+        """The runs of the grid as (seed, arm, round), in the order of ``results.json``: per
+        seed its dense model, then each arm's rounds."""
+        order = []
+        for seed in self.seeds if seeds is None else seeds:
+            order.append((seed, DENSE, 0))
+            for arm in self.arms():
+                order += [(seed, arm, r) for r in range(1, self.config.rounds + 1)]
+        return order
+
+    def saved_records(self) -> tuple[list[dict[str, Any]], int]:
+        """The records of the whole grid (every shard's seeds) found in the folder, in the
+        order of :meth:`grid_order`, and how many runs have none yet."""
+        records, missing = [], 0
+        for key in self.grid_order(self.config.seeds):
+            record = self.folder.load_record(self.folder.record_path(*key))
+            if record is None:
+                missing += 1
+            else:
+                records.append(record)
+        return records, missing
+
     def grid(self, data: Dataset, bar) -> list[dict[str, Any]]:
         """Every run of the grid, one model at a time: per seed its dense model, then each
         arm's rounds. Returns the records in that order."""
         records: list[dict[str, Any]] = []
-        for seed in self.config.seeds:
+        for seed in self.seeds:
             records.append(self.dense(seed, data, bar))
             for arm in self.arms():
                 records.extend(self.arm(seed, arm, data, bar))
