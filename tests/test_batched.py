@@ -101,6 +101,32 @@ def test_a_few_masked_steps_match_the_sequential_loop():
         assert torch.all(stacked.fc1.weight[i][~masks[i]] == 0)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_stacked_gradients_match_each_models_own(name):
+    from recallprune import Pruner
+
+    torch.manual_seed(2)
+    models = [build_model(name, (1, 8, 8), 10) for _ in range(4)]
+    stacked = stack_models(models)
+
+    def batches(n, size, last):
+        sizes = [size] * (n - 1) + [last]
+        return [(torch.randn(k, 1, 8, 8), torch.randint(0, 10, (k,))) for k in sizes]
+
+    # Unequal counts and sizes of batches, and a model that wants none.
+    own = [batches(2, 16, 16), None, batches(3, 16, 5), batches(1, 7, 7)]
+    for p in stacked.parameters():
+        p.grad = torch.ones_like(p)
+    got = grid.stacked_gradients(stacked, own, torch.device("cpu"))
+    assert got[1] is None
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in stacked.parameters())
+    for i in (0, 2, 3):
+        expected = Pruner(models[i], "gradient").gather_gradients(own[i], n_batches=len(own[i]))
+        for weight, grad in expected.items():
+            torch.testing.assert_close(got[i][weight], grad, rtol=1e-4, atol=1e-6, msg=weight)
+    assert grid.stacked_gradients(stacked, [None] * 4, torch.device("cpu")) == [None] * 4
+
+
 def test_a_batched_study_agrees_with_the_sequential_one(tmp_path):
     sequential, batched = tmp_path / "sequential", tmp_path / "batched"
     assert main(["-q", "study", *TINY, "--execution", "sequential", "--out", str(sequential)]) == 0

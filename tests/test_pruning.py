@@ -126,6 +126,30 @@ def test_gradients_from_the_optimizer_average():
     torch.testing.assert_close(scores["weight"], (-w * g + 0.1 * w * w).abs(), rtol=1e-5, atol=1e-8)
 
 
+def test_gradients_given_by_name():
+    model = _mlp()
+    batches = _batches(2)
+    pruner = Pruner(model, "undecayed", lam=0.01)
+    gathered = pruner.gather_gradients(batches, n_batches=2)
+    # The same gradients given: the same scores and the same masks as gathering them.
+    expected = pruner.scores(data=batches, n_batches=2)
+    given = pruner.scores(gradients=gathered)
+    for name in expected:
+        assert torch.equal(given[name], expected[name]), name
+    twin = Pruner(copy.deepcopy(model), "undecayed", lam=0.01)
+    assert twin.prune(0.5, gradients=gathered) == pruner.prune(0.5, data=batches, n_batches=2)
+    assert all(torch.equal(twin.masks[n], pruner.masks[n]) for n in pruner.masks)
+    # Other gradients give other scores: the given ones are used.
+    doubled = {n: 2 * g for n, g in gathered.items()}
+    assert not torch.equal(pruner.scores(gradients=doubled)["0.weight"], given["0.weight"])
+    with pytest.raises(ValueError, match=r"missing \['3.weight'\]"):
+        pruner.scores(gradients={k: v for k, v in gathered.items() if k != "3.weight"})
+    with pytest.raises(ValueError, match=r"not pruned here \['0.bias'\]"):
+        pruner.scores(gradients={**gathered, "0.bias": torch.zeros(16)})
+    with pytest.raises(ValueError, match=r"gradients\['0.weight'\] must be a tensor of the "):
+        pruner.scores(gradients={**gathered, "0.weight": torch.zeros(3)})
+
+
 def test_gathering_gradients_leaves_the_model_as_it_was():
     model = _mlp().eval()
     for p in model.parameters():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -308,13 +308,20 @@ class Pruner:
         *,
         grad_source: str = "data",
         loss_fn: Callable | None = None,
+        gradients: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Each pruned tensor's float32 scores under the criterion (low: pruned first)."""
+        """Each pruned tensor's float32 scores under the criterion (low: pruned first).
+
+        The gradient criteria take the data-loss gradient from ``data`` (``n_batches`` of
+        it), from the optimizer's running average (``grad_source="average"``), or as given:
+        ``gradients`` maps every pruned tensor's name to its gradient."""
         if grad_source not in GRAD_SOURCES:
             raise ValueError(f"grad_source must be one of {GRAD_SOURCES}, got {grad_source!r}")
         grads: dict[str, Tensor | None] = dict.fromkeys(self.params)
         if self.criterion in criteria.NEEDS_GRADIENT:
-            if grad_source == "average":
+            if gradients is not None:
+                grads = self._given_gradients(gradients)
+            elif grad_source == "average":
                 grads = self._average_gradients()
             elif data is None:
                 raise ValueError(
@@ -329,6 +336,29 @@ class Pruner:
             lam = self._lam_for(p) if self.criterion == "undecayed" else None
             out[name] = criteria.score(self.criterion, p, grads[name], lam, self.generator)
         return out
+
+    def _given_gradients(self, gradients: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if not isinstance(gradients, Mapping):
+            raise TypeError(
+                f"gradients must map pruned tensor names to tensors, got {type(gradients).__name__}"
+            )
+        missing = [name for name in self.params if name not in gradients]
+        unknown = [name for name in gradients if name not in self.params]
+        if missing or unknown:
+            raise ValueError(
+                f"gradients must hold exactly the pruned tensors {list(self.params)[:5]}"
+                + (f"; missing {missing[:5]}" if missing else "")
+                + (f"; not pruned here {unknown[:5]}" if unknown else "")
+            )
+        for name, p in self.params.items():
+            grad = gradients[name]
+            if not isinstance(grad, Tensor) or grad.shape != p.shape:
+                got = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
+                raise ValueError(
+                    f"gradients[{name!r}] must be a tensor of the weight's shape "
+                    f"{tuple(p.shape)}, got {got}"
+                )
+        return {name: gradients[name].to(p.device) for name, p in self.params.items()}
 
     def _average_gradients(self) -> dict[str, Tensor]:
         if self.optimizer is None or not hasattr(self.optimizer, "grad_average"):
@@ -355,14 +385,15 @@ class Pruner:
         n_batches: int = 1,
         grad_source: str = "data",
         loss_fn: Callable | None = None,
+        gradients: Mapping[str, Tensor] | None = None,
         regrow: bool = False,
     ) -> int:
         """Prune ``amount`` of the remaining weights, or up to an overall ``sparsity``.
 
         The count is exact (rounded to the nearest weight), ties broken by position.
         Pruned weights never come back unless ``regrow=True``, which ranks all weights
-        afresh (the result then has exactly the asked sparsity). Returns how many weights
-        were newly pruned.
+        afresh (the result then has exactly the asked sparsity). The gradient criteria take
+        their gradient as :meth:`scores` says. Returns how many weights were newly pruned.
         """
         if (amount is None) == (sparsity is None):
             raise ValueError("give exactly one of amount (of the remaining weights) or sparsity")
@@ -371,7 +402,9 @@ class Pruner:
                 isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 <= value <= 1)
             ):
                 raise ValueError(f"{what} must be a number in [0, 1], got {value!r}")
-        scores = self.scores(data, n_batches, grad_source=grad_source, loss_fn=loss_fn)
+        scores = self.scores(
+            data, n_batches, grad_source=grad_source, loss_fn=loss_fn, gradients=gradients
+        )
         before = self.num_pruned()
         if self.scope == "global":
             names = list(self.params)

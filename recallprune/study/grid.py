@@ -27,11 +27,12 @@ from torch import nn
 
 from ..metrics import ConfusionCounter
 from ..optim import UndecayedSGD, decay_param_groups
+from ..pruning.criteria import NEEDS_GRADIENT
 from .datasets import Dataset
 from .records import CONTROL, DENSE, make_record
 from .runner import Study, _cpu_state
 from .stacked import StackedModel, stack_models
-from .training import EVAL_BATCH, phase_seed, scoring_batches
+from .training import EVAL_BATCH, phase_seed
 
 log = logging.getLogger("recallprune.study")
 
@@ -108,6 +109,55 @@ def evaluate_stacked(
         for counter, model_logits in zip(counters, logits, strict=True):
             counter.update(model_logits, targets)
     return [c.compute().cpu() for c in counters]
+
+
+def stacked_gradients(
+    model: StackedModel,
+    batches: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]] | None],
+    device: torch.device,
+) -> list[dict[str, torch.Tensor] | None]:
+    """Each model's mean data-loss gradient over its own ``(input, target)`` batches, as
+    :meth:`~recallprune.pruning.Pruner.gather_gradients` takes it from a single model (the
+    mean over batches of each batch's mean cross-entropy, train mode), from one forward and
+    backward pass of the stack per batch position; ``None`` where a model's entry is ``None``.
+    Batches of unequal sizes are padded with samples of weight zero. The parameters'
+    ``.grad`` fields are left as they were."""
+    wanted = [i for i, own in enumerate(batches) if own]
+    if not wanted:
+        return [None] * len(batches)
+    parameters = dict(model.named_parameters())
+    saved = {name: p.grad for name, p in parameters.items()}
+    training = model.training
+    try:
+        for p in parameters.values():
+            p.grad = None
+        model.train()
+        with torch.enable_grad():
+            for j in range(max(len(batches[i]) for i in wanted)):
+                present = [i for i in wanted if j < len(batches[i])]
+                size = max(len(batches[i][j][1]) for i in present)
+                first_x, first_y = batches[present[0]][j]
+                x = first_x.new_zeros((model.num_models, size, *first_x.shape[1:]))
+                y = first_y.new_zeros((model.num_models, size))
+                weight = torch.zeros(model.num_models, size)
+                for i in present:
+                    inputs, targets = batches[i][j]
+                    x[i, : len(targets)] = inputs
+                    y[i, : len(targets)] = targets
+                    weight[i, : len(targets)] = 1.0 / (len(targets) * len(batches[i]))
+                logits = model(x.to(device))
+                losses = nn.functional.cross_entropy(
+                    logits.flatten(0, 1), y.to(device).flatten(), reduction="none"
+                )
+                (losses * weight.to(device).flatten()).sum().backward()
+        return [
+            {name: p.grad[i].clone() for name, p in parameters.items()} if batches[i] else None
+            for i in range(model.num_models)
+        ]
+    finally:
+        for name, p in parameters.items():
+            p.grad = saved[name]
+        model.train(training)
 
 
 def model_view(stacked: StackedModel, index: int, template: nn.Module) -> nn.Module:
@@ -263,7 +313,18 @@ class BatchedStudy(Study):
             model.load_state_dict(state["model"])
             models.append(model)
         stacked = stack_models(models).to(self.device)
-        # Prune each model with its own pruner, on a view of its slice of the stack.
+        # The gradient criteria's gradients, of every model at once; then each model is
+        # pruned by its own pruner, on a view of its slice of the stack.
+        gradients = stacked_gradients(
+            stacked,
+            [
+                self.scoring_batches(seed, arm, round_index, data)
+                if arm in NEEDS_GRADIENT
+                else None
+                for seed, arm in cells
+            ],
+            self.device,
+        )
         masks: list[dict[str, torch.Tensor]] = []
         sparsities = []
         for i, ((seed, arm), state, rewind) in enumerate(zip(cells, states, rewinds, strict=True)):
@@ -280,11 +341,11 @@ class BatchedStudy(Study):
             if arm == CONTROL:
                 schedule.control_round(pruner)
             else:
-                generator = torch.Generator().manual_seed(
-                    phase_seed(seed, arm, round_index, "score")
+                given = gradients[i]
+                schedule.prune_round(
+                    pruner,
+                    gradients=None if given is None else {n: given[n] for n in pruner.params},
                 )
-                batches = scoring_batches(data, config.batch_size, config.n_batches, generator)
-                schedule.prune_round(pruner, data=batches, n_batches=config.n_batches)
             masks.append({k: v.clone() for k, v in pruner.masks.items()})
             sparsities.append(pruner.sparsity())
         optimizer = self._optimizer(stacked, self.retrain_lr())

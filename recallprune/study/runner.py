@@ -221,6 +221,14 @@ class Study:
         model = build_model(config.model, data.input_shape, data.num_classes, config.width)
         return model.to(self.device)
 
+    def scoring_batches(
+        self, seed: int, arm: str, round_index: int, data: Dataset
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The training batches whose gradient a gradient criterion scores round
+        ``round_index`` of ``arm`` with, drawn from that round's own generator."""
+        generator = torch.Generator().manual_seed(phase_seed(seed, arm, round_index, "score"))
+        return scoring_batches(data, self.config.batch_size, self.config.n_batches, generator)
+
     def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         config = self.config
         return make_optimizer(model, lr, config.momentum, config.weight_decay)
@@ -359,9 +367,8 @@ class Study:
         if arm == CONTROL:
             schedule.control_round(pruner)
         else:
-            generator = torch.Generator().manual_seed(phase_seed(seed, arm, round_index, "score"))
-            batches = scoring_batches(data, config.batch_size, config.n_batches, generator)
-            schedule.prune_round(pruner, data=batches, n_batches=config.n_batches)
+            batches = self.scoring_batches(seed, arm, round_index, data)
+            schedule.prune_round(pruner, data=batches, n_batches=len(batches))
         generator = torch.Generator().manual_seed(phase_seed(seed, arm, round_index, "train"))
         loss = self.train(model, optimizer, data, config.finetune_epochs, generator)
         confusion = evaluate(model, data, self.device, self.dist)
