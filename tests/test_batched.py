@@ -223,3 +223,86 @@ def test_shards_of_a_batched_study_and_their_errors(tmp_path, capsys):
     assert main(["-q", "study", *TINY, "--shard", "1/2"]) == 2
     assert "--shard needs the folder that every shard writes into" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+ARMS = ["magnitude", "undecayed:2", "undecayed:full", "undecayed:average"]
+
+
+def test_gradient_estimate_arms_batched_and_sequential(tmp_path):
+    from recallprune.study.config import StudyConfig
+    from recallprune.study.runner import Study
+
+    args = ["--seeds", "0", "1", "--rounds", "2", "--epochs", "3", "--finetune-epochs", "2"]
+    args += ["--device", "cpu", "--criteria", *ARMS]
+    sequential, batched = tmp_path / "sequential", tmp_path / "batched"
+    assert main(["-q", "study", *args, "--execution", "sequential", "--out", str(sequential)]) == 0
+    assert main(["-q", "study", *args, "--out", str(batched)]) == 0
+    a, b = _runs(sequential), _runs(batched)
+    assert {r["criterion"] for r in a} == {"dense", "control", *ARMS}
+    assert [r["sparsity"] for r in a] == [r["sparsity"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["accuracy"] - y["accuracy"]) <= 0.03, (x["criterion"], x["round"])
+
+    for out in (sequential, batched):
+        dense = torch.load(out / "checkpoints" / "seed1-dense-r00.pt", weights_only=True)
+        # The dense training's last-epoch gradient average, for the :average arm only.
+        assert dense["grad_average"].keys() == dense["model"].keys()
+        assert all(g.abs().sum() > 0 for g in dense["grad_average"].values())
+        last = torch.load(out / "checkpoints" / "seed1-undecayed-average-r02.pt", weights_only=True)
+        assert last["grad_average"].keys() == dense["model"].keys()
+        other = torch.load(out / "checkpoints" / "seed1-undecayed-full-r02.pt", weights_only=True)
+        assert other["grad_average"] == {}
+
+    # Round 1 of the :average arm is UP scored with the dense model's saved average.
+    one = tmp_path / "one-round"
+    args[args.index("--rounds") + 1] = "1"
+    assert main(["-q", "study", *args, "--execution", "sequential", "--out", str(one)]) == 0
+    dense = torch.load(one / "checkpoints" / "seed1-dense-r00.pt", weights_only=True)
+    config = StudyConfig.from_dict(json.loads((one / "config.json").read_text()))
+    study = Study(config, one, progress=False)
+    data = study.check()
+    model = study.new_model(1, data)
+    model.load_state_dict(dense["model"])
+    pruner = study.pruner(model, "undecayed:average", study.optimizer(model, 0.01), seed=0)
+    pruner.prune(config.fraction, gradients={n: dense["grad_average"][n] for n in pruner.params})
+    first = torch.load(one / "checkpoints" / "seed1-undecayed-average-r01.pt", weights_only=True)
+    assert pruner.masks.keys() == first["masks"].keys()
+    assert all(torch.equal(pruner.masks[n], first["masks"][n]) for n in pruner.masks)
+    # How many batches each estimate scores with.
+    batches = -(-len(data.y_train) // config.batch_size)
+    assert len(study.scoring_batches(0, "undecayed:full", 1, data)) == batches
+    assert len(study.scoring_batches(0, "undecayed:2", 1, data)) == 2
+    assert len(study.scoring_batches(0, "undecayed", 1, data)) == config.n_batches
+
+
+@pytest.mark.parametrize(
+    ("arm", "message"),
+    [
+        ("magnitude:2", "only gradient and undecayed take a gradient estimate"),
+        ("undecayed:0", "must be a number of batches"),
+        ("undecayed:some", "must be a number of batches"),
+        ("lottery", "the criterion must be one of"),
+    ],
+)
+def test_gradient_estimates_refused(tmp_path, capsys, arm, message):
+    out = tmp_path / "out"
+    assert main(["-q", "study", *TINY, "--criteria", arm, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_last_epochs_gradient_average():
+    from recallprune.study.training import grad_averages, last_epoch_average
+
+    weight = nn.Parameter(torch.zeros(3))
+    optimizer = UndecayedSGD([weight], lr=0.0, track_grad_avg=True)
+    restart = last_epoch_average(optimizer, epochs=3)
+    seen = []
+    for epoch in range(3):
+        for step in range(2):
+            weight.grad = torch.full((3,), float(10 * epoch + step))
+            seen.append(weight.grad.clone())
+            optimizer.step()
+        restart(epoch + 1)
+    average = grad_averages(optimizer, {"weight": weight})["weight"]
+    torch.testing.assert_close(average, torch.stack(seen[-2:]).mean(0))

@@ -31,7 +31,8 @@ def test_study_help_shows_defaults_and_choices(capsys):
     text = " ".join(capsys.readouterr().out.split())  # as wrapped for any terminal width
     for shown in (
         "{" + ",".join(DATASETS) + "}",
-        "{magnitude,gradient,undecayed,random}",
+        "pruning criteria, of magnitude, gradient, undecayed, random",
+        "undecayed:full (the whole training set)",
         "{finetune,rewind}",
         "{global,layer}",
         "(default: digits)",
@@ -44,6 +45,7 @@ def test_study_help_shows_defaults_and_choices(capsys):
         "(default: the output layer)",
         "(default: cuda when available, else cpu)",
         "--resume DIR",
+        "--shard I/N",
         "-q, --quiet",
     ):
         assert shown in text, shown

@@ -42,7 +42,14 @@ _FLAGS: dict[str, tuple[Any, str, Any]] = {
         None,
     ),
     "seeds": (int, "seeds, each a dense model and its pruned descendants", None),
-    "criteria": (str, "pruning criteria (a control arm that prunes nothing is added)", CRITERIA),
+    "criteria": (
+        str,
+        f"pruning criteria, of {', '.join(CRITERIA)} (a control arm that prunes nothing is "
+        "added); a gradient criterion may say how its gradient is estimated: gradient:N or "
+        "undecayed:N (N training batches), undecayed:full (the whole training set), "
+        "undecayed:average (the mean gradient over the last epoch of training before the round)",
+        None,
+    ),
     "fraction": (float, "fraction of the remaining weights pruned per round", None),
     "rounds": (int, "pruning rounds", None),
     "retrain": (

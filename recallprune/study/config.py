@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .._extras import study_imports
-from ..pruning.criteria import CRITERIA
+from ..pruning.criteria import CRITERIA, NEEDS_GRADIENT
 from ..pruning.pruner import SCOPES
 from ..pruning.schedules import RETRAIN_MODES
 from .datasets import DATASETS
@@ -22,6 +22,33 @@ NOT_IDENTITY = ("data_root", "download", "out", "max_stack")
 # Settings added after studies were first saved, with the value older studies ran with.
 LEGACY_DEFAULTS: dict[str, Any] = {"execution": "sequential", "width": 1.0, "train_fraction": 1.0}
 EXECUTIONS = ("batched", "sequential")
+# How a gradient criterion's arm estimates the data-loss gradient (``undecayed:full``): from
+# N training batches, the whole training set, or the mean gradient over the last epoch of
+# the training before the round, as UndecayedSGD tracks it.
+GRADIENT_ESTIMATES = ("full", "average")
+
+
+def parse_arm(arm: str) -> tuple[str, int | str | None]:
+    """An arm's criterion and gradient estimate: ``"undecayed"`` -> ``("undecayed", None)``
+    (``n_batches`` batches), ``"undecayed:8"`` -> 8 batches, ``"undecayed:full"``,
+    ``"undecayed:average"``. Only the gradient criteria take an estimate."""
+    criterion, colon, estimate = str(arm).partition(":")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion {arm!r}: the criterion must be one of {CRITERIA}")
+    if not colon:
+        return criterion, None
+    if criterion not in NEEDS_GRADIENT:
+        raise ValueError(
+            f"criterion {arm!r}: only {' and '.join(NEEDS_GRADIENT)} take a gradient estimate"
+        )
+    if estimate in GRADIENT_ESTIMATES:
+        return criterion, estimate
+    if estimate.isdigit() and int(estimate) >= 1 and estimate == str(int(estimate)):
+        return criterion, int(estimate)
+    raise ValueError(
+        f"criterion {arm!r}: the gradient estimate after ':' must be a number of batches "
+        f"(1, 2, ...), 'full' or 'average'"
+    )
 
 
 def rounds_for(sparsity: float, fraction: float) -> int:
@@ -76,11 +103,10 @@ class StudyConfig:
             raise ValueError(
                 f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}"
             )
-        unknown = [c for c in self.criteria if c not in CRITERIA]
-        if unknown or not self.criteria:
-            raise ValueError(
-                f"criteria must be a non-empty subset of {CRITERIA}, got {self.criteria}"
-            )
+        if not self.criteria:
+            raise ValueError(f"criteria must name at least one of {CRITERIA}")
+        for arm in self.criteria:
+            parse_arm(arm)
         repeated = sorted({c for c in self.criteria if self.criteria.count(c) > 1})
         if repeated:
             raise ValueError(

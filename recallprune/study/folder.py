@@ -35,6 +35,11 @@ def differing_settings(mine: dict[str, Any], theirs: Any) -> list[str]:
     return sorted(k for k in mine if theirs.get(k, LEGACY_DEFAULTS.get(k, missing)) != mine[k])
 
 
+def _run_name(seed: int, arm: str, round_index: int) -> str:
+    # An arm's gradient estimate ("undecayed:full") after a dash: ':' is not portable.
+    return f"seed{seed}-{arm.replace(':', '-')}-r{round_index:02d}"
+
+
 class StudyFolder:
     """The files of one study in ``path``; under torchrun only rank 0 writes."""
 
@@ -43,10 +48,10 @@ class StudyFolder:
         self.dist = dist if dist is not None else Distributed()
 
     def record_path(self, seed: int, arm: str, round_index: int) -> Path:
-        return self.path / "runs" / f"seed{seed}-{arm}-r{round_index:02d}.json"
+        return self.path / "runs" / f"{_run_name(seed, arm, round_index)}.json"
 
     def checkpoint_path(self, seed: int, arm: str, round_index: int) -> Path:
-        return self.path / "checkpoints" / f"seed{seed}-{arm}-r{round_index:02d}.pt"
+        return self.path / "checkpoints" / f"{_run_name(seed, arm, round_index)}.pt"
 
     @property
     def config_path(self) -> Path:

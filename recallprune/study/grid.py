@@ -28,11 +28,12 @@ from torch import nn
 from ..metrics import ConfusionCounter
 from ..optim import UndecayedSGD, decay_param_groups
 from ..pruning.criteria import NEEDS_GRADIENT
+from .config import parse_arm
 from .datasets import Dataset
 from .records import CONTROL, DENSE, make_record
 from .runner import Study, _cpu_state
 from .stacked import StackedModel, stack_models
-from .training import EVAL_BATCH, phase_seed
+from .training import EVAL_BATCH, grad_averages, last_epoch_average, phase_seed
 
 log = logging.getLogger("recallprune.study")
 
@@ -160,6 +161,17 @@ def stacked_gradients(
         model.train(training)
 
 
+def stacked_averages(
+    optimizer: UndecayedSGD, stacked: StackedModel
+) -> list[dict[str, torch.Tensor]]:
+    """Each model's tracked gradient average, by the single model's parameter names."""
+    averages = grad_averages(optimizer, dict(stacked.named_parameters()))
+    return [
+        {name: average[i].clone() for name, average in averages.items()}
+        for i in range(stacked.num_models)
+    ]
+
+
 def model_view(stacked: StackedModel, index: int, template: nn.Module) -> nn.Module:
     """``template`` with its parameters replaced by views of model ``index``'s slice of the
     stack: in-place changes to one show in the other (pruning, rewinding)."""
@@ -200,10 +212,15 @@ class BatchedStudy(Study):
                 records[(record["seed"], record["criterion"], round_index)] = record
         return [records[key] for key in self.grid_order()]
 
-    def _optimizer(self, stacked: StackedModel, lr: float) -> UndecayedSGD:
+    def _optimizer(
+        self, stacked: StackedModel, lr: float, track_grad_avg: bool = False
+    ) -> UndecayedSGD:
         config = self.config
         return UndecayedSGD(
-            decay_param_groups(stacked, config.weight_decay), lr=lr, momentum=config.momentum
+            decay_param_groups(stacked, config.weight_decay),
+            lr=lr,
+            momentum=config.momentum,
+            track_grad_avg=track_grad_avg,
         )
 
     def _chunks(self, items: list) -> list[list]:
@@ -230,15 +247,19 @@ class BatchedStudy(Study):
         config = self.config
         start = time.perf_counter()
         stacked = stack_models([self.new_model(seed, data) for seed in seeds]).to(self.device)
-        optimizer = self._optimizer(stacked, config.lr)
+        track = self.tracks_average(self.arms())
+        optimizer = self._optimizer(stacked, config.lr, track)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
         generators = [torch.Generator().manual_seed(phase_seed(s, DENSE)) for s in seeds]
         snapshots: list[dict[str, torch.Tensor]] = [{} for _ in seeds]
+        restart_average = last_epoch_average(optimizer, config.epochs)
 
         def snapshot(epoch: int) -> None:
             if config.retrain == "rewind" and epoch == config.rewind_epoch:
                 for i in range(len(seeds)):
                     snapshots[i] = stacked.model_state(i)
+            if track:
+                restart_average(epoch)
 
         snapshot(0)
         losses = train_stacked(
@@ -254,6 +275,7 @@ class BatchedStudy(Study):
         )
         confusions = evaluate_stacked(stacked, data, self.device)
         seconds = (time.perf_counter() - start) / len(seeds)
+        averages = stacked_averages(optimizer, stacked) if track else [{} for _ in seeds]
         records = []
         for i, seed in enumerate(seeds):
             record = make_record(confusions[i], seed, DENSE, 0, 0.0, 0.0, losses[i], seconds)
@@ -261,6 +283,7 @@ class BatchedStudy(Study):
                 "model": _cpu_state(stacked.model_state(i)),
                 "masks": {},
                 "rewind": _cpu_state(snapshots[i]) if snapshots[i] else {},
+                "grad_average": averages[i],
             }
             self.folder.save(
                 record,
@@ -315,13 +338,14 @@ class BatchedStudy(Study):
         stacked = stack_models(models).to(self.device)
         # The gradient criteria's gradients, of every model at once; then each model is
         # pruned by its own pruner, on a view of its slice of the stack.
+        estimates = [self.estimate(arm) for _, arm in cells]
         gradients = stacked_gradients(
             stacked,
             [
                 self.scoring_batches(seed, arm, round_index, data)
-                if arm in NEEDS_GRADIENT
+                if arm != CONTROL and parse_arm(arm)[0] in NEEDS_GRADIENT and estimate != "average"
                 else None
-                for seed, arm in cells
+                for (seed, arm), estimate in zip(cells, estimates, strict=True)
             ],
             self.device,
         )
@@ -342,13 +366,17 @@ class BatchedStudy(Study):
                 schedule.control_round(pruner)
             else:
                 given = gradients[i]
+                if estimates[i] == "average":
+                    where = f"the checkpoint before round {round_index} of seed {seed}, {arm}"
+                    given = self.average_gradients(state.get("grad_average"), pruner, where)
                 schedule.prune_round(
                     pruner,
                     gradients=None if given is None else {n: given[n] for n in pruner.params},
                 )
             masks.append({k: v.clone() for k, v in pruner.masks.items()})
             sparsities.append(pruner.sparsity())
-        optimizer = self._optimizer(stacked, self.retrain_lr())
+        track = "average" in estimates
+        optimizer = self._optimizer(stacked, self.retrain_lr(), track)
         parameters = dict(stacked.named_parameters())
         for name in masks[0]:
             optimizer.set_mask(parameters[name], torch.stack([m[name] for m in masks]))
@@ -364,9 +392,11 @@ class BatchedStudy(Study):
             config.batch_size,
             self.device,
             generators,
+            on_epoch=last_epoch_average(optimizer, config.finetune_epochs) if track else None,
         )
         confusions = evaluate_stacked(stacked, data, self.device)
         seconds = (time.perf_counter() - start) / len(cells)
+        averages = stacked_averages(optimizer, stacked) if track else [{} for _ in cells]
         nominal = self.schedule().sparsity_after(round_index)
         records = []
         for i, (seed, arm) in enumerate(cells):
@@ -376,6 +406,7 @@ class BatchedStudy(Study):
             checkpoint = {
                 "model": _cpu_state(stacked.model_state(i)),
                 "masks": {k: v.cpu() for k, v in masks[i].items()},
+                "grad_average": averages[i] if estimates[i] == "average" else {},
             }
             self.folder.save(
                 record,

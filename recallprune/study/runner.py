@@ -6,6 +6,7 @@ interrupted study resumes where it stopped."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from torch import nn
 
 from .._extras import study_imports
 from ..pruning import Iterative, Pruner
-from .config import StudyConfig
+from .config import StudyConfig, parse_arm
 from .datasets import Dataset, load_dataset, subsample_train
 from .distributed import setup_distributed
 from .files import StudyError, load_checkpoint
@@ -24,6 +25,8 @@ from .models import build_model, output_layer_name
 from .records import CONTROL, DENSE, make_record
 from .training import (
     evaluate,
+    grad_averages,
+    last_epoch_average,
     make_optimizer,
     phase_seed,
     resolve_device,
@@ -226,18 +229,44 @@ class Study:
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The training batches whose gradient a gradient criterion scores round
         ``round_index`` of ``arm`` with, drawn from that round's own generator."""
-        generator = torch.Generator().manual_seed(phase_seed(seed, arm, round_index, "score"))
-        return scoring_batches(data, self.config.batch_size, self.config.n_batches, generator)
-
-    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         config = self.config
-        return make_optimizer(model, lr, config.momentum, config.weight_decay)
+        estimate = self.estimate(arm)
+        if estimate == "full":
+            n_batches = math.ceil(len(data.y_train) / config.batch_size)
+        else:
+            n_batches = estimate if isinstance(estimate, int) else config.n_batches
+        generator = torch.Generator().manual_seed(phase_seed(seed, arm, round_index, "score"))
+        return scoring_batches(data, config.batch_size, n_batches, generator)
+
+    def optimizer(
+        self, model: nn.Module, lr: float, track_grad_avg: bool = False
+    ) -> torch.optim.Optimizer:
+        config = self.config
+        return make_optimizer(model, lr, config.momentum, config.weight_decay, track_grad_avg)
+
+    def estimate(self, arm: str) -> int | str | None:
+        """How ``arm`` estimates its gradient: a number of batches, ``"full"`` or
+        ``"average"`` (see :func:`~recallprune.study.config.parse_arm`); None for ``n_batches``
+        batches, or no gradient."""
+        return None if arm == CONTROL else parse_arm(arm)[1]
+
+    def tracks_average(self, arms: list[str]) -> bool:
+        """Whether the training before a round of these arms tracks the gradient average."""
+        return any(self.estimate(arm) == "average" for arm in arms)
+
+    def average_gradients(
+        self, average: dict[str, torch.Tensor] | None, pruner: Pruner, where: str
+    ) -> dict[str, torch.Tensor]:
+        """The saved gradient average of the pruned weights, for an ``:average`` arm."""
+        if not average:
+            raise StudyError(f"{where} holds no gradient average to score with")
+        return {name: average[name].to(self.device) for name in pruner.params}
 
     def pruner(self, model: nn.Module, arm: str, optimizer, seed: int) -> Pruner:
         """The pruner of one round of ``arm`` (the control's never prunes)."""
         config = self.config
         exclude = config.exclude if config.exclude is not None else [output_layer_name(model)]
-        criterion = "magnitude" if arm == CONTROL else arm
+        criterion = "magnitude" if arm == CONTROL else parse_arm(arm)[0]
         return Pruner(
             model, criterion, scope=config.scope, exclude=exclude, optimizer=optimizer, seed=seed
         )
@@ -270,14 +299,18 @@ class Study:
             return record
         start = time.perf_counter()
         model = self.new_model(seed, data)
-        optimizer = self.optimizer(model, config.lr)
+        track = self.tracks_average(self.arms())
+        optimizer = self.optimizer(model, config.lr, track_grad_avg=track)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
         generator = torch.Generator().manual_seed(phase_seed(seed, DENSE))
         schedule = self.schedule()
+        restart_average = last_epoch_average(optimizer, config.epochs)
 
         def snapshot(epoch: int) -> None:
             if config.retrain == "rewind" and epoch == config.rewind_epoch:
                 schedule.snapshot(model)
+            if track:
+                restart_average(epoch)
 
         snapshot(0)
         loss = self.train(
@@ -296,6 +329,9 @@ class Study:
             "model": _cpu_state(model.state_dict()),
             "masks": {},
             "rewind": schedule.state_dict()["snapshot"] or {},
+            "grad_average": grad_averages(optimizer, dict(model.named_parameters()))
+            if track
+            else {},
         }
         self.folder.save(record, path, checkpoint, checkpoint_path)
         self.computed += 1
@@ -323,10 +359,11 @@ class Study:
             state = load_checkpoint(self.folder.checkpoint_path(seed, arm, last))
         model.load_state_dict(state["model"])
         masks = {k: v.to(self.device) for k, v in state["masks"].items()}
+        average = state.get("grad_average")
         schedule = self.schedule()
         schedule.load_state_dict({"round": last, "snapshot": dense["rewind"] or None})
         while not schedule.done:
-            record, masks = self.round(seed, arm, data, model, masks, schedule)
+            record, masks, average = self.round(seed, arm, data, model, masks, average, schedule)
             self.computed += 1
             bar.update()
             records.append(record)
@@ -352,25 +389,39 @@ class Study:
         data: Dataset,
         model: nn.Module,
         masks: dict[str, torch.Tensor],
+        average: dict[str, torch.Tensor] | None,
         schedule: Iterative,
-    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The next round of ``schedule``: prune (or not, in the control arm), retrain,
-        evaluate and save. Returns the record and the masks the next round starts from."""
+        evaluate and save. ``average``: the gradient average of the training before, for an
+        ``:average`` arm. Returns the record, and the masks and gradient average the next
+        round starts from."""
         config = self.config
         round_index = schedule.round + 1
         start = time.perf_counter()
-        optimizer = self.optimizer(model, self.retrain_lr())
+        track = self.estimate(arm) == "average"
+        optimizer = self.optimizer(model, self.retrain_lr(), track_grad_avg=track)
         pruner = self.pruner(model, arm, optimizer, seed=phase_seed(seed, arm, round_index))
         if masks:
             pruner.masks.update(masks)
             pruner.apply()
         if arm == CONTROL:
             schedule.control_round(pruner)
+        elif track:
+            where = f"the checkpoint before round {round_index} of seed {seed}, {arm}"
+            schedule.prune_round(pruner, gradients=self.average_gradients(average, pruner, where))
         else:
             batches = self.scoring_batches(seed, arm, round_index, data)
             schedule.prune_round(pruner, data=batches, n_batches=len(batches))
         generator = torch.Generator().manual_seed(phase_seed(seed, arm, round_index, "train"))
-        loss = self.train(model, optimizer, data, config.finetune_epochs, generator)
+        loss = self.train(
+            model,
+            optimizer,
+            data,
+            config.finetune_epochs,
+            generator,
+            on_epoch=last_epoch_average(optimizer, config.finetune_epochs) if track else None,
+        )
         confusion = evaluate(model, data, self.device, self.dist)
         masks = {k: v.clone() for k, v in pruner.masks.items()}
         record = make_record(
@@ -383,9 +434,11 @@ class Study:
             loss,
             time.perf_counter() - start,
         )
+        average = grad_averages(optimizer, dict(model.named_parameters())) if track else {}
         checkpoint = {
             "model": _cpu_state(model.state_dict()),
             "masks": {k: v.cpu() for k, v in masks.items()},
+            "grad_average": average,
         }
         self.folder.save(
             record,
@@ -403,7 +456,7 @@ class Study:
             record["sparsity"],
             record["accuracy"],
         )
-        return record, masks
+        return record, masks, average
 
 
 def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

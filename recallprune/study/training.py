@@ -56,12 +56,44 @@ def phase_seed(*parts: Any) -> int:
 
 
 def make_optimizer(
-    model: nn.Module, lr: float, momentum: float, weight_decay: float
+    model: nn.Module,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    track_grad_avg: bool = False,
 ) -> UndecayedSGD:
-    """The study's optimizer: no weight decay on biases and normalisation parameters."""
+    """The study's optimizer: no weight decay on biases and normalisation parameters;
+    ``track_grad_avg`` for the arms that score with the tracked gradient average."""
     groups = decay_param_groups(model, weight_decay)
     # Every group sets its own weight decay; the default is given so that SGD checks it.
-    return UndecayedSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return UndecayedSGD(
+        groups,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        track_grad_avg=track_grad_avg,
+    )
+
+
+def last_epoch_average(optimizer: UndecayedSGD, epochs: int) -> Callable[[int], None]:
+    """An ``on_epoch`` callback that restarts the optimizer's gradient average before the
+    last of ``epochs`` epochs, so that it holds that epoch's mean gradient."""
+
+    def restart(epoch: int) -> None:
+        if epoch == epochs - 1:
+            optimizer.reset_grad_average()
+
+    return restart
+
+
+def grad_averages(
+    optimizer: UndecayedSGD, named_parameters: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The tracked gradient average of every parameter, by name, on the CPU."""
+    return {
+        name: optimizer.grad_average(p).detach().cpu().clone()
+        for name, p in named_parameters.items()
+    }
 
 
 def batches(
