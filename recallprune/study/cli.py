@@ -306,6 +306,39 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .environment import describe
+    from .report import write_outputs
+    from .sweep import run_sweep
+
+    out = Path(args.out) if args.out else Path("runs") / f"sweep-{Path(args.file).stem}"
+    command = f"{_program()} sweep {shlex.quote(args.file)} --out {shlex.quote(str(out))}"
+
+    def run_study(config: StudyConfig) -> None:
+        study = make_study(config, Path(config.out), progress=not args.quiet)
+        runs = study.run()
+        if study.dist.is_main:
+            write_outputs(
+                config.to_dict(), runs, Path(config.out), describe(config.device), study.model_info
+            )
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        result = run_sweep(args.file, out, run_study, level=args.level, device=device)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: every finished run is saved under {out}; resume with:\n  {command}",
+            file=sys.stderr,
+        )
+        return 130
+    for i, answer in enumerate(result["answers"], 1):
+        print(f"{i}. {answer['question']} {answer['answer']}")
+    print(f"sweep of {len(result['studies'])} studies done; wrote {out / 'compare' / 'compare.md'}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import rebuild
 
@@ -474,6 +507,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity(parser, top_level=True)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _study_parser(subparsers)
+    sweep = subparsers.add_parser(
+        "sweep",
+        help="a grid of studies from one file, then compare them",
+        description="Run a study for every combination of the settings that a file's [sweep] "
+        "table varies (each a list of values), with the settings of its [study] table shared, "
+        "each in its own folder under OUT/studies; then compare them into OUT/compare. "
+        "Rerunning the same command resumes it.",
+    )
+    _add_verbosity(sweep, top_level=False)
+    sweep.add_argument("file", help="TOML, YAML or JSON file with [study] and [sweep] tables")
+    sweep.add_argument(
+        "--out", metavar="DIR", help="output folder (default: runs/sweep-<file name>)"
+    )
+    sweep.add_argument(
+        "--level",
+        type=float,
+        default=0.05,
+        help="significance level of the comparison's verdicts (default: 0.05)",
+    )
     report = subparsers.add_parser(
         "report",
         help="rebuild report.md and plots from results.json",
@@ -569,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "study": cmd_study,
         "report": cmd_report,
+        "sweep": cmd_sweep,
         "analyze": cmd_analyze,
         "compare": cmd_compare,
     }

@@ -246,20 +246,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     table, an unknown name, a value of the wrong type) is an error naming the file, never
     silently ignored."""
     path = Path(path)
-    if not path.exists():
-        raise StudyError(f"config file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in (".toml", ".yaml", ".yml", ".json"):
-        raise StudyError(f"config file {path}: expected .toml, .yaml, .yml or .json")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise StudyError(f"config file {path} cannot be read: {os_problem(error)}") from error
-    except UnicodeDecodeError as error:
-        raise StudyError(f"config file {path} is not UTF-8 text ({error})") from error
-    values = _parse(path, suffix, text)
-    if not isinstance(values, dict):
-        raise StudyError(f"config file {path} must hold a table of settings")
+    values = read_settings_file(path)
     if "study" in values:
         others = [key for key in values if key != "study"]
         if others:
@@ -275,6 +262,26 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return check_settings(values)
     except ValueError as error:
         raise StudyError(f"config file {path}: {error}") from error
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """The table a TOML, YAML or JSON file holds, unchecked; unreadable or unparsable files
+    and anything but a table are errors naming the file."""
+    if not path.exists():
+        raise StudyError(f"config file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise StudyError(f"config file {path}: expected .toml, .yaml, .yml or .json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise StudyError(f"config file {path} cannot be read: {os_problem(error)}") from error
+    except UnicodeDecodeError as error:
+        raise StudyError(f"config file {path} is not UTF-8 text ({error})") from error
+    values = _parse(path, suffix, text)
+    if not isinstance(values, dict):
+        raise StudyError(f"config file {path} must hold a table of settings")
+    return values
 
 
 def _parse(path: Path, suffix: str, text: str) -> Any:
