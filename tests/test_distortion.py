@@ -82,12 +82,27 @@ def test_verdicts_follow_the_p_values(ratios, expected):
     half = stats.t.ppf(0.975, len(ratios) - 1) * stats.sem(ratios)
     assert result["ci_low"] == pytest.approx(np.mean(ratios) - half)
     assert result["ci_high"] == pytest.approx(np.mean(ratios) + half)
+    differences = np.subtract(ratios, 1)
+    tied = 0 in differences or len(set(np.abs(differences))) < len(differences)
+    method = "asymptotic" if tied else "exact"
     assert result["wilcoxon_p_value"] == pytest.approx(
-        stats.wilcoxon(np.subtract(ratios, 1)).pvalue
+        stats.wilcoxon(differences, method=method).pvalue
     )
     assert D.verdict(result["mean"], result["p_value"], 0.05) == expected
     # The same data at a stricter level than its p-value is inconclusive.
     assert D.verdict(result["mean"], result["p_value"], result["p_value"] / 2) == D.INCONCLUSIVE
+
+
+def test_the_wilcoxon_test_with_ties_uses_the_normal_approximation():
+    # Twenty seeds with tied ratios: scipy's exact sign-flip enumeration would take minutes.
+    ratios = [1.0 + 0.1 * (i % 5) for i in range(20)]
+    differences = np.subtract(ratios, 1)
+    expected = stats.wilcoxon(differences, method="asymptotic").pvalue
+    assert D.ratio_statistics(ratios)["wilcoxon_p_value"] == pytest.approx(expected)
+    # Without ties it stays exact.
+    distinct = [1.0 + 0.01 * i + 0.001 * i * i for i in range(1, 9)]
+    exact = stats.wilcoxon(np.subtract(distinct, 1), method="exact").pvalue
+    assert D.ratio_statistics(distinct)["wilcoxon_p_value"] == pytest.approx(exact)
 
 
 def test_ratio_statistics_degenerate_cases():
