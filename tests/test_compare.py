@@ -230,3 +230,50 @@ def test_the_compare_command(sweep, tmp_path, capsys):
     }
     assert main(["compare", str(sweep[0]), "--out", str(out)]) == 2
     assert "at least two" in capsys.readouterr().err
+
+
+def test_ups_gradient_estimates_are_compared_with_mp_and_up(tmp_path):
+    generator = np.random.default_rng(3)
+    criteria = ("magnitude", "undecayed", "undecayed:full")
+    effect = {"magnitude": 0.0, "undecayed": 0.1, "undecayed:full": 0.4, "control": -0.2}
+    folders = [
+        _fake_study(
+            tmp_path / f"s{i}",
+            0.05 * (i + 1),
+            10_000 * (i + 1),
+            generator,
+            criteria=criteria,
+            effect=effect,
+        )
+        for i in range(3)
+    ]
+    result = C.compare(folders)
+    full = result["up_estimates"]["undecayed:full"]
+    # The fake ratios differ by the effects alone, up to per-row noise of sd 0.1.
+    assert full["mp_minus_arm"]["mean"] == pytest.approx(-0.4, abs=0.05)
+    assert full["up_minus_arm"]["mean"] == pytest.approx(-0.3, abs=0.05)
+    # By hand: per (study, seed), the mean over sparsities >= 0.8 of MP - arm.
+    rows = result["rows"]
+    units = []
+    for study in {r["study"] for r in rows}:
+        for seed in range(4):
+
+            def ratios(criterion, study=study, seed=seed):
+                return {
+                    round(r["sparsity"], 6): r["ratio"]
+                    for r in rows
+                    if (r["study"], r["seed"], r["criterion"]) == (study, seed, criterion)
+                    and r["sparsity"] >= C.HIGH_SPARSITY
+                }
+
+            mp, arm = ratios("magnitude"), ratios("undecayed:full")
+            units.append(np.mean([mp[s] - arm[s] for s in mp]))
+    assert full["mp_minus_arm"]["n_units"] == len(units) == 12
+    assert full["mp_minus_arm"]["mean"] == pytest.approx(np.mean(units))
+    assert full["mp_minus_arm"]["p_value"] == pytest.approx(stats.ttest_1samp(units, 0).pvalue)
+    questions = [a["question"] for a in result["answers"]]
+    assert "Does UP's gradient estimate change its intensification?" in questions
+    answer = result["answers"][
+        questions.index("Does UP's gradient estimate change its intensification?")
+    ]
+    assert f"undecayed:full: MP - it {full['mp_minus_arm']['mean']:+.3f}" in answer["answer"]

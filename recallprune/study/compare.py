@@ -187,17 +187,23 @@ def fit(rows: list[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, 
     ]
 
 
-def paired_up_vs_mp(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def paired_up_vs_mp(rows: list[dict[str, Any]], up: str = "undecayed") -> dict[str, Any]:
     """MP - UP paired by study, seed and round at sparsity >= 0.8, averaged per (study, seed)
     and tested over those units."""
+    return paired_difference(rows, "magnitude", up)
+
+
+def paired_difference(rows: list[dict[str, Any]], first: str, second: str) -> dict[str, Any]:
+    """``first``'s ratio minus ``second``'s, paired by study, seed and round at sparsity >=
+    0.8, averaged per (study, seed) and tested over those units."""
     by_key = {(r["study"], r["seed"], round(r["sparsity"], 6), r["criterion"]): r for r in rows}
     units: dict[tuple[str, Any], list[float]] = defaultdict(list)
     for (study, seed, sparsity, criterion), row in by_key.items():
-        if criterion != "magnitude" or sparsity < HIGH_SPARSITY:
+        if criterion != first or sparsity < HIGH_SPARSITY:
             continue
-        up = by_key.get((study, seed, sparsity, "undecayed"))
-        if up is not None:
-            units[(study, seed)].append(row["ratio"] - up["ratio"])
+        other = by_key.get((study, seed, sparsity, second))
+        if other is not None:
+            units[(study, seed)].append(row["ratio"] - other["ratio"])
     differences = [float(np.mean(v)) for v in units.values()]
     return {"n_units": len(differences), **D.mean_statistics(differences, 0.0)}
 
@@ -236,6 +242,17 @@ def compare(folders: list[Path], level: float = 0.05) -> dict[str, Any]:
     }
     if {"magnitude", "undecayed"} <= set(criteria):
         result["up_vs_mp"] = paired_up_vs_mp(rows)
+    # UP with other gradient estimates (undecayed:full, ...): each against magnitude pruning
+    # and against UP from n_batches batches.
+    estimates = [c for c in criteria if c.startswith("undecayed:")]
+    if estimates and {"magnitude", "undecayed"} <= set(criteria):
+        result["up_estimates"] = {
+            arm: {
+                "mp_minus_arm": paired_difference(rows, "magnitude", arm),
+                "up_minus_arm": paired_difference(rows, "undecayed", arm),
+            }
+            for arm in estimates
+        }
     result["answers"] = answers(result)
     return result
 
@@ -297,6 +314,8 @@ def answers(result: dict[str, Any]) -> list[dict[str, str]]:
                 f"{up['p_value']:.2g}, n = {up['n_units']})",
             }
         )
+    if "up_estimates" in result:
+        out.append(_answer_estimates(result["up_estimates"], level))
     low = [
         r
         for r in result["rows"]
@@ -325,6 +344,25 @@ def answers(result: dict[str, Any]) -> list[dict[str, str]]:
         }
     )
     return out
+
+
+def _answer_estimates(estimates: dict[str, dict[str, Any]], level: float) -> dict[str, str]:
+    def numbers(test: dict[str, Any]) -> str:
+        significant = math.isfinite(test["p_value"]) and test["p_value"] < level
+        return (
+            f"{test['mean']:+.3f} [{test['ci_low']:+.3f}, {test['ci_high']:+.3f}], p "
+            f"{test['p_value']:.2g}{' (significant)' if significant else ''}"
+        )
+
+    parts = [
+        f"{arm}: MP - it {numbers(tests['mp_minus_arm'])}; UP - it {numbers(tests['up_minus_arm'])}"
+        for arm, tests in estimates.items()
+    ]
+    return {
+        "question": "Does UP's gradient estimate change its intensification?",
+        "answer": f"at sparsity >= {HIGH_SPARSITY}, per study and seed, against magnitude "
+        "pruning and against UP from --n-batches batches: " + "; ".join(parts),
+    }
 
 
 def write_compare(result: dict[str, Any], out: Path) -> None:
