@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
 from recallprune import ConfusionCounter, confusion_matrix
-from recallprune._reference import confusion_update_reference
+from recallprune.ops.reference import confusion_update_reference
 
 from .conftest import requires_cuda, requires_ops
 
@@ -262,21 +262,6 @@ class TestErrors:
             op(counts, invalid, torch.randn(2, 4, 1), torch.zeros(2, 1, dtype=torch.int64), 4)
         with pytest.raises(RuntimeError, match="target must be int64 or int32"):
             op(counts, invalid, torch.randn(2, 3, 1), torch.zeros(2, 1), 3)
-
-
-@requires_ops
-def test_opcheck(kernel_device):
-    x = _logits(40, 6, torch.float32, 0).to(kernel_device)
-    target = torch.randint(0, 7, (40, 1)).to(kernel_device)
-    counts = torch.zeros(36, dtype=torch.int64, device=kernel_device)
-    invalid = torch.zeros(1, dtype=torch.int64, device=kernel_device)
-    for batch in (x.view(40, 6, 1), x.argmax(1, keepdim=True)):
-        torch.library.opcheck(
-            torch.ops.recallprune.confusion_update_.default, (counts, invalid, batch, target, 6, 6)
-        )
-        torch.library.opcheck(
-            torch.ops.recallprune.confusion_matrix.default, (batch, target, 6, None)
-        )
 
 
 @requires_cuda

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from recallprune import UndecayedSGD, decay_param_groups
-from recallprune._reference import undecayed_sgd_reference
+from recallprune.ops.reference import undecayed_sgd_reference
 
 SGD_CONFIGS = [
     dict(momentum=m, dampening=d, nesterov=n, maximize=mx, weight_decay=wd)
@@ -940,11 +940,6 @@ def test_tensor_lr_overload_matches_float_lr(kernel_device):
             tensor_results = with_tensor[0] + with_tensor[2]
             for a, b in zip(tensor_results, with_float[0] + with_float[2], strict=True):
                 assert torch.equal(a, b)
-        torch.library.opcheck(
-            torch.ops.recallprune.undecayed_sgd_.tensor_lr,
-            args,
-            dict(lr=torch.tensor([0.1], device=kernel_device), is_first_step=False, **hyper),
-        )
 
 
 def _op_samples(device):

@@ -9,13 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _extension
-from .._reference import confusion_update_reference
+from .. import ops
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-_KERNEL_LABEL_DTYPES = (torch.int64, torch.int32)
-_BACKENDS = ("auto", "kernel", "reference")
 
 
 def _as_batch(input: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -61,13 +58,14 @@ def _as_batch(input: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, 
     return input.reshape(n, inner), target.reshape(n, inner)
 
 
-def _kernel_batch(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """The layouts and dtypes the kernels take: contiguous, int32/int64 labels."""
-    if not input.is_floating_point() and input.dtype not in _KERNEL_LABEL_DTYPES:
-        input = input.to(torch.int64)
-    if target.dtype not in _KERNEL_LABEL_DTYPES:
-        target = target.to(torch.int64)
-    return input.contiguous(), target.contiguous()
+def _check_options(num_classes: int, ignore_index: int | None, backend: str) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+    ):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    ops.check_backend(backend)
 
 
 def _update(
@@ -85,16 +83,7 @@ def _update(
             f"the batch is on {input.device} but the counter is on {counts.device}; create the "
             f"counter with device={str(input.device)!r} or move the batch"
         )
-    use_kernel = backend == "kernel" or (backend == "auto" and _extension.has_ops(counts.device))
-    if backend == "kernel":
-        _extension.require_ops(counts.device, "ConfusionCounter")
-    if use_kernel:
-        input, target = _kernel_batch(input, target)
-        torch.ops.recallprune.confusion_update_(
-            counts, invalid, input, target, num_classes, ignore_index
-        )
-    else:
-        confusion_update_reference(counts, invalid, input, target, num_classes, ignore_index)
+    ops.confusion_update_(counts, invalid, input, target, num_classes, ignore_index, backend)
 
 
 def _raise_if_invalid(invalid: Tensor, num_classes: int, ignore_index: int | None) -> None:
@@ -133,14 +122,7 @@ class ConfusionCounter:
         ignore_index: int | None = None,
         backend: str = "auto",
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if ignore_index is not None and (
-            isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
-        ):
-            raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        _check_options(num_classes, ignore_index, backend)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.backend = backend
@@ -242,18 +224,13 @@ def confusion_matrix(
 ) -> Tensor:
     """Confusion counts of one batch, int64 ``[C, C]``; see :class:`ConfusionCounter`.
 
-    Runs the functional op ``torch.ops.recallprune.confusion_matrix`` where the kernels are
-    available. Raises ValueError if any label is outside ``[0, C)`` (this check synchronises).
+    Runs the functional op (:func:`recallprune.ops.confusion_matrix`) with the kernels where
+    they are available. Raises ValueError if any label is outside ``[0, C)`` (this check
+    synchronises).
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "reference" or not _extension.has_ops(input.device):
-        counter = ConfusionCounter(num_classes, input.device, ignore_index, backend)
-        counter.update(input, target)
-        return counter.compute()
-    batch, labels = _kernel_batch(*_as_batch(input, target, num_classes))
-    counts, invalid = torch.ops.recallprune.confusion_matrix(
-        batch, labels, num_classes, ignore_index
+    _check_options(num_classes, ignore_index, backend)
+    counts, invalid = ops.confusion_matrix(
+        *_as_batch(input, target, num_classes), num_classes, ignore_index, backend
     )
     _raise_if_invalid(invalid, num_classes, ignore_index)
     return counts

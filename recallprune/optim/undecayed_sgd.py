@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from torch.optim import SGD
 from torch.optim.optimizer import _use_grad_for_differentiable
 
+from ..ops import check_backend
 from ._state import OptimizerState
-from .functional import BACKENDS, StepPlan
+from .functional import StepPlan
 
 # State keys of UndecayedSGD beyond torch.optim.SGD's "momentum_buffer".
 _MASK_KEYS = ("keep_mask", "decay_mask")
@@ -145,8 +146,7 @@ class UndecayedSGD(SGD):
         backend: str = "auto",
         track_grad_avg: bool = False,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.backend = backend
         self._track_grad_avg_default = bool(track_grad_avg)
         self._step_lists: list[_GroupLists | None] = []
