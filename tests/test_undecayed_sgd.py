@@ -406,6 +406,153 @@ def test_masks_travel_in_state_dict_and_checkpoints_move_both_ways():
         assert torch.equal(p, q)
 
 
+def _masked_training(steps, generator):
+    """A model and its UndecayedSGD (reference backend) with keep and decay masks and gradient
+    averages, after ``steps`` steps with gradients drawn from ``generator``."""
+    model = _make_model()
+    opt = UndecayedSGD(
+        _groups(model),
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-3,
+        track_grad_avg=True,
+        backend="reference",
+    )
+    opt.set_mask(model[0].weight, torch.rand(model[0].weight.shape, generator=generator) > 0.5)
+    opt.set_mask(model[4].weight, torch.rand(model[4].weight.shape, generator=generator) > 0.3)
+    opt.set_decay_mask(
+        model[3].weight, torch.rand(model[3].weight.shape, generator=generator) > 0.5
+    )
+    for step in range(steps):
+        _set_grads([model], step, generator)
+        opt.step()
+    return model, opt
+
+
+def _assert_same_state(a, b):
+    """Two optimizer state_dicts hold the same groups and the same tensors (dtypes too)."""
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for key, state in a["state"].items():
+        assert state.keys() == b["state"][key].keys(), key
+        for name, value in state.items():
+            other = b["state"][key][name]
+            assert value.dtype == other.dtype and torch.equal(value, other), (key, name)
+
+
+def test_checkpoint_round_trips_through_torch_sgd_with_masks_and_averages():
+    model, opt = _masked_training(3, torch.Generator().manual_seed(11))
+    saved = copy.deepcopy(opt.state_dict())
+
+    # torch.optim.SGD keeps the extra entries, cast to the parameters' dtype.
+    sgd = torch.optim.SGD(_groups(_make_model()), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    sgd.load_state_dict(copy.deepcopy(saved))
+    through_sgd = copy.deepcopy(sgd.state_dict())
+    assert through_sgd["state"][0]["keep_mask"].dtype == torch.float32
+    assert through_sgd["state"][0]["grad_count"].dtype == torch.float32
+
+    twin_model = copy.deepcopy(model)
+    twin = UndecayedSGD(_groups(twin_model), lr=0.1, backend="reference")
+    twin.load_state_dict(through_sgd)
+    _assert_same_state(twin.state_dict(), saved)
+    assert twin.get_mask(twin_model[0].weight).dtype == torch.bool
+
+    generator = torch.Generator().manual_seed(12)
+    for step in range(3):
+        _set_grads([model, twin_model], step, generator)
+        opt.step()
+        twin.step()
+    for p, q in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.grad_average(p), twin.grad_average(q))
+    _assert_same_state(twin.state_dict(), opt.state_dict())
+
+
+def _set_state(key, value):
+    def corrupt(state_dict):
+        state_dict["state"][key[0]][key[1]] = value
+
+    return corrupt
+
+
+def _mask_with(value):
+    def corrupt(state_dict):
+        mask = state_dict["state"][6]["keep_mask"].float()
+        mask.view(-1)[3] = value
+        state_dict["state"][6]["keep_mask"] = mask
+
+    return corrupt
+
+
+def _drop(key):
+    def corrupt(state_dict):
+        del state_dict["state"][key[0]][key[1]]
+
+    return corrupt
+
+
+def _drop_group_param(state_dict):
+    state_dict["param_groups"][2]["params"].pop()
+
+
+# Parameter 6 is the last weight (model[4].weight), after the valid entries of the others.
+BAD_CHECKPOINTS = {
+    "mask shape": (
+        _set_state((6, "keep_mask"), torch.ones(3, dtype=torch.bool)),
+        "keep_mask has shape",
+    ),
+    "mask value 0.5": (
+        _mask_with(0.5),
+        r"keep_mask \(torch.float32\) holds 1 value\(s\) other than 0 and 1 \(e.g. 0.5\)",
+    ),
+    "mask value NaN": (_mask_with(float("nan")), "other than 0 and 1"),
+    "mask value 2": (_mask_with(2.0), r"other than 0 and 1 \(e.g. 2.0\)"),
+    "mask type": (
+        _set_state((6, "decay_mask"), [[True] * 7] * 3),
+        "decay_mask must be a tensor, got list",
+    ),
+    "grad_sum shape": (_set_state((6, "grad_sum"), torch.zeros(7, 3)), "grad_sum has shape"),
+    "grad_sum dtype": (
+        _set_state((6, "grad_sum"), torch.zeros(3, 7, dtype=torch.int64)),
+        "grad_sum must be a float tensor",
+    ),
+    "grad_count missing": (_drop((6, "grad_count")), "has grad_sum but no grad_count"),
+    "grad_count fraction": (
+        _set_state((6, "grad_count"), torch.tensor(2.5)),
+        "whole number of steps",
+    ),
+    "momentum shape": (
+        _set_state((6, "momentum_buffer"), torch.zeros(21)),
+        "momentum_buffer has shape",
+    ),
+    "group size": (_drop_group_param, "doesn't match the size of optimizer's group"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_a_failed_load_changes_nothing(case):
+    corrupt, message = BAD_CHECKPOINTS[case]
+    # An earlier checkpoint, so that loading it would change every entry.
+    _, early = _masked_training(2, torch.Generator().manual_seed(13))
+    checkpoint = copy.deepcopy(early.state_dict())
+    corrupt(checkpoint)
+    model, opt = _masked_training(4, torch.Generator().manual_seed(14))
+    twin_model, twin = _masked_training(4, torch.Generator().manual_seed(14))
+    with pytest.raises((ValueError, TypeError), match=message) as error:
+        opt.load_state_dict(checkpoint)
+    if case != "group size":
+        assert "load_state_dict: parameter 6 (shape (3, 7))" in str(error.value)
+    _assert_same_state(opt.state_dict(), twin.state_dict())
+    generator = torch.Generator().manual_seed(15)
+    for step in range(2):
+        _set_grads([model, twin_model], step, generator)
+        opt.step()
+        twin.step()
+    for p, q in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    _assert_same_state(opt.state_dict(), twin.state_dict())
+
+
 @pytest.mark.parametrize("backend", ["reference", "kernel"])
 def test_amp_grad_scaler_matches_unscaled_training(backend):
     if backend == "kernel":

@@ -16,18 +16,10 @@ from torch.optim import SGD
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ..ops import check_backend
-from ._state import OptimizerState
+from ._state import EXTRA_KEYS, OptimizerState, checked_param_state, opmath_dtype
 from .functional import StepPlan
 
-# State keys of UndecayedSGD beyond torch.optim.SGD's "momentum_buffer".
-_MASK_KEYS = ("keep_mask", "decay_mask")
-_AVERAGE_KEYS = ("grad_sum", "grad_count")
-_EXTRA_KEYS = _MASK_KEYS + _AVERAGE_KEYS
 _GRAD = attrgetter("grad")
-
-
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _GroupLists:
@@ -354,7 +346,7 @@ class UndecayedSGD(SGD):
             if tracking:
                 state = self.state[p]
                 if "grad_sum" not in state:
-                    dtype = _opmath_dtype(p.dtype)
+                    dtype = opmath_dtype(p.dtype)
                     state["grad_sum"] = torch.zeros_like(
                         p, dtype=dtype, memory_format=torch.contiguous_format
                     )
@@ -390,44 +382,55 @@ class UndecayedSGD(SGD):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint of UndecayedSGD or of ``torch.optim.SGD``.
 
-        Masks and gradient sums keep their dtypes (torch's loader would cast every tensor
-        of the state to the parameter's dtype) and are checked against their parameters.
+        Everything is checked before anything changes: on an error the optimizer is left as
+        it was. Masks and gradient sums keep their dtypes (torch's loader would cast every
+        tensor of the state to the parameter's dtype); masks saved as 0/1 floats (a
+        checkpoint that went through ``torch.optim.SGD``) load as bool masks. As with
+        :meth:`set_mask`, the pruned weights and their momentum are zeroed.
         """
-        extras = {
-            param_id: {key: value for key, value in param_state.items() if key in _EXTRA_KEYS}
-            for param_id, param_state in state_dict["state"].items()
-        }
-        stripped = dict(state_dict)
-        stripped["state"] = {
-            param_id: {key: value for key, value in param_state.items() if key not in _EXTRA_KEYS}
-            for param_id, param_state in state_dict["state"].items()
-        }
-        super().load_state_dict(stripped)
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        id_to_param = dict(zip(saved_ids, params, strict=True))
-        for param_id, values in extras.items():
-            if not values:
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        # torch's checks (and messages), made here first: the ids below pair up only then.
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        sizes = [len(g["params"]) for g in groups]
+        if sizes != [len(g["params"]) for g in saved_groups]:
+            raise ValueError(
+                "loaded state dict contains a parameter group "
+                "that doesn't match the size of optimizer's group"
+            )
+        id_to_param = dict(
+            zip(
+                itertools.chain.from_iterable(g["params"] for g in saved_groups),
+                itertools.chain.from_iterable(g["params"] for g in groups),
+                strict=True,
+            )
+        )
+        extras: dict[Tensor, dict[str, Any]] = {}
+        stripped_state: dict[Any, Any] = {}
+        for param_id, param_state in state_dict["state"].items():
+            param = id_to_param.get(param_id)
+            if param is None:  # kept as torch keeps it
+                stripped_state[param_id] = param_state
                 continue
-            param = id_to_param[param_id]
-            if "keep_mask" in values:
-                self.set_mask(param, values["keep_mask"].to(param.device))
-            if "decay_mask" in values:
-                self.set_decay_mask(param, values["decay_mask"].to(param.device))
-            if "grad_sum" in values:
-                grad_sum = values["grad_sum"]
-                if grad_sum.shape != param.shape:
-                    raise ValueError(
-                        f"load_state_dict: grad_sum of parameter {param_id} has shape "
-                        f"{tuple(grad_sum.shape)}, expected {tuple(param.shape)}"
-                    )
+            extras[param] = checked_param_state(param_id, param, param_state)
+            stripped_state[param_id] = {
+                key: value for key, value in param_state.items() if key not in EXTRA_KEYS
+            }
+        stripped = dict(state_dict)
+        stripped["state"] = stripped_state
+        super().load_state_dict(stripped)
+        with torch.no_grad():
+            for param, values in extras.items():
+                if not values:
+                    continue
                 state = self.state[param]
-                state["grad_sum"] = grad_sum.to(
-                    device=param.device, dtype=_opmath_dtype(param.dtype)
-                ).contiguous()
-                state["grad_count"] = values["grad_count"].to(
-                    device=param.device, dtype=torch.int64
-                )
+                state.update(values)
+                keep_mask = values.get("keep_mask")
+                if keep_mask is not None:
+                    param.masked_fill_(~keep_mask, 0)
+                    buf = state.get("momentum_buffer")
+                    if buf is not None:
+                        buf.masked_fill_(~keep_mask, 0)
 
 
 def decay_param_groups(
