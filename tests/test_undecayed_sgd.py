@@ -406,6 +406,56 @@ def test_masks_travel_in_state_dict_and_checkpoints_move_both_ways():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sparse_gradients_with_a_keep_mask_and_averages(nesterov):
+    """Sparse gradients (as nn.Embedding(sparse=True) makes them, repeated rows included)
+    with a keep mask, momentum and gradient averages: the steps taken with the same gradients
+    made dense, the pruned entries exactly zero, a NaN at a pruned entry ignored."""
+    generator = torch.Generator().manual_seed(16)
+    weight = torch.randn(12, 4, generator=generator)
+    keep = torch.rand(12, 4, generator=generator) > 0.4
+    pruned_row, pruned_col = (~keep).nonzero()[0].tolist()
+    hyper = dict(lr=0.1, momentum=0.9, nesterov=nesterov, track_grad_avg=True)
+    sparse_w, dense_w = nn.Parameter(weight.clone()), nn.Parameter(weight.clone())
+    sparse_opt = UndecayedSGD([sparse_w], **hyper)  # "auto": the reference takes sparse ones
+    dense_opt = UndecayedSGD([dense_w], **hyper, backend="reference")
+    sparse_opt.set_mask(sparse_w, keep)
+    dense_opt.set_mask(dense_w, keep)
+    for _ in range(4):
+        rows = torch.cat([torch.randint(0, 12, (6,), generator=generator), torch.tensor([3, 3])])
+        values = torch.randn(8, 4, generator=generator)
+        rows[0], values[0, pruned_col] = pruned_row, float("nan")
+        grad = torch.sparse_coo_tensor(rows[None], values, (12, 4), check_invariants=True)
+        sparse_w.grad, dense_w.grad = grad, grad.to_dense()
+        sparse_opt.step()
+        dense_opt.step()
+    buf = sparse_opt.state[sparse_w]["momentum_buffer"]
+    assert buf.is_sparse
+    torch.testing.assert_close(sparse_w, dense_w)
+    torch.testing.assert_close(buf.to_dense(), dense_opt.state[dense_w]["momentum_buffer"])
+    torch.testing.assert_close(sparse_opt.grad_average(sparse_w), dense_opt.grad_average(dense_w))
+    assert torch.all(sparse_w[~keep] == 0) and torch.all(buf.to_dense()[~keep] == 0)
+    assert torch.all(sparse_opt.grad_average(sparse_w)[~keep] == 0)
+    assert torch.isfinite(sparse_w).all()
+
+
+def test_a_mask_set_after_sparse_momentum_zeroes_it():
+    w = nn.Parameter(torch.randn(6, 2))
+    opt = UndecayedSGD([w], lr=0.1, momentum=0.9)
+    grad = torch.sparse_coo_tensor([[0, 3, 5]], torch.ones(3, 2), (6, 2), check_invariants=True)
+    w.grad = grad
+    opt.step()
+    assert opt.state[w]["momentum_buffer"].is_sparse
+    keep = torch.ones(6, 2, dtype=torch.bool)
+    keep[3] = False
+    opt.set_mask(w, keep)
+    assert torch.equal(opt.state[w]["momentum_buffer"].to_dense()[3], torch.zeros(2))
+    w.grad = grad
+    opt.step()
+    assert torch.equal(w[3].detach(), torch.zeros(2))
+    assert torch.equal(opt.state[w]["momentum_buffer"].to_dense()[3], torch.zeros(2))
+
+
 def _masked_training(steps, generator):
     """A model and its UndecayedSGD (reference backend) with keep and decay masks and gradient
     averages, after ``steps`` steps with gradients drawn from ``generator``."""

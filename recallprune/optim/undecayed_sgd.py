@@ -16,6 +16,7 @@ from torch.optim import SGD
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ..ops import check_backend
+from ..ops.reference import where_kept
 from ._state import EXTRA_KEYS, OptimizerState, checked_param_state, opmath_dtype
 from .functional import StepPlan
 
@@ -215,10 +216,7 @@ class UndecayedSGD(SGD):
         keep_mask = self._check_mask(param, keep_mask, "set_mask")
         state = self.state[param]
         state["keep_mask"] = keep_mask
-        param.masked_fill_(~keep_mask, 0)
-        buf = state.get("momentum_buffer")
-        if buf is not None:
-            buf.masked_fill_(~keep_mask, 0)
+        _zero_pruned(param, state, keep_mask)
 
     def set_decay_mask(self, param: Tensor, decay_mask: Tensor | None) -> None:
         """Apply the group's weight decay only where ``decay_mask`` is true (``None``: all)."""
@@ -425,12 +423,21 @@ class UndecayedSGD(SGD):
                     continue
                 state = self.state[param]
                 state.update(values)
-                keep_mask = values.get("keep_mask")
-                if keep_mask is not None:
-                    param.masked_fill_(~keep_mask, 0)
-                    buf = state.get("momentum_buffer")
-                    if buf is not None:
-                        buf.masked_fill_(~keep_mask, 0)
+                if "keep_mask" in values:
+                    _zero_pruned(param, state, values["keep_mask"])
+
+
+def _zero_pruned(param: Tensor, state: dict, keep_mask: Tensor) -> None:
+    """Zero the pruned weights of ``param`` and their momentum (a sparse buffer, which has no
+    masked_fill_, is replaced)."""
+    param.masked_fill_(~keep_mask, 0)
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        return
+    if buf.is_sparse:
+        state["momentum_buffer"] = where_kept(keep_mask, buf)
+    else:
+        buf.masked_fill_(~keep_mask, 0)
 
 
 def decay_param_groups(
