@@ -4,6 +4,7 @@ decay suppression, gradient averages, AMP, checkpoints and errors."""
 import collections
 import copy
 import itertools
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -724,6 +725,49 @@ def test_reference_function_is_the_oracle_for_masks():
     )
     torch.testing.assert_close(bufs[0], expected_buf, rtol=0, atol=1e-7)
     torch.testing.assert_close(ws[0], expected_w, rtol=0, atol=1e-7)
+
+
+@pytest.fixture
+def ignored_options_not_yet_warned(monkeypatch):
+    from recallprune.optim import undecayed_sgd
+
+    monkeypatch.setattr(undecayed_sgd, "_warned_options", set())
+
+
+def test_foreach_and_fused_are_ignored_with_one_warning_each(ignored_options_not_yet_warned):
+    w = nn.Parameter(torch.ones(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        UndecayedSGD([w], lr=0.1)
+        UndecayedSGD([w], lr=0.1, foreach=None, fused=None)
+    assert caught == []  # left unset: nothing to say
+
+    with pytest.warns(UserWarning, match=r"ignores foreach=False .*backend='auto'") as record:
+        UndecayedSGD([w], lr=0.1, foreach=False)
+    assert len(record) == 1 and record[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        UndecayedSGD([w], lr=0.1, foreach=True)
+        UndecayedSGD([{"params": [w], "foreach": True}], lr=0.1)
+    assert caught == []  # once per process
+
+    with pytest.warns(UserWarning, match="ignores fused=True") as record:
+        fused = UndecayedSGD([{"params": [w], "fused": True}], lr=0.5, momentum=0.9)
+    assert len(record) == 1
+    assert fused.param_groups[0]["fused"] is True  # kept in the group, as SGD keeps it
+    twin = nn.Parameter(torch.ones(3))
+    plain = UndecayedSGD([twin], lr=0.5, momentum=0.9)
+    for _ in range(2):
+        w.grad, twin.grad = torch.full((3,), 2.0), torch.full((3,), 2.0)
+        fused.step()
+        plain.step()
+    assert torch.equal(w, twin)
+
+    # torch.optim.SGD's checks of the two still apply.
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+        UndecayedSGD([w], lr=0.1, foreach=True, fused=True)
+    with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
+        UndecayedSGD([w], lr=0.1, fused=True, differentiable=True)
 
 
 class TestErrors:

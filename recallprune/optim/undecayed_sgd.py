@@ -4,6 +4,7 @@ an optional running average of the undecayed gradient, fused into one pass over 
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from itertools import compress, repeat
@@ -21,6 +22,25 @@ from ._state import EXTRA_KEYS, OptimizerState, checked_param_state, opmath_dtyp
 from .functional import StepPlan
 
 _GRAD = attrgetter("grad")
+
+# torch.optim.SGD's options of implementation, accepted and ignored; each warned about once
+# per process, when set to True or False.
+_IGNORED_OPTIONS = ("foreach", "fused")
+_warned_options: set[str] = set()
+
+
+def _warn_ignored(name: str, value: Any, stacklevel: int) -> None:
+    if value is None or name in _warned_options:
+        return
+    _warned_options.add(name)
+    warnings.warn(
+        f"UndecayedSGD ignores {name}={value!r} (accepted for compatibility with "
+        "torch.optim.SGD): it runs its own fused kernel where the backend allows and the "
+        "pure-torch reference otherwise; choose between them with backend='auto', 'kernel' "
+        "or 'reference'",
+        UserWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 class _GroupLists:
@@ -101,8 +121,9 @@ class UndecayedSGD(SGD):
     Args:
         params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach,
         differentiable, fused: as in :class:`torch.optim.SGD`, with the same validation.
-            ``foreach`` and ``fused`` are accepted for compatibility; UndecayedSGD always
-            runs its own fused kernel when the backend allows.
+            ``foreach`` and ``fused`` (here or in a parameter group) are accepted for
+            compatibility and ignored, with a warning (once per process) when set to True
+            or False: UndecayedSGD runs its own fused kernel when the backend allows.
         backend: ``"auto"`` (the compiled kernel for the tensors' device when present,
             else the reference), ``"kernel"`` (the kernel, or a clear error) or
             ``"reference"`` (pure torch).
@@ -140,6 +161,8 @@ class UndecayedSGD(SGD):
         track_grad_avg: bool = False,
     ) -> None:
         check_backend(backend)
+        _warn_ignored("foreach", foreach, stacklevel=2)
+        _warn_ignored("fused", fused, stacklevel=2)
         self.backend = backend
         self._track_grad_avg_default = bool(track_grad_avg)
         self._step_lists: list[_GroupLists | None] = []
@@ -171,6 +194,13 @@ class UndecayedSGD(SGD):
         self.__dict__.setdefault("backend", "auto")
         self.state = OptimizerState(self.state)
         self._step_lists = []
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.add_param_group`; ``foreach`` and ``fused`` given
+        in the group are ignored, as in the constructor."""
+        for name in _IGNORED_OPTIONS:
+            _warn_ignored(name, param_group.get(name), stacklevel=2)
+        super().add_param_group(param_group)
 
     # -- masks ----------------------------------------------------------------------------
 
