@@ -1,9 +1,9 @@
 """recallprune: measure and reduce the recall distortion that pruning causes in classifiers."""
 
 from . import distortion
-from ._extension import has_ops, load_error
 from .distortion import analyze, intensification_ratio
 from .metrics import ConfusionCounter, confusion_matrix
+from .ops import has_ops, load_error
 from .optim import UndecayedSGD, decay_param_groups
 from .pruning import Gradual, Iterative, OneShot, Pruner
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
 from recallprune import ConfusionCounter, confusion_matrix
-from recallprune._reference import confusion_update_reference
+from recallprune.ops.reference import confusion_update_reference
 
 from .conftest import requires_cuda, requires_ops
 
@@ -264,21 +264,6 @@ class TestErrors:
             op(counts, invalid, torch.randn(2, 3, 1), torch.zeros(2, 1), 3)
 
 
-@requires_ops
-def test_opcheck(kernel_device):
-    x = _logits(40, 6, torch.float32, 0).to(kernel_device)
-    target = torch.randint(0, 7, (40, 1)).to(kernel_device)
-    counts = torch.zeros(36, dtype=torch.int64, device=kernel_device)
-    invalid = torch.zeros(1, dtype=torch.int64, device=kernel_device)
-    for batch in (x.view(40, 6, 1), x.argmax(1, keepdim=True)):
-        torch.library.opcheck(
-            torch.ops.recallprune.confusion_update_.default, (counts, invalid, batch, target, 6, 6)
-        )
-        torch.library.opcheck(
-            torch.ops.recallprune.confusion_matrix.default, (batch, target, 6, None)
-        )
-
-
 @requires_cuda
 @requires_ops
 def test_cuda_update_never_syncs():
@@ -352,14 +337,21 @@ def _distributed_worker(rank, world_size, port, shards, results):
         x, target = shards[rank]
         counter = ConfusionCounter(5)
         counter.update(x, target)
+        seen = []
+        for _ in range(2):  # a second sync without new updates changes nothing
+            counter.sync()
+            # compute() would raise for the invalid label: read the raw counts.
+            seen.append((counter.state_dict()["counts"], counter.invalid_count))
+        counter.update(x, target)  # counted again, summed by the next sync
+        seen.append((counter.state_dict()["counts"], counter.invalid_count))
         counter.sync()
-        # compute() would raise for the invalid label: read the raw counts.
-        results[rank] = (counter.state_dict()["counts"], counter.invalid_count)
+        seen.append((counter.state_dict()["counts"], counter.invalid_count))
+        results[rank] = seen
     finally:
         dist.destroy_process_group()
 
 
-def test_sync_sums_counts_across_two_processes():
+def test_sync_sums_counts_across_two_processes_once():
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(1000, 5, generator=generator)
     target = torch.randint(0, 5, (1000,), generator=generator)
@@ -371,6 +363,140 @@ def test_sync_sums_counts_across_two_processes():
     valid = target != 7
     expected = _sklearn(target[valid], x[valid].argmax(1), 5)
     for rank in range(2):
-        counts, invalid = results[rank]
-        assert torch.equal(counts, expected)
-        assert int(invalid) == 1
+        first, second, local, third = results[rank]
+        first, first_invalid = first
+        second, second_invalid = second
+        third, third_invalid = third
+        assert torch.equal(first, expected) and int(first_invalid) == 1
+        assert torch.equal(second, expected) and int(second_invalid) == 1
+        shard_x, shard_target = shards[rank]
+        ok = shard_target != 7
+        own = _sklearn(shard_target[ok], shard_x[ok].argmax(1), 5)
+        assert torch.equal(local[0], expected + own)  # the global counts and its new ones
+        assert torch.equal(third, 2 * expected) and int(third_invalid) == 2
+
+
+@pytest.fixture
+def two_identical_ranks(monkeypatch):
+    """torch.distributed as two ranks that counted the same batches: all_reduce doubles."""
+    calls = []
+
+    def all_reduce(tensor, op=None):
+        calls.append(op)
+        tensor.mul_(2)
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    return calls
+
+
+def test_sync_is_idempotent(two_identical_ranks):
+    generator = torch.Generator().manual_seed(6)
+    first = (
+        torch.randn(200, 4, generator=generator),
+        torch.randint(0, 4, (200,), generator=generator),
+    )
+    second = (
+        torch.randn(90, 4, generator=generator),
+        torch.randint(0, 4, (90,), generator=generator),
+    )
+    second[1][0] = 9  # invalid
+    counts_a = _sklearn(first[1], first[0].argmax(1), 4)
+    ok = second[1] != 9
+    counts_b = _sklearn(second[1][ok], second[0][ok].argmax(1), 4)
+
+    counter = ConfusionCounter(4)
+    counter.update(*first)
+    counter.sync()
+    assert torch.equal(counter.compute(), 2 * counts_a)
+    counter.sync()  # nothing new: the same counts, not four times them
+    assert torch.equal(counter.compute(), 2 * counts_a)
+    assert len(two_identical_ranks) == 2  # every call takes part in the collective
+    counter.update(*second)
+    assert int(counter.invalid_count) == 1
+    counter.sync()
+    counter.sync()
+    assert int(counter.invalid_count) == 2
+    assert torch.equal(counter.state_dict()["counts"], 2 * counts_a + 2 * counts_b)
+
+    # A checkpoint keeps what was summed apart: loaded and synced again, nothing doubles.
+    loaded = ConfusionCounter(4)
+    loaded.load_state_dict(counter.state_dict())
+    loaded.sync()
+    assert torch.equal(loaded.state_dict()["counts"], 2 * counts_a + 2 * counts_b)
+    assert int(loaded.invalid_count) == 2
+
+    counter.reset()
+    counter.sync()
+    assert torch.equal(counter.state_dict()["counts"], torch.zeros(4, 4, dtype=torch.int64))
+    assert int(counter.invalid_count) == 0
+
+
+def test_a_matrix_too_large_is_refused_up_front(monkeypatch):
+    from recallprune.metrics import confusion
+
+    allocations = []
+    monkeypatch.setattr(confusion, "_device_memory", lambda device: 64 * 10**9)
+    monkeypatch.setattr(
+        confusion.torch, "zeros", lambda *a, **k: allocations.append(a) or torch.empty(0)
+    )
+    with pytest.raises(ValueError) as refused:
+        ConfusionCounter(100_000)
+    message = str(refused.value)
+    assert "num_classes=100000" in message and "80.0 GB (80,000,000,000 bytes)" in message
+    assert "cpu has 64.0 GB" in message
+    assert allocations == []  # refused before allocating anything
+    monkeypatch.undo()
+
+    # The limit: half the device's memory (the counts and one copy of them).
+    needed = 1000 * 1000 * 8
+    monkeypatch.setattr(confusion, "_device_memory", lambda device: 2 * needed)
+    ConfusionCounter(1000)
+    monkeypatch.setattr(confusion, "_device_memory", lambda device: 2 * needed - 1)
+    with pytest.raises(ValueError, match=r"num_classes=1000 needs a 1000 x 1000 int64 matrix"):
+        ConfusionCounter(1000)
+    monkeypatch.undo()
+
+    # Without patches: no machine holds 800 TB; meta tensors hold no data.
+    with pytest.raises(ValueError, match=r"num_classes=10000000 .* 800000.0 GB"):
+        ConfusionCounter(10_000_000)
+    on_meta = ConfusionCounter(10_000_000, device="meta")
+    with pytest.raises(ValueError, match="num_classes=10000000"):
+        on_meta.to("cpu")
+    assert on_meta.device == torch.device("meta")  # a refused move leaves it where it was
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            ConfusionCounter(10_000_000, device="cuda")
+
+
+def test_to_moves_the_counts_and_returns_the_counter():
+    generator = torch.Generator().manual_seed(8)
+    x, target = (
+        torch.randn(50, 3, generator=generator),
+        torch.randint(0, 4, (50,), generator=generator),
+    )
+    counter = ConfusionCounter(3)
+    counter.update(x, target)
+    counts, invalid = counter.state_dict()["counts"], int(counter.invalid_count)
+    assert invalid > 0
+    assert counter.to("cpu") is counter and counter.to(torch.device("cpu")) is counter
+    assert torch.equal(counter.state_dict()["counts"], counts)
+
+    assert counter.to("meta") is counter
+    assert counter.device == torch.device("meta")
+    assert counter.state_dict()["counts"].device.type == "meta"
+    counter.update(x.to("meta"), target.to("meta"))  # batches on the new device are taken
+    with pytest.raises(ValueError, match="the batch is on cpu but the counter is on meta"):
+        counter.update(x, target)
+
+    devices = ["cuda"] if torch.cuda.is_available() else []
+    for device in devices:
+        counter = ConfusionCounter(3)
+        counter.update(x, target)
+        assert counter.to(device) is counter
+        assert counter.state_dict()["counts"].device.type == device
+        counter.update(x.to(device), target.to(device))
+        assert counter.to("cpu") is counter
+        assert torch.equal(counter.state_dict()["counts"], 2 * counts)
+        assert int(counter.invalid_count) == 2 * invalid

@@ -4,6 +4,7 @@ decay suppression, gradient averages, AMP, checkpoints and errors."""
 import collections
 import copy
 import itertools
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from recallprune import UndecayedSGD, decay_param_groups
-from recallprune._reference import undecayed_sgd_reference
+from recallprune.ops.reference import undecayed_sgd_reference
 
 SGD_CONFIGS = [
     dict(momentum=m, dampening=d, nesterov=n, maximize=mx, weight_decay=wd)
@@ -406,6 +407,203 @@ def test_masks_travel_in_state_dict_and_checkpoints_move_both_ways():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sparse_gradients_with_a_keep_mask_and_averages(nesterov):
+    """Sparse gradients (as nn.Embedding(sparse=True) makes them, repeated rows included)
+    with a keep mask, momentum and gradient averages: the steps taken with the same gradients
+    made dense, the pruned entries exactly zero, a NaN at a pruned entry ignored."""
+    generator = torch.Generator().manual_seed(16)
+    weight = torch.randn(12, 4, generator=generator)
+    keep = torch.rand(12, 4, generator=generator) > 0.4
+    pruned_row, pruned_col = (~keep).nonzero()[0].tolist()
+    hyper = dict(lr=0.1, momentum=0.9, nesterov=nesterov, track_grad_avg=True)
+    sparse_w, dense_w = nn.Parameter(weight.clone()), nn.Parameter(weight.clone())
+    sparse_opt = UndecayedSGD([sparse_w], **hyper)  # "auto": the reference takes sparse ones
+    dense_opt = UndecayedSGD([dense_w], **hyper, backend="reference")
+    sparse_opt.set_mask(sparse_w, keep)
+    dense_opt.set_mask(dense_w, keep)
+    for _ in range(4):
+        rows = torch.cat([torch.randint(0, 12, (6,), generator=generator), torch.tensor([3, 3])])
+        values = torch.randn(8, 4, generator=generator)
+        rows[0], values[0, pruned_col] = pruned_row, float("nan")
+        grad = torch.sparse_coo_tensor(rows[None], values, (12, 4), check_invariants=True)
+        sparse_w.grad, dense_w.grad = grad, grad.to_dense()
+        sparse_opt.step()
+        dense_opt.step()
+    buf = sparse_opt.state[sparse_w]["momentum_buffer"]
+    assert buf.is_sparse
+    torch.testing.assert_close(sparse_w, dense_w)
+    torch.testing.assert_close(buf.to_dense(), dense_opt.state[dense_w]["momentum_buffer"])
+    torch.testing.assert_close(sparse_opt.grad_average(sparse_w), dense_opt.grad_average(dense_w))
+    assert torch.all(sparse_w[~keep] == 0) and torch.all(buf.to_dense()[~keep] == 0)
+    assert torch.all(sparse_opt.grad_average(sparse_w)[~keep] == 0)
+    assert torch.isfinite(sparse_w).all()
+
+
+def test_a_mask_set_after_sparse_momentum_zeroes_it():
+    w = nn.Parameter(torch.randn(6, 2))
+    opt = UndecayedSGD([w], lr=0.1, momentum=0.9)
+    grad = torch.sparse_coo_tensor([[0, 3, 5]], torch.ones(3, 2), (6, 2), check_invariants=True)
+    w.grad = grad
+    opt.step()
+    assert opt.state[w]["momentum_buffer"].is_sparse
+    keep = torch.ones(6, 2, dtype=torch.bool)
+    keep[3] = False
+    opt.set_mask(w, keep)
+    assert torch.equal(opt.state[w]["momentum_buffer"].to_dense()[3], torch.zeros(2))
+    w.grad = grad
+    opt.step()
+    assert torch.equal(w[3].detach(), torch.zeros(2))
+    assert torch.equal(opt.state[w]["momentum_buffer"].to_dense()[3], torch.zeros(2))
+
+
+def _masked_training(steps, generator):
+    """A model and its UndecayedSGD (reference backend) with keep and decay masks and gradient
+    averages, after ``steps`` steps with gradients drawn from ``generator``."""
+    model = _make_model()
+    opt = UndecayedSGD(
+        _groups(model),
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-3,
+        track_grad_avg=True,
+        backend="reference",
+    )
+    opt.set_mask(model[0].weight, torch.rand(model[0].weight.shape, generator=generator) > 0.5)
+    opt.set_mask(model[4].weight, torch.rand(model[4].weight.shape, generator=generator) > 0.3)
+    opt.set_decay_mask(
+        model[3].weight, torch.rand(model[3].weight.shape, generator=generator) > 0.5
+    )
+    for step in range(steps):
+        _set_grads([model], step, generator)
+        opt.step()
+    return model, opt
+
+
+def _assert_same_state(a, b):
+    """Two optimizer state_dicts hold the same groups and the same tensors (dtypes too)."""
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for key, state in a["state"].items():
+        assert state.keys() == b["state"][key].keys(), key
+        for name, value in state.items():
+            other = b["state"][key][name]
+            assert value.dtype == other.dtype and torch.equal(value, other), (key, name)
+
+
+def test_checkpoint_round_trips_through_torch_sgd_with_masks_and_averages():
+    model, opt = _masked_training(3, torch.Generator().manual_seed(11))
+    saved = copy.deepcopy(opt.state_dict())
+
+    # torch.optim.SGD keeps the extra entries, cast to the parameters' dtype.
+    sgd = torch.optim.SGD(_groups(_make_model()), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    sgd.load_state_dict(copy.deepcopy(saved))
+    through_sgd = copy.deepcopy(sgd.state_dict())
+    assert through_sgd["state"][0]["keep_mask"].dtype == torch.float32
+    assert through_sgd["state"][0]["grad_count"].dtype == torch.float32
+
+    twin_model = copy.deepcopy(model)
+    twin = UndecayedSGD(_groups(twin_model), lr=0.1, backend="reference")
+    twin.load_state_dict(through_sgd)
+    _assert_same_state(twin.state_dict(), saved)
+    assert twin.get_mask(twin_model[0].weight).dtype == torch.bool
+
+    generator = torch.Generator().manual_seed(12)
+    for step in range(3):
+        _set_grads([model, twin_model], step, generator)
+        opt.step()
+        twin.step()
+    for p, q in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.grad_average(p), twin.grad_average(q))
+    _assert_same_state(twin.state_dict(), opt.state_dict())
+
+
+def _set_state(key, value):
+    def corrupt(state_dict):
+        state_dict["state"][key[0]][key[1]] = value
+
+    return corrupt
+
+
+def _mask_with(value):
+    def corrupt(state_dict):
+        mask = state_dict["state"][6]["keep_mask"].float()
+        mask.view(-1)[3] = value
+        state_dict["state"][6]["keep_mask"] = mask
+
+    return corrupt
+
+
+def _drop(key):
+    def corrupt(state_dict):
+        del state_dict["state"][key[0]][key[1]]
+
+    return corrupt
+
+
+def _drop_group_param(state_dict):
+    state_dict["param_groups"][2]["params"].pop()
+
+
+# Parameter 6 is the last weight (model[4].weight), after the valid entries of the others.
+BAD_CHECKPOINTS = {
+    "mask shape": (
+        _set_state((6, "keep_mask"), torch.ones(3, dtype=torch.bool)),
+        "keep_mask has shape",
+    ),
+    "mask value 0.5": (
+        _mask_with(0.5),
+        r"keep_mask \(torch.float32\) holds 1 value\(s\) other than 0 and 1 \(e.g. 0.5\)",
+    ),
+    "mask value NaN": (_mask_with(float("nan")), "other than 0 and 1"),
+    "mask value 2": (_mask_with(2.0), r"other than 0 and 1 \(e.g. 2.0\)"),
+    "mask type": (
+        _set_state((6, "decay_mask"), [[True] * 7] * 3),
+        "decay_mask must be a tensor, got list",
+    ),
+    "grad_sum shape": (_set_state((6, "grad_sum"), torch.zeros(7, 3)), "grad_sum has shape"),
+    "grad_sum dtype": (
+        _set_state((6, "grad_sum"), torch.zeros(3, 7, dtype=torch.int64)),
+        "grad_sum must be a float tensor",
+    ),
+    "grad_count missing": (_drop((6, "grad_count")), "has grad_sum but no grad_count"),
+    "grad_count fraction": (
+        _set_state((6, "grad_count"), torch.tensor(2.5)),
+        "whole number of steps",
+    ),
+    "momentum shape": (
+        _set_state((6, "momentum_buffer"), torch.zeros(21)),
+        "momentum_buffer has shape",
+    ),
+    "group size": (_drop_group_param, "doesn't match the size of optimizer's group"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_a_failed_load_changes_nothing(case):
+    corrupt, message = BAD_CHECKPOINTS[case]
+    # An earlier checkpoint, so that loading it would change every entry.
+    _, early = _masked_training(2, torch.Generator().manual_seed(13))
+    checkpoint = copy.deepcopy(early.state_dict())
+    corrupt(checkpoint)
+    model, opt = _masked_training(4, torch.Generator().manual_seed(14))
+    twin_model, twin = _masked_training(4, torch.Generator().manual_seed(14))
+    with pytest.raises((ValueError, TypeError), match=message) as error:
+        opt.load_state_dict(checkpoint)
+    if case != "group size":
+        assert "load_state_dict: parameter 6 (shape (3, 7))" in str(error.value)
+    _assert_same_state(opt.state_dict(), twin.state_dict())
+    generator = torch.Generator().manual_seed(15)
+    for step in range(2):
+        _set_grads([model, twin_model], step, generator)
+        opt.step()
+        twin.step()
+    for p, q in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    _assert_same_state(opt.state_dict(), twin.state_dict())
+
+
 @pytest.mark.parametrize("backend", ["reference", "kernel"])
 def test_amp_grad_scaler_matches_unscaled_training(backend):
     if backend == "kernel":
@@ -527,6 +725,49 @@ def test_reference_function_is_the_oracle_for_masks():
     )
     torch.testing.assert_close(bufs[0], expected_buf, rtol=0, atol=1e-7)
     torch.testing.assert_close(ws[0], expected_w, rtol=0, atol=1e-7)
+
+
+@pytest.fixture
+def ignored_options_not_yet_warned(monkeypatch):
+    from recallprune.optim import undecayed_sgd
+
+    monkeypatch.setattr(undecayed_sgd, "_warned_options", set())
+
+
+def test_foreach_and_fused_are_ignored_with_one_warning_each(ignored_options_not_yet_warned):
+    w = nn.Parameter(torch.ones(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        UndecayedSGD([w], lr=0.1)
+        UndecayedSGD([w], lr=0.1, foreach=None, fused=None)
+    assert caught == []  # left unset: nothing to say
+
+    with pytest.warns(UserWarning, match=r"ignores foreach=False .*backend='auto'") as record:
+        UndecayedSGD([w], lr=0.1, foreach=False)
+    assert len(record) == 1 and record[0].filename == __file__  # points at the caller
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        UndecayedSGD([w], lr=0.1, foreach=True)
+        UndecayedSGD([{"params": [w], "foreach": True}], lr=0.1)
+    assert caught == []  # once per process
+
+    with pytest.warns(UserWarning, match="ignores fused=True") as record:
+        fused = UndecayedSGD([{"params": [w], "fused": True}], lr=0.5, momentum=0.9)
+    assert len(record) == 1
+    assert fused.param_groups[0]["fused"] is True  # kept in the group, as SGD keeps it
+    twin = nn.Parameter(torch.ones(3))
+    plain = UndecayedSGD([twin], lr=0.5, momentum=0.9)
+    for _ in range(2):
+        w.grad, twin.grad = torch.full((3,), 2.0), torch.full((3,), 2.0)
+        fused.step()
+        plain.step()
+    assert torch.equal(w, twin)
+
+    # torch.optim.SGD's checks of the two still apply.
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+        UndecayedSGD([w], lr=0.1, foreach=True, fused=True)
+    with pytest.raises(RuntimeError, match="`fused` does not support `differentiable`"):
+        UndecayedSGD([w], lr=0.1, fused=True, differentiable=True)
 
 
 class TestErrors:
@@ -940,11 +1181,6 @@ def test_tensor_lr_overload_matches_float_lr(kernel_device):
             tensor_results = with_tensor[0] + with_tensor[2]
             for a, b in zip(tensor_results, with_float[0] + with_float[2], strict=True):
                 assert torch.equal(a, b)
-        torch.library.opcheck(
-            torch.ops.recallprune.undecayed_sgd_.tensor_lr,
-            args,
-            dict(lr=torch.tensor([0.1], device=kernel_device), is_first_step=False, **hyper),
-        )
 
 
 def _op_samples(device):

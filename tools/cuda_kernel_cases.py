@@ -14,8 +14,14 @@ import sys
 
 import torch
 
-from recallprune import has_ops, load_error
-from recallprune._reference import confusion_update_reference, undecayed_sgd_reference
+from recallprune.ops import (
+    confusion_update_,
+    confusion_update_reference,
+    has_ops,
+    load_error,
+    undecayed_sgd_,
+    undecayed_sgd_reference,
+)
 
 DEVICE = torch.device("cuda")
 
@@ -52,8 +58,8 @@ def run_confusion_case(c, n, s, dtype, target_dtype, ignore_index, misaligned, l
         batch[::7, c // 2] = float("nan")
     counts = torch.zeros(c * c, dtype=torch.int64, device=DEVICE)
     invalid = torch.zeros(1, dtype=torch.int64, device=DEVICE)
-    torch.ops.recallprune.confusion_update_(
-        counts, invalid, batch, target.to(target_dtype), c, ignore_index
+    confusion_update_(
+        counts, invalid, batch, target.to(target_dtype), c, ignore_index, backend="kernel"
     )
     expected_counts, expected_invalid = torch.zeros_like(counts), torch.zeros_like(invalid)
     confusion_update_reference(expected_counts, expected_invalid, batch, target, c, ignore_index)
@@ -111,7 +117,7 @@ def run_sgd_case(dtype, sizes, momentum, masks, sums, nesterov, amp) -> str:
     ref_sums = [torch.zeros(n, dtype=sum_dtype, device=DEVICE) for n in sizes] if sums else None
     for step in range(3):
         grads = [rand(n) for n in sizes]
-        torch.ops.recallprune.undecayed_sgd_(
+        undecayed_sgd_(
             kernel_params,
             grads,
             kernel_bufs,

@@ -4,18 +4,16 @@ synchronisation per batch, and the recall, accuracy and support derived from the
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import _extension
-from .._reference import confusion_update_reference
+from .. import ops
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-_KERNEL_LABEL_DTYPES = (torch.int64, torch.int32)
-_BACKENDS = ("auto", "kernel", "reference")
 
 
 def _as_batch(input: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -61,13 +59,14 @@ def _as_batch(input: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, 
     return input.reshape(n, inner), target.reshape(n, inner)
 
 
-def _kernel_batch(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """The layouts and dtypes the kernels take: contiguous, int32/int64 labels."""
-    if not input.is_floating_point() and input.dtype not in _KERNEL_LABEL_DTYPES:
-        input = input.to(torch.int64)
-    if target.dtype not in _KERNEL_LABEL_DTYPES:
-        target = target.to(torch.int64)
-    return input.contiguous(), target.contiguous()
+def _check_options(num_classes: int, ignore_index: int | None, backend: str) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if ignore_index is not None and (
+        isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
+    ):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    ops.check_backend(backend)
 
 
 def _update(
@@ -85,16 +84,7 @@ def _update(
             f"the batch is on {input.device} but the counter is on {counts.device}; create the "
             f"counter with device={str(input.device)!r} or move the batch"
         )
-    use_kernel = backend == "kernel" or (backend == "auto" and _extension.has_ops(counts.device))
-    if backend == "kernel":
-        _extension.require_ops(counts.device, "ConfusionCounter")
-    if use_kernel:
-        input, target = _kernel_batch(input, target)
-        torch.ops.recallprune.confusion_update_(
-            counts, invalid, input, target, num_classes, ignore_index
-        )
-    else:
-        confusion_update_reference(counts, invalid, input, target, num_classes, ignore_index)
+    ops.confusion_update_(counts, invalid, input, target, num_classes, ignore_index, backend)
 
 
 def _raise_if_invalid(invalid: Tensor, num_classes: int, ignore_index: int | None) -> None:
@@ -110,6 +100,42 @@ def _raise_if_invalid(invalid: Tensor, num_classes: int, ignore_index: int | Non
         )
 
 
+def _device_memory(device: torch.device) -> int | None:
+    """The memory of ``device`` in bytes: physical memory for the CPU, the GPU's for CUDA;
+    ``None`` where unknown (``meta`` holds no data)."""
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory
+    return None
+
+
+def _check_size(num_classes: int, device: torch.device) -> None:
+    """Refuse a matrix that ``device`` could not hold, before allocating it.
+
+    The limit is half the device's memory: ``compute()``, ``state_dict()`` and ``sync()``
+    each make a copy of the counts beside them.
+    """
+    needed = num_classes * num_classes * 8
+    memory = _device_memory(device)
+    if memory is not None and 2 * needed > memory:
+        raise ValueError(
+            f"ConfusionCounter: num_classes={num_classes} needs a {num_classes} x {num_classes} "
+            f"int64 matrix of {_gigabytes(needed)} ({needed:,} bytes), twice that with the copy "
+            f"that compute() and sync() make, but {device} has {_gigabytes(memory)} of memory "
+            "in all. Count fewer classes (group the rare ones), or count on a device with more "
+            "memory"
+        )
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
 class ConfusionCounter:
     """Confusion counts accumulated on the device: ``counts[true, predicted]``, int64.
 
@@ -119,8 +145,12 @@ class ConfusionCounter:
     targets, flattened. It never synchronises with the host: labels outside ``[0, C)`` (other
     than ``ignore_index``) are counted on the device and make the next ``compute()`` raise.
 
+    Under ``torch.distributed``, ``sync()`` sums the counts over the ranks; it may be called
+    any number of times (each count is summed once). ``to(device)`` moves the counts.
+
     Args:
-        num_classes: C.
+        num_classes: C. A ``C x C`` matrix that would take more than half the device's memory
+            is refused (``num_classes=100_000`` asks for 80 GB).
         device: where the counts live (the batches must be there too). Default: CPU.
         ignore_index: a target label to skip (e.g. a segmentation "void" label).
         backend: ``"auto"`` (the compiled kernel when present), ``"kernel"`` or ``"reference"``.
@@ -133,20 +163,18 @@ class ConfusionCounter:
         ignore_index: int | None = None,
         backend: str = "auto",
     ) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if ignore_index is not None and (
-            isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
-        ):
-            raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        _check_options(num_classes, ignore_index, backend)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.backend = backend
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        _check_size(num_classes, self.device)
+        # The counts since the last sync() on this process, and those summed over the ranks
+        # by the syncs so far (None before the first): keeping them apart makes sync()
+        # idempotent. The invalid-entry count is the last element of _reduced.
         self._counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=self.device)
         self._invalid = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._reduced: Tensor | None = None
 
     def update(self, input: Tensor, target: Tensor) -> None:
         """Count one batch (no host synchronisation)."""
@@ -165,13 +193,23 @@ class ConfusionCounter:
 
         Raises ValueError if any invalid label was seen since the last ``reset()``.
         """
-        _raise_if_invalid(self._invalid, self.num_classes, self.ignore_index)
-        return self._counts.view(self.num_classes, self.num_classes).clone()
+        counts, invalid = self._totals()
+        _raise_if_invalid(invalid, self.num_classes, self.ignore_index)
+        if counts is self._counts:
+            counts = counts.clone()
+        return counts.view(self.num_classes, self.num_classes)
+
+    def _totals(self) -> tuple[Tensor, Tensor]:
+        """The counts ``[C * C]`` and invalid entries ``[1]``: summed over the ranks so far, plus
+        this process's since the last sync. The local tensors themselves before any sync."""
+        if self._reduced is None:
+            return self._counts, self._invalid
+        return self._reduced[:-1] + self._counts, self._reduced[-1:] + self._invalid
 
     @property
     def invalid_count(self) -> Tensor:
         """How many entries were invalid since the last reset (a device tensor, no sync)."""
-        return self._invalid[0].clone()
+        return self._totals()[1][0].clone()
 
     def support(self) -> Tensor:
         """Entries per true class, int64 ``[C]``."""
@@ -192,23 +230,53 @@ class ConfusionCounter:
         """Zero the counts and the invalid-entry counter."""
         self._counts.zero_()
         self._invalid.zero_()
+        self._reduced = None
 
     def sync(self) -> None:
-        """All-reduce (SUM) the counts over ``torch.distributed`` ranks; no-op otherwise."""
+        """All-reduce (SUM) the counts over ``torch.distributed`` ranks; no-op otherwise.
+
+        Every rank must call it (it is a collective). Idempotent: it sums what this process
+        counted since its last sync, so a second call without new updates changes nothing,
+        and updates after a sync are summed by the next one.
+        """
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
-        both = torch.cat([self._counts, self._invalid])
-        torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.SUM)
-        self._counts.copy_(both[:-1])
-        self._invalid.copy_(both[-1:])
+        pending = torch.cat([self._counts, self._invalid])
+        torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.SUM)
+        if self._reduced is None:
+            self._reduced = pending
+        else:
+            self._reduced.add_(pending)
+        self._counts.zero_()
+        self._invalid.zero_()
+
+    def to(self, device: torch.device | str | int) -> ConfusionCounter:
+        """Move the counts to ``device``; returns the counter itself, as ``nn.Module.to``."""
+        device = torch.device(device)
+        _check_size(self.num_classes, device)
+        self._counts = self._counts.to(device)
+        self._invalid = self._invalid.to(device)
+        if self._reduced is not None:
+            self._reduced = self._reduced.to(device)
+        self.device = device
+        return self
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """``counts`` and ``invalid`` as ``compute()`` and ``invalid_count`` see them, and,
+        after a ``sync()``, the part of them already summed over the ranks (``synced_counts``,
+        ``synced_invalid``), so that a loaded counter syncs each count once too."""
+        shape = (self.num_classes, self.num_classes)
+        counts, invalid = self._totals()
+        state = {
             "num_classes": self.num_classes,
             "ignore_index": self.ignore_index,
-            "counts": self._counts.view(self.num_classes, self.num_classes).clone(),
-            "invalid": self._invalid.clone(),
+            "counts": counts.view(shape).clone(),
+            "invalid": invalid.clone(),
         }
+        if self._reduced is not None:
+            state["synced_counts"] = self._reduced[:-1].view(shape).clone()
+            state["synced_invalid"] = self._reduced[-1:].clone()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("num_classes") != self.num_classes:
@@ -216,15 +284,36 @@ class ConfusionCounter:
                 f"the state holds counts for {state.get('num_classes')} classes, this counter "
                 f"has {self.num_classes}"
             )
-        counts = state["counts"]
-        if counts.shape != (self.num_classes, self.num_classes) or counts.dtype != torch.int64:
-            raise ValueError(
-                f"state['counts'] must be int64 of shape {(self.num_classes, self.num_classes)}, "
-                f"got {counts.dtype} of shape {tuple(counts.shape)}"
-            )
+        shape = (self.num_classes, self.num_classes)
+        for key, expected in (("counts", shape), ("invalid", (1,))):
+            self._check_state_tensor(state, key, expected)
+        synced = "synced_counts" in state
+        if synced:
+            self._check_state_tensor(state, "synced_counts", shape)
+            self._check_state_tensor(state, "synced_invalid", (1,))
         self.ignore_index = state.get("ignore_index", self.ignore_index)
-        self._counts.copy_(counts.reshape(-1))
-        self._invalid.copy_(state["invalid"].reshape(1))
+        counts = state["counts"].reshape(-1).to(self.device)
+        invalid = state["invalid"].reshape(1).to(self.device)
+        if synced:
+            reduced = torch.cat([state["synced_counts"].reshape(-1), state["synced_invalid"]])
+            self._reduced = reduced.to(self.device, copy=True)
+            counts = counts - self._reduced[:-1]
+            invalid = invalid - self._reduced[-1:]
+        else:
+            self._reduced = None
+        self._counts.copy_(counts)
+        self._invalid.copy_(invalid)
+
+    @staticmethod
+    def _check_state_tensor(state: dict[str, Any], key: str, shape: tuple[int, ...]) -> None:
+        value = state.get(key)
+        if not (isinstance(value, Tensor) and value.dtype == torch.int64 and value.shape == shape):
+            got = (
+                f"{value.dtype} of shape {tuple(value.shape)}"
+                if isinstance(value, Tensor)
+                else type(value).__name__
+            )
+            raise ValueError(f"state[{key!r}] must be int64 of shape {shape}, got {got}")
 
     def __repr__(self) -> str:
         return (
@@ -242,18 +331,13 @@ def confusion_matrix(
 ) -> Tensor:
     """Confusion counts of one batch, int64 ``[C, C]``; see :class:`ConfusionCounter`.
 
-    Runs the functional op ``torch.ops.recallprune.confusion_matrix`` where the kernels are
-    available. Raises ValueError if any label is outside ``[0, C)`` (this check synchronises).
+    Runs the functional op (:func:`recallprune.ops.confusion_matrix`) with the kernels where
+    they are available. Raises ValueError if any label is outside ``[0, C)`` (this check
+    synchronises).
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "reference" or not _extension.has_ops(input.device):
-        counter = ConfusionCounter(num_classes, input.device, ignore_index, backend)
-        counter.update(input, target)
-        return counter.compute()
-    batch, labels = _kernel_batch(*_as_batch(input, target, num_classes))
-    counts, invalid = torch.ops.recallprune.confusion_matrix(
-        batch, labels, num_classes, ignore_index
+    _check_options(num_classes, ignore_index, backend)
+    counts, invalid = ops.confusion_matrix(
+        *_as_batch(input, target, num_classes), num_classes, ignore_index, backend
     )
     _raise_if_invalid(invalid, num_classes, ignore_index)
     return counts

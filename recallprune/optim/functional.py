@@ -1,11 +1,11 @@
 """The UndecayedSGD update over lists of tensors: one entry point, two implementations.
 
-``undecayed_sgd`` sorts the lists into launches of the fused kernel
-(``torch.ops.recallprune.undecayed_sgd_``, C++ on the CPU, CUDA on the GPU), one per device,
+``undecayed_sgd`` sorts the lists into launches of the fused op
+(:func:`recallprune.ops.undecayed_sgd_`, C++ on the CPU, CUDA on the GPU), one per device,
 dtype and first step or not, and a remainder for the pure-torch reference
-(``recallprune._reference.undecayed_sgd_reference``). The sorted lists are a
-:class:`StepPlan`: the optimizer keeps its plans and reuses them while the tensors stay the
-same, so that a step costs a few Python calls however many tensors it updates.
+(:func:`recallprune.ops.undecayed_sgd_reference`). The sorted lists are a :class:`StepPlan`:
+the optimizer keeps its plans and reuses them while the tensors stay the same, so that a step
+costs a few Python calls however many tensors it updates.
 """
 
 from __future__ import annotations
@@ -16,42 +16,10 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
-from .. import _extension
-from .._reference import undecayed_sgd_reference
+from ..ops import undecayed_sgd_, undecayed_sgd_reference
+from ..ops.undecayed_sgd import choose_backend, kernel_takes
 
-BACKENDS = ("auto", "kernel", "reference")
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _IS_SPARSE = attrgetter("is_sparse")
-
-
-def _resolve_backend(backend: str, device: torch.device, differentiable: bool) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if differentiable:
-        if backend == "kernel":
-            raise RuntimeError(
-                "backend='kernel' does not support differentiable=True; use backend='auto'"
-            )
-        return "reference"
-    if backend == "auto":
-        return "kernel" if _extension.has_ops(device) else "reference"
-    if backend == "kernel":
-        _extension.require_ops(device, "UndecayedSGD")
-    return backend
-
-
-def _kernel_ready(param: Tensor, grad: Tensor) -> bool:
-    # The kernels take dense, contiguous weights (updated in place) and dense gradients of
-    # the weights' dtype and device (copied to contiguous memory where they are not);
-    # anything else goes to the reference.
-    return (
-        param.is_contiguous()
-        and param.layout == torch.strided
-        and param.dtype in _KERNEL_DTYPES
-        and not grad.is_sparse
-        and grad.dtype == param.dtype
-        and grad.device == param.device
-    )
 
 
 def _subset(values: list, indices: list[int] | None) -> list:
@@ -109,17 +77,7 @@ class _KernelLaunch:
             self.momentum_buffers = [
                 init(p, memory_format=torch.contiguous_format) for p in self.params
             ]
-        op = torch.ops.recallprune.undecayed_sgd_.default
-        if isinstance(lr, Tensor):
-            if lr.device.type != "cpu" and self.device.type != "cpu":
-                # Read on the device, as torch's fused SGD does: no host synchronisation.
-                op = torch.ops.recallprune.undecayed_sgd_.tensor_lr
-                if lr.device != self.device or lr.dtype not in (torch.float32, torch.float64):
-                    lr = lr.to(device=self.device, dtype=torch.float32, non_blocking=True)
-                lr = lr.reshape(1)
-            else:
-                lr = float(lr)
-        op(
+        undecayed_sgd_(
             self.params,
             [g.contiguous() for g in grads] if self.copy_grads else grads,
             self.momentum_buffers,
@@ -127,14 +85,14 @@ class _KernelLaunch:
             self.decay_masks,
             self.grad_sums,
             lr=lr,
-            momentum=float(hyper["momentum"]),
-            dampening=float(hyper["dampening"]),
-            weight_decay=float(hyper["weight_decay"]),
+            momentum=hyper["momentum"],
+            dampening=hyper["dampening"],
+            weight_decay=hyper["weight_decay"],
             nesterov=hyper["nesterov"],
             maximize=hyper["maximize"],
             is_first_step=self.first_step,
-            grad_scale=None if grad_scale is None else _as_float_scalar(grad_scale, self.device),
-            found_inf=None if found_inf is None else _as_float_scalar(found_inf, self.device),
+            grad_scale=grad_scale,
+            found_inf=found_inf,
         )
         self.first_step = False
         return created
@@ -215,7 +173,7 @@ class StepPlan:
         for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
             device = param.device
             if device not in backend_of:
-                backend_of[device] = _resolve_backend(backend, device, differentiable)
+                backend_of[device] = choose_backend(backend, device, differentiable)
             chosen = backend_of[device]
             if chosen == "kernel" and grad.is_sparse:
                 if backend == "kernel":
@@ -225,7 +183,7 @@ class StepPlan:
                         "gradients"
                     )
                 chosen = "reference"
-            if chosen == "kernel" and _kernel_ready(param, grad):
+            if chosen == "kernel" and kernel_takes(param, grad):
                 buf = self.momentum_buffers[i]
                 if buf is not None and not buf.is_contiguous():
                     self.momentum_buffers[i] = buf.contiguous()
@@ -349,10 +307,3 @@ def undecayed_sgd(
     )
     for i in new_buffers:
         momentum_buffers[i] = plan.momentum_buffers[i]
-
-
-def _as_float_scalar(value: Tensor, device: torch.device) -> Tensor:
-    # Non-blocking only towards a GPU: the CPU kernel reads the value at once.
-    return value.to(device=device, dtype=torch.float32, non_blocking=device.type != "cpu").reshape(
-        1
-    )

@@ -4,6 +4,7 @@ an optional running average of the undecayed gradient, fused into one pass over 
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from itertools import compress, repeat
@@ -15,18 +16,31 @@ from torch import Tensor, nn
 from torch.optim import SGD
 from torch.optim.optimizer import _use_grad_for_differentiable
 
-from ._state import OptimizerState
-from .functional import BACKENDS, StepPlan
+from ..ops import check_backend
+from ..ops.reference import where_kept
+from ._state import EXTRA_KEYS, OptimizerState, checked_param_state, opmath_dtype
+from .functional import StepPlan
 
-# State keys of UndecayedSGD beyond torch.optim.SGD's "momentum_buffer".
-_MASK_KEYS = ("keep_mask", "decay_mask")
-_AVERAGE_KEYS = ("grad_sum", "grad_count")
-_EXTRA_KEYS = _MASK_KEYS + _AVERAGE_KEYS
 _GRAD = attrgetter("grad")
 
+# torch.optim.SGD's options of implementation, accepted and ignored; each warned about once
+# per process, when set to True or False.
+_IGNORED_OPTIONS = ("foreach", "fused")
+_warned_options: set[str] = set()
 
-def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+
+def _warn_ignored(name: str, value: Any, stacklevel: int) -> None:
+    if value is None or name in _warned_options:
+        return
+    _warned_options.add(name)
+    warnings.warn(
+        f"UndecayedSGD ignores {name}={value!r} (accepted for compatibility with "
+        "torch.optim.SGD): it runs its own fused kernel where the backend allows and the "
+        "pure-torch reference otherwise; choose between them with backend='auto', 'kernel' "
+        "or 'reference'",
+        UserWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 class _GroupLists:
@@ -107,8 +121,9 @@ class UndecayedSGD(SGD):
     Args:
         params, lr, momentum, dampening, weight_decay, nesterov, maximize, foreach,
         differentiable, fused: as in :class:`torch.optim.SGD`, with the same validation.
-            ``foreach`` and ``fused`` are accepted for compatibility; UndecayedSGD always
-            runs its own fused kernel when the backend allows.
+            ``foreach`` and ``fused`` (here or in a parameter group) are accepted for
+            compatibility and ignored, with a warning (once per process) when set to True
+            or False: UndecayedSGD runs its own fused kernel when the backend allows.
         backend: ``"auto"`` (the compiled kernel for the tensors' device when present,
             else the reference), ``"kernel"`` (the kernel, or a clear error) or
             ``"reference"`` (pure torch).
@@ -145,8 +160,9 @@ class UndecayedSGD(SGD):
         backend: str = "auto",
         track_grad_avg: bool = False,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
+        _warn_ignored("foreach", foreach, stacklevel=2)
+        _warn_ignored("fused", fused, stacklevel=2)
         self.backend = backend
         self._track_grad_avg_default = bool(track_grad_avg)
         self._step_lists: list[_GroupLists | None] = []
@@ -178,6 +194,13 @@ class UndecayedSGD(SGD):
         self.__dict__.setdefault("backend", "auto")
         self.state = OptimizerState(self.state)
         self._step_lists = []
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As :meth:`torch.optim.Optimizer.add_param_group`; ``foreach`` and ``fused`` given
+        in the group are ignored, as in the constructor."""
+        for name in _IGNORED_OPTIONS:
+            _warn_ignored(name, param_group.get(name), stacklevel=2)
+        super().add_param_group(param_group)
 
     # -- masks ----------------------------------------------------------------------------
 
@@ -223,10 +246,7 @@ class UndecayedSGD(SGD):
         keep_mask = self._check_mask(param, keep_mask, "set_mask")
         state = self.state[param]
         state["keep_mask"] = keep_mask
-        param.masked_fill_(~keep_mask, 0)
-        buf = state.get("momentum_buffer")
-        if buf is not None:
-            buf.masked_fill_(~keep_mask, 0)
+        _zero_pruned(param, state, keep_mask)
 
     def set_decay_mask(self, param: Tensor, decay_mask: Tensor | None) -> None:
         """Apply the group's weight decay only where ``decay_mask`` is true (``None``: all)."""
@@ -354,7 +374,7 @@ class UndecayedSGD(SGD):
             if tracking:
                 state = self.state[p]
                 if "grad_sum" not in state:
-                    dtype = _opmath_dtype(p.dtype)
+                    dtype = opmath_dtype(p.dtype)
                     state["grad_sum"] = torch.zeros_like(
                         p, dtype=dtype, memory_format=torch.contiguous_format
                     )
@@ -390,44 +410,64 @@ class UndecayedSGD(SGD):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint of UndecayedSGD or of ``torch.optim.SGD``.
 
-        Masks and gradient sums keep their dtypes (torch's loader would cast every tensor
-        of the state to the parameter's dtype) and are checked against their parameters.
+        Everything is checked before anything changes: on an error the optimizer is left as
+        it was. Masks and gradient sums keep their dtypes (torch's loader would cast every
+        tensor of the state to the parameter's dtype); masks saved as 0/1 floats (a
+        checkpoint that went through ``torch.optim.SGD``) load as bool masks. As with
+        :meth:`set_mask`, the pruned weights and their momentum are zeroed.
         """
-        extras = {
-            param_id: {key: value for key, value in param_state.items() if key in _EXTRA_KEYS}
-            for param_id, param_state in state_dict["state"].items()
-        }
-        stripped = dict(state_dict)
-        stripped["state"] = {
-            param_id: {key: value for key, value in param_state.items() if key not in _EXTRA_KEYS}
-            for param_id, param_state in state_dict["state"].items()
-        }
-        super().load_state_dict(stripped)
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        id_to_param = dict(zip(saved_ids, params, strict=True))
-        for param_id, values in extras.items():
-            if not values:
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        # torch's checks (and messages), made here first: the ids below pair up only then.
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        sizes = [len(g["params"]) for g in groups]
+        if sizes != [len(g["params"]) for g in saved_groups]:
+            raise ValueError(
+                "loaded state dict contains a parameter group "
+                "that doesn't match the size of optimizer's group"
+            )
+        id_to_param = dict(
+            zip(
+                itertools.chain.from_iterable(g["params"] for g in saved_groups),
+                itertools.chain.from_iterable(g["params"] for g in groups),
+                strict=True,
+            )
+        )
+        extras: dict[Tensor, dict[str, Any]] = {}
+        stripped_state: dict[Any, Any] = {}
+        for param_id, param_state in state_dict["state"].items():
+            param = id_to_param.get(param_id)
+            if param is None:  # kept as torch keeps it
+                stripped_state[param_id] = param_state
                 continue
-            param = id_to_param[param_id]
-            if "keep_mask" in values:
-                self.set_mask(param, values["keep_mask"].to(param.device))
-            if "decay_mask" in values:
-                self.set_decay_mask(param, values["decay_mask"].to(param.device))
-            if "grad_sum" in values:
-                grad_sum = values["grad_sum"]
-                if grad_sum.shape != param.shape:
-                    raise ValueError(
-                        f"load_state_dict: grad_sum of parameter {param_id} has shape "
-                        f"{tuple(grad_sum.shape)}, expected {tuple(param.shape)}"
-                    )
+            extras[param] = checked_param_state(param_id, param, param_state)
+            stripped_state[param_id] = {
+                key: value for key, value in param_state.items() if key not in EXTRA_KEYS
+            }
+        stripped = dict(state_dict)
+        stripped["state"] = stripped_state
+        super().load_state_dict(stripped)
+        with torch.no_grad():
+            for param, values in extras.items():
+                if not values:
+                    continue
                 state = self.state[param]
-                state["grad_sum"] = grad_sum.to(
-                    device=param.device, dtype=_opmath_dtype(param.dtype)
-                ).contiguous()
-                state["grad_count"] = values["grad_count"].to(
-                    device=param.device, dtype=torch.int64
-                )
+                state.update(values)
+                if "keep_mask" in values:
+                    _zero_pruned(param, state, values["keep_mask"])
+
+
+def _zero_pruned(param: Tensor, state: dict, keep_mask: Tensor) -> None:
+    """Zero the pruned weights of ``param`` and their momentum (a sparse buffer, which has no
+    masked_fill_, is replaced)."""
+    param.masked_fill_(~keep_mask, 0)
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        return
+    if buf.is_sparse:
+        state["momentum_buffer"] = where_kept(keep_mask, buf)
+    else:
+        buf.masked_fill_(~keep_mask, 0)
 
 
 def decay_param_groups(

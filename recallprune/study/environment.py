@@ -51,7 +51,7 @@ def cpu_model() -> str:
 def describe(device: str) -> dict[str, Any]:
     """The environment of a study run on ``device``."""
     from .. import __version__
-    from .._extension import has_ops
+    from ..ops import has_ops
 
     target = torch.device(device)
     environment = {

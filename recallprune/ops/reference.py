@@ -33,7 +33,8 @@ def undecayed_sgd_reference(
     ``torch.optim.SGD(foreach=False)``, so the results are bit-identical to it.
     ``momentum_buffers`` entries that are ``None`` are created (first step) in place.
     Pruned elements (``keep_masks`` false) of the weights and momentum are set to
-    exactly zero; their gradient sums are left as they are.
+    exactly zero; their gradient sums are left as they are. Sparse (COO) gradients are
+    taken as ``torch.optim.SGD`` takes them (no weight decay), with masks too.
     """
     if found_inf is not None and bool(found_inf.item()):
         # The fallback may synchronise here; the kernels read found_inf on the device.
@@ -50,8 +51,13 @@ def undecayed_sgd_reference(
         if grad_scale is not None:
             grad = grad / grad_scale
         keep = keep_masks[i]
+        if keep is not None and grad.is_sparse:
+            # Sparse tensors have neither where nor masked_fill_: the pruned entries leave the
+            # gradient here, so that nothing below adds them (to sums or sparse momentum).
+            grad = where_kept(keep, grad)
         if grad_sums is not None:
-            grad_sums[i].add_(grad if keep is None else torch.where(keep, grad, 0))
+            masked = keep is None or grad.is_sparse
+            grad_sums[i].add_(grad if masked else torch.where(keep, grad, 0))
         grad = grad if not maximize else -grad
         if weight_decay != 0:
             decayed = grad.add(param, alpha=weight_decay)
@@ -64,7 +70,7 @@ def undecayed_sgd_reference(
                 momentum_buffers[i] = buf
             else:
                 buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-            if keep is not None:
+            if keep is not None and not buf.is_sparse:  # a sparse one has no pruned entries
                 buf.masked_fill_(~keep, 0)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         if isinstance(lr, Tensor):
@@ -73,6 +79,20 @@ def undecayed_sgd_reference(
             param.add_(grad, alpha=-lr)
         if keep is not None:
             param.masked_fill_(~keep, 0)
+
+
+def where_kept(keep: Tensor, values: Tensor) -> Tensor:
+    """``torch.where(keep, values, 0)``, also for a sparse COO ``values`` (a new sparse tensor
+    whose entries at pruned positions are zero, NaN there included)."""
+    if not values.is_sparse:
+        return torch.where(keep, values, 0)
+    values = values.coalesce()
+    indices = values.indices()
+    kept = torch.where(keep[tuple(indices)], values.values(), 0)
+    # The indices are those of a valid tensor: no need to check them again.
+    return torch.sparse_coo_tensor(
+        indices, kept, values.shape, is_coalesced=True, check_invariants=False
+    )
 
 
 def confusion_update_reference(

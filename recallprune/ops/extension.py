@@ -1,0 +1,154 @@
+"""Loads the compiled kernels (``recallprune._C``) once, remembers why they failed, and chooses
+between them and the pure-torch reference.
+
+Everything in recallprune works without the kernels through :mod:`recallprune.ops.reference`;
+:func:`has_ops` says whether they are there, :func:`load_error` why not. Set
+``RECALLPRUNE_DISABLE_EXT=1`` to force the fallback. :func:`resolve_backend` is the one choice
+of ``backend="auto" | "kernel" | "reference"`` that every op wrapper makes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("auto", "kernel", "reference")
+
+# The ops with kernels per device (confusion_matrix is composed of confusion_update_).
+_OPS = ("undecayed_sgd_", "undecayed_sgd_.tensor_lr", "confusion_update_")
+_KERNEL_DEVICE_TYPES = {"cpu": "CPU", "cuda": "CUDA"}
+_DISABLED = "disabled by RECALLPRUNE_DISABLE_EXT=1"
+
+_loaded = False
+_load_error: str | None = None
+_fake_registrations: list[Callable[[], None]] = []
+
+
+def _load() -> None:
+    global _loaded, _load_error
+    if _loaded or _load_error is not None:
+        return
+    if os.environ.get("RECALLPRUNE_DISABLE_EXT", "0").strip().lower() in ("1", "true", "yes", "on"):
+        _load_error = _DISABLED
+        return
+    try:
+        from recallprune import _C  # noqa: F401  (loading registers the ops)
+    except (ImportError, OSError) as error:
+        _load_error = f"{type(error).__name__}: {error}"
+        return
+    _loaded = True
+    for register in _fake_registrations:
+        register()
+
+
+def register_fakes(register: Callable[[], None]) -> Callable[[], None]:
+    """Run ``register`` (an op wrapper's ``torch.library.register_fake`` calls) once the ops
+    exist: when the library loads, or now if it has. Usable as a decorator."""
+    if _loaded:
+        register()
+    else:
+        _fake_registrations.append(register)
+    return register
+
+
+def has_ops(device: torch.device | str | None = None) -> bool:
+    """Whether the compiled kernels are loaded (for ``device``'s type, when given)."""
+    _load()
+    if not _loaded:
+        return False
+    if device is None:
+        return True
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _has_kernels_for(device_type)
+
+
+@functools.cache
+def _has_kernels_for(device_type: str) -> bool:
+    key = _KERNEL_DEVICE_TYPES.get(device_type)
+    if key is None:
+        return False
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"recallprune::{op}", key) for op in _OPS
+    )
+
+
+def load_error() -> str | None:
+    """Why the compiled kernels are not available (``None`` when they are)."""
+    _load()
+    return _load_error
+
+
+def check_backend(backend: str) -> None:
+    """Raise ValueError unless ``backend`` is one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(backend: str, device: torch.device | str, what: str) -> str:
+    """``"kernel"`` or ``"reference"``: which implementation runs ``what`` on ``device``.
+
+    ``"auto"`` takes the kernels where they are loaded for the device's type, ``"kernel"``
+    insists on them (:func:`require_ops` says what is missing and what to do), and
+    ``"reference"`` is the pure-torch implementation.
+    """
+    if backend == "auto":
+        return "kernel" if has_ops(device) else "reference"
+    if backend == "kernel":
+        require_ops(device, what)
+        return "kernel"
+    check_backend(backend)
+    return "reference"
+
+
+def require_ops(device: torch.device | str, what: str) -> None:
+    """Raise a RuntimeError that says why and what to do if the kernels for ``device`` are
+    missing."""
+    if has_ops(device):
+        return
+    device = torch.device(device)
+    if _load_error is not None:
+        reason = f"the extension recallprune._C did not load ({_load_error})"
+    elif device.type not in _KERNEL_DEVICE_TYPES:
+        reason = f"recallprune has no kernels for {device.type} tensors"
+    else:
+        reason = f"recallprune._C was built without {device.type.upper()} kernels"
+    raise RuntimeError(
+        f"{what}: backend='kernel' needs the compiled kernels for {device.type}, but {reason}. "
+        f"{_advice(device)}Or use backend='auto' (the kernels where present) or 'reference' "
+        "(pure torch)."
+    )
+
+
+def _advice(device: torch.device) -> str:
+    """What to do to get the kernels, for a source checkout or an installed package."""
+    if _load_error == _DISABLED:
+        return "Unset RECALLPRUNE_DISABLE_EXT to load them. "
+    if device.type not in _KERNEL_DEVICE_TYPES:
+        return f"Move the tensors to one of {tuple(_KERNEL_DEVICE_TYPES)}. "
+    cuda = device.type == "cuda"
+    needs = " with a CUDA toolkit (nvcc) found and a CUDA build of torch" if cuda else ""
+    checkout = source_checkout()
+    if checkout is not None:
+        return (
+            f"Build them in the checkout {checkout}{needs}: `make setup`, or "
+            f"`pip install --no-build-isolation -e .` there, against the torch in use "
+            f"({torch.__version__}). "
+        )
+    return (
+        f"Reinstall recallprune built for the torch in use ({torch.__version__}){needs}: "
+        "`pip install --force-reinstall --no-deps --no-build-isolation --no-binary recallprune "
+        "recallprune` compiles it against this torch. "
+    )
+
+
+def source_checkout() -> Path | None:
+    """The source tree recallprune is imported from (an editable install or ``PYTHONPATH``),
+    or ``None`` for an installed package."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "setup.py").is_file() and (root / "csrc").is_dir():
+        return root
+    return None
