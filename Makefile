@@ -29,7 +29,7 @@ $(EXT_STAMP): $(DEPS_STAMP) $(EXT_SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) setup.py --quiet build_ext --inplace
 	touch $@
 
-# The default study (digits, LeNet-300-100, 5 seeds, 4 criteria + control, 18 rounds).
+# The default study (digits, LeNet-300-100, 10 seeds, 4 criteria + control, 18 rounds).
 # Rerunning resumes: finished runs are reused.
 demo: setup
 	$(VENV)/bin/recallprune study --out runs/demo-digits-mlp

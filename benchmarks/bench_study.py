@@ -7,8 +7,8 @@ the training steps alone (the training loops), the wall time per round, models p
 and the ratios. The order alternates between repeats so that a slow spell of a shared
 machine hits both alike. JSON under ``benchmarks/results/study-<device>.json``.
 
-    python benchmarks/bench_study.py                 # the default grid (5 seeds x 5 arms)
-    python benchmarks/bench_study.py --seeds 10      # more seeds
+    python benchmarks/bench_study.py                 # the default grid (10 seeds x 5 arms)
+    python benchmarks/bench_study.py --seeds 5       # fewer seeds
     python benchmarks/bench_study.py --quick         # a small grid: a smoke run
 """
 
@@ -84,7 +84,9 @@ def run_once(config: StudyConfig, execution: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: 5)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds 0..N-1 (default: the default study's, 10)"
+    )
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default: 18)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each execution")

@@ -37,7 +37,7 @@ def test_study_help_shows_defaults_and_choices(capsys):
         "{global,layer}",
         "(default: digits)",
         "(default: mlp)",
-        "(default: 0 1 2 3 4)",
+        "(default: 0 1 2 3 4 5 6 7 8 9)",
         "(default: magnitude undecayed gradient random)",
         "(default: 0.2)",
         "(default: 18)",
