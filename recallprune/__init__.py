@@ -2,7 +2,7 @@
 
 from . import distortion
 from .distortion import analyze, intensification_ratio
-from .metrics import ConfusionCounter, confusion_matrix
+from .metrics import ConfusionCounter, StackedConfusionCounter, confusion_matrix
 from .ops import has_ops, load_error
 from .optim import UndecayedSGD, decay_param_groups
 from .pruning import Gradual, Iterative, OneShot, Pruner
@@ -15,6 +15,7 @@ __all__ = [
     "Iterative",
     "OneShot",
     "Pruner",
+    "StackedConfusionCounter",
     "UndecayedSGD",
     "__version__",
     "analyze",

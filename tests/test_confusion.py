@@ -500,3 +500,80 @@ def test_to_moves_the_counts_and_returns_the_counter():
         assert counter.to("cpu") is counter
         assert torch.equal(counter.state_dict()["counts"], 2 * counts)
         assert int(counter.invalid_count) == 2 * invalid
+
+
+# -- StackedConfusionCounter: B models at once, each as its own ConfusionCounter ----------
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+@pytest.mark.parametrize("dtype", [*LOGIT_DTYPES, torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("ignore_index", [None, 2])
+@pytest.mark.parametrize("shared_target", [True, False], ids=["shared", "own"])
+def test_stacked_counts_match_each_models_counter(
+    kernel_device, backend, dtype, ignore_index, shared_target
+):
+    if backend == "kernel" and not __import__("recallprune").has_ops(kernel_device):
+        pytest.skip("no compiled kernels")
+    from recallprune import StackedConfusionCounter
+
+    models, n, c = 4, 57, 6
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.stack([_logits(n, c, torch.float32, seed=b) for b in range(models)])
+    targets = torch.randint(0, c, (models, n), generator=generator)
+    targets[1, ::9] = c + 3  # invalid labels in model 1 only
+    if dtype.is_floating_point:
+        batch = logits.to(dtype)
+    else:
+        batch = logits.argmax(2).to(dtype)
+        batch[2, ::13] = -1  # an invalid prediction in model 2
+    if shared_target:
+        targets = targets[0]
+    stacked = StackedConfusionCounter(models, c, kernel_device, ignore_index, backend)
+    for half in (slice(0, 30), slice(30, n)):  # two updates, counts add up
+        part_target = targets[half] if shared_target else targets[:, half]
+        stacked.update(batch[:, half].to(kernel_device), part_target.to(kernel_device))
+    invalid = stacked.invalid_count.cpu()
+    for b in range(models):
+        single = ConfusionCounter(c, "cpu", ignore_index, backend="reference")
+        single.update(batch[b], targets if shared_target else targets[b])
+        assert torch.equal(stacked._counts[b].cpu(), single._counts), b
+        assert invalid[b] == single.invalid_count, b
+    # Model 1's own targets, and model 2's predicted labels, hold invalid labels.
+    expected_bad = {1} if not shared_target else set()
+    if not dtype.is_floating_point:
+        expected_bad.add(2)
+    assert {b for b in range(models) if invalid[b] > 0} == expected_bad
+    if expected_bad:
+        with pytest.raises(ValueError, match="outside"):
+            stacked.compute()
+    stacked.reset()
+    assert stacked.invalid_count.sum() == 0 and stacked._counts.sum() == 0
+    # Valid batches: compute, recall and accuracy per model.
+    valid = torch.randint(0, c, (n,), generator=generator)
+    stacked.update(logits.to(kernel_device), valid.to(kernel_device))
+    counts = stacked.compute().cpu()
+    kept = valid != ignore_index if ignore_index is not None else torch.ones(n, dtype=torch.bool)
+    for b in range(models):
+        assert torch.equal(counts[b], _sklearn(valid[kept], logits[b].argmax(1)[kept], c))
+    torch.testing.assert_close(
+        stacked.accuracy().cpu(),
+        (logits.argmax(2) == valid)[:, kept].double().mean(dim=1),
+    )
+    assert stacked.recall().shape == (models, c)
+
+
+def test_stacked_counter_errors():
+    from recallprune import StackedConfusionCounter
+
+    counter = StackedConfusionCounter(3, 4)
+    with pytest.raises(ValueError, match="num_models must be a positive int"):
+        StackedConfusionCounter(0, 4)
+    with pytest.raises(ValueError, match=r"input must hold the 3 models' logits"):
+        counter.update(torch.randn(2, 5, 4), torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"target must be shared by the models"):
+        counter.update(torch.randn(3, 5, 4), torch.zeros(2, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="C = num_classes = 4"):
+        counter.update(torch.randn(3, 5, 6), torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="needs 100 1000000 x 1000000 int64 matrices"):
+        StackedConfusionCounter(100, 1_000_000)
+    assert torch.equal(counter.compute(), torch.zeros(3, 4, 4, dtype=torch.int64))

@@ -97,6 +97,19 @@ def test_opcheck_confusion_ops(kernel_device):
         torch.library.opcheck(
             torch.ops.recallprune.confusion_matrix.default, (batch, labels, 6, ignore_index)
         )
+        # The same batch as three models' (the stacked op), each its own copy.
+        stacked = batch.unsqueeze(0).repeat(3, *([1] * batch.dim()))
+        torch.library.opcheck(
+            torch.ops.recallprune.confusion_update_stacked_.default,
+            (
+                torch.zeros(3, 36, dtype=torch.int64, device=kernel_device),
+                torch.zeros(3, dtype=torch.int64, device=kernel_device),
+                stacked,
+                labels.unsqueeze(0).repeat(3, 1, 1),
+                6,
+                ignore_index,
+            ),
+        )
 
 
 @requires_ops

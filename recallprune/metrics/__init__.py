@@ -1,5 +1,5 @@
 """Per-class confusion counts on the device."""
 
-from .confusion import ConfusionCounter, confusion_matrix
+from .confusion import ConfusionCounter, StackedConfusionCounter, confusion_matrix
 
-__all__ = ["ConfusionCounter", "confusion_matrix"]
+__all__ = ["ConfusionCounter", "StackedConfusionCounter", "confusion_matrix"]

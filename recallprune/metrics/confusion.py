@@ -114,18 +114,20 @@ def _device_memory(device: torch.device) -> int | None:
     return None
 
 
-def _check_size(num_classes: int, device: torch.device) -> None:
-    """Refuse a matrix that ``device`` could not hold, before allocating it.
+def _check_size(num_classes: int, device: torch.device, models: int = 1) -> None:
+    """Refuse a matrix (``models`` of them) that ``device`` could not hold, before allocating.
 
     The limit is half the device's memory: ``compute()``, ``state_dict()`` and ``sync()``
     each make a copy of the counts beside them.
     """
-    needed = num_classes * num_classes * 8
+    needed = models * num_classes * num_classes * 8
     memory = _device_memory(device)
     if memory is not None and 2 * needed > memory:
+        matrices = f"{models} " if models > 1 else "a "
         raise ValueError(
-            f"ConfusionCounter: num_classes={num_classes} needs a {num_classes} x {num_classes} "
-            f"int64 matrix of {_gigabytes(needed)} ({needed:,} bytes), twice that with the copy "
+            f"ConfusionCounter: num_classes={num_classes} needs {matrices}{num_classes} x "
+            f"{num_classes} int64 matri{'ces' if models > 1 else 'x'} of {_gigabytes(needed)} "
+            f"({needed:,} bytes), twice that with the copy "
             f"that compute() and sync() make, but {device} has {_gigabytes(memory)} of memory "
             "in all. Count fewer classes (group the rare ones), or count on a device with more "
             "memory"
@@ -319,6 +321,119 @@ class ConfusionCounter:
         return (
             f"ConfusionCounter(num_classes={self.num_classes}, device={self.device}, "
             f"ignore_index={self.ignore_index})"
+        )
+
+
+class StackedConfusionCounter:
+    """The confusion counts of ``num_models`` models at once, e.g. stacked models evaluated
+    together: ``counts[model, true, predicted]``, int64, with no host synchronisation per batch.
+
+    ``update(input, target)`` takes each model's logits ``[B, N, C, ...]`` or predicted labels
+    ``[B, N, ...]``, and the targets, shared by the models (``[N, ...]``) or each model's own
+    (``[B, N, ...]``). Model ``b``'s counts are those a :class:`ConfusionCounter` would hold
+    after ``update(input[b], target[b])``; labels are checked as it checks them, per model.
+
+    Args:
+        num_models: B.
+        num_classes: C.
+        device, ignore_index, backend: as :class:`ConfusionCounter`'s.
+    """
+
+    def __init__(
+        self,
+        num_models: int,
+        num_classes: int,
+        device: torch.device | str | None = None,
+        ignore_index: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 1:
+            raise ValueError(f"num_models must be a positive int, got {num_models!r}")
+        _check_options(num_classes, ignore_index, backend)
+        self.num_models = num_models
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.backend = backend
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        _check_size(num_classes, self.device, num_models)
+        cells = num_classes * num_classes
+        self._counts = torch.zeros(num_models, cells, dtype=torch.int64, device=self.device)
+        self._invalid = torch.zeros(num_models, dtype=torch.int64, device=self.device)
+
+    def update(self, input: Tensor, target: Tensor) -> None:
+        """Count one batch of every model (no host synchronisation)."""
+        models = self.num_models
+        if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+            raise TypeError(
+                f"input and target must be tensors, got {type(input).__name__} and "
+                f"{type(target).__name__}"
+            )
+        if input.dim() < 2 or input.shape[0] != models:
+            raise ValueError(
+                f"input must hold the {models} models' logits [B, N, C, ...] or labels "
+                f"[B, N, ...] with B = {models}, got shape {tuple(input.shape)}"
+            )
+        shared = (
+            target.shape == input.shape[1:]
+            if not input.is_floating_point()
+            else (target.shape == input.shape[1:2] + input.shape[3:])
+        )
+        if shared:
+            target = target.unsqueeze(0).expand(models, *target.shape)
+        elif target.dim() == 0 or target.shape[0] != models:
+            raise ValueError(
+                f"target must be shared by the models ([N, ...]) or each model's own "
+                f"([B, N, ...] with B = {models}) for input of shape {tuple(input.shape)}, got "
+                f"{tuple(target.shape)}"
+            )
+        # The per-model checks and views of ConfusionCounter, on the models side by side.
+        batch, labels = _as_batch(input.flatten(0, 1), target.flatten(0, 1), self.num_classes)
+        if batch.device != self.device:
+            raise ValueError(
+                f"the batch is on {batch.device} but the counter is on {self.device}; create "
+                f"the counter with device={str(batch.device)!r} or move the batch"
+            )
+        ops.confusion_update_stacked_(
+            self._counts,
+            self._invalid,
+            batch.view(models, -1, *batch.shape[1:]),
+            labels.view(models, -1, labels.shape[1]),
+            self.num_classes,
+            self.ignore_index,
+            self.backend,
+        )
+
+    def compute(self) -> Tensor:
+        """The counts, int64 ``[B, C, C]``; raises ValueError if any model saw an invalid
+        label since the last ``reset()``."""
+        _raise_if_invalid(self._invalid, self.num_classes, self.ignore_index)
+        return self._counts.view(self.num_models, self.num_classes, self.num_classes).clone()
+
+    @property
+    def invalid_count(self) -> Tensor:
+        """Each model's invalid entries since the last reset, int64 ``[B]`` (no sync)."""
+        return self._invalid.clone()
+
+    def recall(self) -> Tensor:
+        """Per-model, per-class recall, float64 ``[B, C]``; NaN for a class with no support."""
+        counts = self.compute()
+        return counts.diagonal(dim1=1, dim2=2).double() / counts.sum(dim=2).double()
+
+    def accuracy(self) -> Tensor:
+        """Each model's accuracy, float64 ``[B]`` (NaN for a model with no entries)."""
+        counts = self.compute()
+        correct = counts.diagonal(dim1=1, dim2=2).sum(dim=1)
+        return correct.double() / counts.sum(dim=(1, 2)).double()
+
+    def reset(self) -> None:
+        """Zero the counts and the invalid-entry counters."""
+        self._counts.zero_()
+        self._invalid.zero_()
+
+    def __repr__(self) -> str:
+        return (
+            f"StackedConfusionCounter(num_models={self.num_models}, num_classes="
+            f"{self.num_classes}, device={self.device}, ignore_index={self.ignore_index})"
         )
 
 

@@ -11,7 +11,7 @@ wrappers here and never ``torch.ops.recallprune`` itself:
   the arguments, fake kernels.
 """
 
-from .confusion import confusion_matrix, confusion_update_
+from .confusion import confusion_matrix, confusion_update_, confusion_update_stacked_
 from .extension import (
     BACKENDS,
     check_backend,
@@ -20,7 +20,11 @@ from .extension import (
     require_ops,
     resolve_backend,
 )
-from .reference import confusion_update_reference, undecayed_sgd_reference
+from .reference import (
+    confusion_update_reference,
+    confusion_update_stacked_reference,
+    undecayed_sgd_reference,
+)
 from .undecayed_sgd import undecayed_sgd_
 
 __all__ = [
@@ -29,6 +33,8 @@ __all__ = [
     "confusion_matrix",
     "confusion_update_",
     "confusion_update_reference",
+    "confusion_update_stacked_",
+    "confusion_update_stacked_reference",
     "has_ops",
     "load_error",
     "require_ops",

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .extension import register_fakes, resolve_backend
-from .reference import confusion_update_reference
+from .reference import confusion_update_reference, confusion_update_stacked_reference
 
 _KERNEL_LABEL_DTYPES = (torch.int64, torch.int32)
 
@@ -48,6 +48,29 @@ def confusion_update_(
         confusion_update_reference(counts, invalid, input, target, num_classes, ignore_index)
 
 
+def confusion_update_stacked_(
+    counts: Tensor,
+    invalid: Tensor,
+    input: Tensor,
+    target: Tensor,
+    num_classes: int,
+    ignore_index: int | None = None,
+    backend: str = "auto",
+) -> None:
+    """:func:`confusion_update_` for ``B`` models at once (the study's stacked models):
+    ``counts`` int64 ``[B, C * C]``, ``invalid`` int64 ``[B]``, logits ``[B, N, C, S]`` or
+    predicted labels ``[B, N, S]``, target labels ``[B, N, S]``."""
+    if resolve_backend(backend, counts.device, "StackedConfusionCounter") == "kernel":
+        input, target = kernel_batch(input, target)
+        torch.ops.recallprune.confusion_update_stacked_(
+            counts, invalid, input, target, num_classes, ignore_index
+        )
+    else:
+        confusion_update_stacked_reference(
+            counts, invalid, input, target, num_classes, ignore_index
+        )
+
+
 def confusion_matrix(
     input: Tensor,
     target: Tensor,
@@ -70,6 +93,10 @@ def confusion_matrix(
 @register_fakes
 def _register_fakes() -> None:
     @torch.library.register_fake("recallprune::confusion_update_")
+    def _(counts, invalid, input, target, num_classes, ignore_index=None):
+        return None  # counts into its inputs
+
+    @torch.library.register_fake("recallprune::confusion_update_stacked_")
     def _(counts, invalid, input, target, num_classes, ignore_index=None):
         return None  # counts into its inputs
 

@@ -19,7 +19,12 @@ import torch
 BACKENDS = ("auto", "kernel", "reference")
 
 # The ops with kernels per device (confusion_matrix is composed of confusion_update_).
-_OPS = ("undecayed_sgd_", "undecayed_sgd_.tensor_lr", "confusion_update_")
+_OPS = (
+    "undecayed_sgd_",
+    "undecayed_sgd_.tensor_lr",
+    "confusion_update_",
+    "confusion_update_stacked_",
+)
 _KERNEL_DEVICE_TYPES = {"cpu": "CPU", "cuda": "CUDA"}
 _DISABLED = "disabled by RECALLPRUNE_DISABLE_EXT=1"
 

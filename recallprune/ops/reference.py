@@ -111,9 +111,31 @@ def confusion_update_reference(
     other entries whose target or predicted label lies outside ``[0, C)`` are counted in
     ``invalid`` (int64 ``[1]``) instead of ``counts``.
     """
-    pred = input.argmax(dim=1) if input.is_floating_point() else input
-    pred = pred.reshape(-1).to(torch.int64)
-    target = target.reshape(-1).to(torch.int64)
+    confusion_update_stacked_reference(
+        counts.view(1, -1),
+        invalid,
+        input.unsqueeze(0),
+        target.unsqueeze(0),
+        num_classes,
+        ignore_index,
+    )
+
+
+def confusion_update_stacked_reference(
+    counts: Tensor,
+    invalid: Tensor,
+    input: Tensor,
+    target: Tensor,
+    num_classes: int,
+    ignore_index: int | None = None,
+) -> None:
+    """:func:`confusion_update_reference` for ``B`` models at once: ``counts`` int64
+    ``[B, C * C]``, ``invalid`` int64 ``[B]``, ``input`` logits ``[B, N, C, S]`` or labels
+    ``[B, N, S]``, ``target`` labels ``[B, N, S]``; model ``b`` counts into row ``b``."""
+    models = counts.shape[0]
+    pred = input.argmax(dim=2) if input.is_floating_point() else input
+    pred = pred.reshape(models, -1).to(torch.int64)
+    target = target.reshape(models, -1).to(torch.int64)
     ok = (target >= 0) & (target < num_classes) & (pred >= 0) & (pred < num_classes)
     if ignore_index is not None:
         ignored = target == ignore_index
@@ -121,6 +143,8 @@ def confusion_update_reference(
         ok = ok & ~ignored
     else:
         bad = ~ok
-    invalid.add_(bad.sum().reshape(1))
-    bins = torch.where(ok, target * num_classes + pred, 0)
-    counts.index_add_(0, bins, ok.to(torch.int64))
+    invalid.add_(bad.sum(dim=1))
+    cells = num_classes * num_classes
+    offsets = torch.arange(models, device=counts.device).unsqueeze(1) * cells
+    bins = torch.where(ok, offsets + target * num_classes + pred, 0)
+    counts.view(-1).index_add_(0, bins.reshape(-1), ok.reshape(-1).to(torch.int64))

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..metrics import ConfusionCounter
+from ..metrics import StackedConfusionCounter
 from ..optim import UndecayedSGD, decay_param_groups
 from ..pruning.criteria import NEEDS_GRADIENT
 from .config import parse_arm
@@ -100,16 +100,14 @@ def evaluate_stacked(
     model: StackedModel, data: Dataset, device: torch.device
 ) -> list[torch.Tensor]:
     """Each model's confusion counts on the test set, int64 ``[C, C]`` on the CPU: one
-    forward pass of the stack per batch of test samples."""
+    forward pass of the stack and one stacked count per batch of test samples."""
     model.eval()
-    counters = [ConfusionCounter(data.num_classes, device=device) for _ in range(model.num_models)]
+    counter = StackedConfusionCounter(model.num_models, data.num_classes, device=device)
     for start in range(0, len(data.x_test), EVAL_BATCH):
         inputs = data.x_test[start : start + EVAL_BATCH].to(device)
         targets = data.y_test[start : start + EVAL_BATCH].to(device)
-        logits = model(inputs.unsqueeze(0).expand(model.num_models, *inputs.shape))
-        for counter, model_logits in zip(counters, logits, strict=True):
-            counter.update(model_logits, targets)
-    return [c.compute().cpu() for c in counters]
+        counter.update(model(inputs.unsqueeze(0).expand(model.num_models, *inputs.shape)), targets)
+    return list(counter.compute().cpu())
 
 
 def stacked_gradients(
