@@ -168,28 +168,10 @@ void sgd_typed(const SgdRange& r, const SgdHyper& h) {
   }
   // Scalar tail (and the whole range for fp16/bf16, computed in float).
   for (; i < r.end; ++i) {
-    if (r.keep_mask != nullptr && !r.keep_mask[i]) {
-      param[i] = scalar_t(0);
-      if (s.has_momentum) {
-        momentum_buffer[i] = scalar_t(0);
-      }
-      continue;
-    }
-    opmath_t g = static_cast<opmath_t>(grad[i]);
-    if (scale != nullptr) {
-      g = g / *scale;
-    }
-    if (grad_sum != nullptr) {
-      grad_sum[i] += g;
-    }
-    opmath_t buf = s.has_momentum && !s.is_first_step ? static_cast<opmath_t>(momentum_buffer[i])
-                                                      : opmath_t(0);
-    const bool decay = r.decay_mask == nullptr || r.decay_mask[i];
-    param[i] = static_cast<scalar_t>(
-        undecayed_sgd_element<opmath_t>(static_cast<opmath_t>(param[i]), g, buf, decay, s));
-    if (s.has_momentum) {
-      momentum_buffer[i] = static_cast<scalar_t>(buf);
-    }
+    undecayed_sgd_update<scalar_t, opmath_t>(
+        param[i], grad[i], s.has_momentum ? momentum_buffer + i : nullptr,
+        grad_sum != nullptr ? grad_sum + i : nullptr, r.keep_mask == nullptr || r.keep_mask[i],
+        r.decay_mask == nullptr || r.decay_mask[i], s, scale);
   }
 }
 
