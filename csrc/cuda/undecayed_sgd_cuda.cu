@@ -2,6 +2,7 @@
 // through the multi-tensor chunker; fp32 math for fp16/bf16; vectorised loads where
 // every pointer of a chunk is aligned.
 #include "multi_tensor_apply.cuh"
+#include "pack.cuh"
 #include "undecayed_sgd.h"
 
 #include <ATen/Dispatch.h>
@@ -14,6 +15,7 @@
 namespace recallprune {
 namespace {
 
+using cuda::Pack;
 using cuda::TensorListMetadata;
 
 constexpr int kILP = 4;  // elements per thread per iteration
@@ -34,11 +36,6 @@ enum List : int {
 struct DeviceLr {
   const void* data;
   bool is_double;
-};
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T value[N];
 };
 
 template <typename T>
