@@ -1,6 +1,8 @@
 """Build recallprune._C: the C++ kernels always, the CUDA kernels whenever a toolkit is found.
 
 The sources and compiler flags are listed in csrc/sources.txt, which CMakeLists.txt reads too.
+The CPU kernels of each instruction set (AVX2, AVX-512) are compiled with flags of their own,
+on x86-64, before the other sources (BuildExtension below).
 Switches (environment):
   RECALLPRUNE_BUILD_EXT=0   build no extension (pure-torch fallback only)
   RECALLPRUNE_BUILD_CUDA=0  build the C++ kernels only
@@ -8,7 +10,9 @@ The CUDA sources are compiled whenever a CUDA toolkit is found and torch is a CU
 build, even without a GPU, so that every build compile-checks them.
 """
 
+import glob
 import os
+import platform
 import shutil
 
 from setuptools import setup
@@ -19,12 +23,16 @@ def _flag(name: str, default: str = "1") -> bool:
 
 
 SOURCES_LIST = os.path.join("csrc", "sources.txt")
-SECTIONS = ("cxx-flags", "nvcc-flags", "link-flags", "cxx", "cuda")
+# The sections of C++ sources compiled with flags of their own: one per instruction set.
+INSTRUCTION_SETS = ("avx2", "avx512")
+SECTIONS = ("cxx-flags", "nvcc-flags", "link-flags", "cxx", "cuda", *INSTRUCTION_SETS)
 
 
 def read_sources_list(path: str = SOURCES_LIST) -> dict[str, list[str]]:
     """The sections of csrc/sources.txt: ``{"cxx": [...], "cxx-flags": [...], ...}``, sources
-    as paths relative to the project root. Every .cpp and .cu file under csrc/ must be listed."""
+    as paths relative to the project root. An instruction set's section holds sources and
+    flags (the items that start with "-"): ``"avx2"`` the sources, ``"avx2-flags"`` the flags.
+    Every .cpp and .cu file under csrc/ must be listed."""
     sections: dict[str, list[str]] = {name: [] for name in SECTIONS}
     current = None
     with open(path, encoding="utf-8") as handle:
@@ -43,10 +51,15 @@ def read_sources_list(path: str = SOURCES_LIST) -> dict[str, list[str]]:
             if current is None:
                 raise SystemExit(f"{path}:{number}: {line!r} comes before any [section]")
             sections[current].extend(line.split())
+    for name in INSTRUCTION_SETS:
+        items = sections[name]
+        sections[name] = [item for item in items if not item.startswith("-")]
+        sections[f"{name}-flags"] = [item for item in items if item.startswith("-")]
     csrc = os.path.dirname(path)
-    for kind in ("cxx", "cuda"):
+    kinds = ("cxx", "cuda", *INSTRUCTION_SETS)
+    for kind in kinds:
         sections[kind] = [os.path.join(csrc, source) for source in sections[kind]]
-    listed = {os.path.normpath(s) for s in sections["cxx"] + sections["cuda"]}
+    listed = {os.path.normpath(s) for kind in kinds for s in sections[kind]}
     on_disk = {
         os.path.normpath(os.path.join(folder, name))
         for folder, _, names in os.walk(csrc)
@@ -76,6 +89,35 @@ def _find_cuda_home() -> str | None:
     return None
 
 
+def _build_ext_class(cpp_extension):
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension, plus the sources of ``ext.instruction_sets`` (name ->
+        (sources, flags)): each set is compiled with the C++ flags and its own into a folder of
+        its own under build_temp (a ninja file of its own, so that rebuilds stay incremental),
+        before the other sources, and linked after them. Where several objects hold a copy of
+        one inline function, the linker keeps the first: a baseline one."""
+
+        def build_extension(self, ext):
+            args = ext.extra_compile_args  # with the flags BuildExtension added to every source
+            cxx_flags = args["cxx"] if isinstance(args, dict) else args
+            objects = []
+            for name, (sources, flags) in getattr(ext, "instruction_sets", {}).items():
+                objects += self.compiler.compile(
+                    sources,
+                    output_dir=os.path.join(self.build_temp, name),
+                    macros=ext.define_macros,
+                    include_dirs=ext.include_dirs,
+                    debug=self.debug,
+                    extra_postargs={"cxx": [*cxx_flags, *flags]},
+                    depends=ext.depends,
+                )
+            # Linked after the other objects (once, should the command run twice).
+            ext.extra_objects = [o for o in ext.extra_objects if o not in objects] + objects
+            super().build_extension(ext)
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
 def _extensions():
     if not _flag("RECALLPRUNE_BUILD_EXT"):
         return [], {}
@@ -91,6 +133,15 @@ def _extensions():
     here = os.path.dirname(os.path.abspath(__file__))
     listed = read_sources_list()
     cpp_sources, cuda_sources = listed["cxx"], listed["cuda"]
+    # torch has per-instruction-set kernels on x86-64 only; elsewhere these files compile to
+    # tables that point at the baseline kernels.
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        instruction_sets = {
+            name: (listed[name], listed[f"{name}-flags"]) for name in INSTRUCTION_SETS
+        }
+    else:
+        instruction_sets = {}
+        cpp_sources = cpp_sources + [s for name in INSTRUCTION_SETS for s in listed[name]]
     cxx_flags = listed["cxx-flags"]
     extra_link_args = listed["link-flags"]
     include_dirs = [os.path.join(here, "csrc")]
@@ -125,9 +176,15 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=extra_link_args,
         )
+    ext.instruction_sets = instruction_sets
+    # The flags, every file a source includes, and the sources compiled apart: setuptools
+    # rebuilds when one of them is newer than the library (ninja then recompiles what changed).
+    files = glob.glob(os.path.join("csrc", "**", "*"), recursive=True)
+    headers = sorted(f for f in files if f.endswith((".h", ".inl", ".cuh")))
+    apart = [s for sources, _ in instruction_sets.values() for s in sources]
+    ext.depends = [SOURCES_LIST, *headers, *apart]
     print(f"recallprune: building _C with {'C++ and CUDA' if use_cuda else 'C++ only'} kernels")
-    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
-    return [ext], cmdclass
+    return [ext], {"build_ext": _build_ext_class(cpp_extension)}
 
 
 # Build front ends (pip, python -m build, python setup.py) run this file as __main__; the

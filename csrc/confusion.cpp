@@ -1,5 +1,6 @@
-// Argument checks of the confusion ops and the composite functional op, shared by the
-// CPU and CUDA kernels.
+// The confusion-count ops: their schemas, the argument checks shared by the CPU and CUDA
+// kernels (csrc/cpu/confusion_cpu.cpp, csrc/cuda/confusion_cuda.cu) and the composite
+// functional op.
 #include "confusion.h"
 
 #include <ATen/ops/zeros.h>
@@ -7,6 +8,20 @@
 #include <torch/library.h>
 
 namespace recallprune {
+
+TORCH_LIBRARY_FRAGMENT(recallprune, m) {
+  // Confusion counts of one batch added to `counts` (int64 [C*C], row = true class).
+  // input: logits [N, C, S] (float) or predicted labels [N, S] (int32/int64);
+  // target: labels [N, S] (int32/int64). Entries with target == ignore_index are skipped;
+  // other entries with a label outside [0, C) are added to `invalid` (int64 [1]).
+  m.def(
+      "confusion_update_(Tensor(a!) counts, Tensor(b!) invalid, Tensor input, Tensor target, "
+      "int num_classes, int? ignore_index=None) -> ()");
+  // The same for one batch into fresh tensors: returns (counts [C, C], invalid [1]).
+  m.def(
+      "confusion_matrix(Tensor input, Tensor target, int num_classes, int? ignore_index=None) "
+      "-> (Tensor, Tensor)");
+}
 
 int64_t check_confusion_args(const at::Tensor& counts, const at::Tensor& invalid,
                              const at::Tensor& input, const at::Tensor& target,

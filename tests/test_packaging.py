@@ -8,6 +8,7 @@ import email.parser
 import importlib.util
 import json
 import os
+import platform
 import runpy
 import shutil
 import subprocess
@@ -114,12 +115,23 @@ def _read_sources_list() -> dict[str, list[str]]:
         os.chdir(cwd)
 
 
+def _instruction_set_sources(listed) -> dict[str, str]:
+    """{source: its instruction set} for the sources compiled with flags of their own."""
+    setup = runpy.run_path(str(ROOT / "setup.py"), run_name="recallprune_setup")
+    return {source: name for name in setup["INSTRUCTION_SETS"] for source in listed[name]}
+
+
 def test_the_sources_list_names_every_source():
     listed = _read_sources_list()
     on_disk = {f for f in _files_under(ROOT / "csrc") if f.endswith((".cpp", ".cu"))}
-    assert set(listed["cxx"]) | set(listed["cuda"]) == on_disk
+    per_set = _instruction_set_sources(listed)
+    assert set(listed["cxx"]) | set(listed["cuda"]) | set(per_set) == on_disk
     assert all(f.endswith(".cu") for f in listed["cuda"])
     assert "-std=c++20" in listed["cxx-flags"] and "-std=c++20" in listed["nvcc-flags"]
+    # Each instruction set's kernels, and nothing else, with its flags.
+    assert per_set == {"csrc/cpu/kernels_avx2.cpp": "avx2", "csrc/cpu/kernels_avx512.cpp": "avx512"}
+    assert "-mavx2" in listed["avx2-flags"] and "-mfma" in listed["avx2-flags"]
+    assert {"-mavx512f", "-mavx2"} <= set(listed["avx512-flags"])
 
 
 def test_a_source_missing_from_the_list_stops_the_build(tmp_path):
@@ -154,13 +166,19 @@ def test_cmake_builds_the_same_sources_with_the_same_flags(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     commands = json.loads((tmp_path / "compile_commands.json").read_text())
     listed = _read_sources_list()
-    built = {str(Path(c["file"]).resolve().relative_to(ROOT)) for c in commands}
-    assert built == set(listed["cxx"])  # no CUDA: RECALLPRUNE_BUILD_CUDA is OFF by default
+    per_set = _instruction_set_sources(listed)
+    built = {str(Path(c["file"]).resolve().relative_to(ROOT)): c["command"] for c in commands}
+    # No CUDA: RECALLPRUNE_BUILD_CUDA is OFF by default.
+    assert set(built) == set(listed["cxx"]) | set(per_set)
     flags = listed["cxx-flags"]
-    for command in commands:
-        arguments = command["command"].split()
+    for source, command in built.items():
+        arguments = command.split()
         start = arguments.index(flags[0])
-        assert arguments[start : start + len(flags)] == flags, command["file"]
+        assert arguments[start : start + len(flags)] == flags, source
+        # An instruction set's flags on its own sources (x86-64), on no other.
+        own = listed[f"{per_set[source]}-flags"] if source in per_set else []
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            assert [a for a in arguments if a.startswith("-m")] == own, source
 
 
 # -- the study's extra ----------------------------------------------------------------------

@@ -5,6 +5,7 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -76,6 +77,28 @@ int64_t count_block(bool has_ignore, bool private_bins, const label_t* truth, co
                       : run(std::false_type{}, std::false_type{});
 }
 
+// pred = the argmax of rows [n0, n1) of logits [N, C, S], through this CPU's kernel for their
+// dtype (fp16 and bf16 as their bits).
+void argmax(const cpu::KernelTable& kernels, const at::Tensor& logits, int64_t num_classes,
+            int64_t inner, int64_t n0, int64_t n1, int64_t* pred) {
+  const auto rows = [&](auto kernel, const auto* data) {
+    kernel({data, num_classes, inner, n0, n1, pred});
+  };
+  const void* data = logits.const_data_ptr();
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      return rows(kernels.argmax_float, static_cast<const float*>(data));
+    case at::kDouble:
+      return rows(kernels.argmax_double, static_cast<const double*>(data));
+    case at::kHalf:
+      return rows(kernels.argmax_half, static_cast<const uint16_t*>(data));
+    case at::kBFloat16:
+      return rows(kernels.argmax_bfloat16, static_cast<const uint16_t*>(data));
+    default:  // check_confusion_args lets no other dtype through
+      TORCH_CHECK(false, "confusion_update_ (CPU kernel): no argmax for ", logits.scalar_type());
+  }
+}
+
 template <typename label_t>
 void update_cpu(at::Tensor& counts, at::Tensor& invalid, const at::Tensor& input,
                 const label_t* target, int64_t num_classes, std::optional<int64_t> ignore_index) {
@@ -112,8 +135,7 @@ void update_cpu(at::Tensor& counts, at::Tensor& invalid, const at::Tensor& input
       };
       if (logits) {
         pred.resize(entries);
-        kernels.argmax({input.scalar_type(), input.const_data_ptr(), num_classes, inner, b0, b1,
-                        pred.data()});
+        argmax(kernels, input, num_classes, inner, b0, b1, pred.data());
         bad += count(pred.data());
       } else if (input.scalar_type() == at::kLong) {
         bad += count(input.const_data_ptr<int64_t>() + b0 * inner);

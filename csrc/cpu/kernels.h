@@ -1,24 +1,29 @@
 // The inner loops of the CPU kernels, compiled once per instruction set (kernels_default.cpp,
-// kernels_avx2.cpp, kernels_avx512.cpp include kernels.inl) and chosen at run time to match
-// the instruction set torch itself uses (at::get_cpu_capability(), ATEN_CPU_CAPABILITY).
-// The ops (parallel loops, histograms) live in undecayed_sgd_cpu.cpp and confusion_cpu.cpp.
+// kernels_avx2.cpp, kernels_avx512.cpp include kernels.inl; the last two with the flags of
+// their sections in csrc/sources.txt) and chosen at run time to match the instruction set
+// torch itself uses (at::get_cpu_capability(), ATEN_CPU_CAPABILITY). The ops (argument
+// checks, the dtype switch, parallel loops, histograms) live in undecayed_sgd_cpu.cpp and
+// confusion_cpu.cpp, compiled for the baseline instruction set.
+//
+// Plain C++ only: the per-instruction-set files include this header, and any inline code
+// they share with the rest of the library could end up, in the linked library, as their
+// copy, with their instructions.
 #pragma once
-
-#include <c10/core/ScalarType.h>
 
 #include <cstdint>
 
 namespace recallprune::cpu {
 
 // Elements [begin, end) of one parameter and its lists; absent lists are nullptr.
+// fp16 and bf16 tensors travel as their bits (uint16_t), with float sums.
+template <typename scalar_t, typename opmath_t>
 struct SgdRange {
-  c10::ScalarType dtype;
-  void* param;
-  const void* grad;
-  void* momentum_buffer;
+  scalar_t* param;
+  const scalar_t* grad;
+  scalar_t* momentum_buffer;
   const uint8_t* keep_mask;
   const uint8_t* decay_mask;
-  void* grad_sum;  // float (double for float64 parameters)
+  opmath_t* grad_sum;
   int64_t begin;
   int64_t end;
 };
@@ -35,9 +40,10 @@ struct SgdHyper {
 };
 
 // Rows [n0, n1) of contiguous logits [N, C, S]: pred[(n - n0) * S + s] = argmax over C.
+// fp16 and bf16 logits travel as their bits (uint16_t).
+template <typename scalar_t>
 struct ArgmaxBlock {
-  c10::ScalarType dtype;
-  const void* logits;
+  const scalar_t* logits;
   int64_t num_classes;
   int64_t inner;
   int64_t n0;
@@ -45,10 +51,22 @@ struct ArgmaxBlock {
   int64_t* pred;
 };
 
+template <typename scalar_t, typename opmath_t = scalar_t>
+using SgdKernel = void (*)(const SgdRange<scalar_t, opmath_t>&, const SgdHyper&);
+template <typename scalar_t>
+using ArgmaxKernel = void (*)(const ArgmaxBlock<scalar_t>&);
+
+// One instruction set's kernels, one per dtype.
 struct KernelTable {
   const char* instruction_set;
-  void (*sgd_update)(const SgdRange&, const SgdHyper&);
-  void (*argmax)(const ArgmaxBlock&);
+  SgdKernel<float> sgd_float;
+  SgdKernel<double> sgd_double;
+  SgdKernel<uint16_t, float> sgd_half;
+  SgdKernel<uint16_t, float> sgd_bfloat16;
+  ArgmaxKernel<float> argmax_float;
+  ArgmaxKernel<double> argmax_double;
+  ArgmaxKernel<uint16_t> argmax_half;
+  ArgmaxKernel<uint16_t> argmax_bfloat16;
 };
 
 // The table for this CPU.

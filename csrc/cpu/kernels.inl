@@ -1,15 +1,16 @@
-// The inner loops of the CPU kernels, written once with at::vec::Vectorized and compiled
-// per instruction set: the including file defines CPU_CAPABILITY (and, for AVX2/AVX-512,
-// CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512 and the matching target pragma).
-// Everything here lives in recallprune::cpu::CPU_CAPABILITY or has internal linkage, so
-// the copies never mix.
-#include "confusion.h"
+// The inner loops of the CPU kernels, written once with at::vec::Vectorized and intrinsics
+// and compiled per instruction set: the including file defines CPU_CAPABILITY (and, for
+// AVX2/AVX-512, CPU_CAPABILITY_AVX2 / CPU_CAPABILITY_AVX512) and is compiled with that
+// instruction set's flags (csrc/sources.txt). Everything here lives in
+// recallprune::cpu::CPU_CAPABILITY or has internal linkage, so the copies never mix; and it
+// includes only at::vec (whose code lives in at::vec::CPU_CAPABILITY), headers of plain
+// C++ and the per-element math (c10/macros only): no code it shares with the rest of the
+// library can be compiled here with the wider instructions. The dtype switch is the
+// caller's (undecayed_sgd_cpu.cpp, confusion_cpu.cpp): the table holds one kernel per dtype.
+#include "confusion_element.h"
 #include "kernels.h"
-#include "undecayed_sgd.h"
+#include "undecayed_sgd_element.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -150,52 +151,44 @@ int64_t sgd_vectorized_dispatch(T* param, const T* grad, T* momentum_buffer,
   return keep_mask != nullptr ? with_momentum(std::true_type{}) : with_momentum(std::false_type{});
 }
 
+// The element type of the table's pointers for a dtype: fp16 and bf16 travel as their bits,
+// and are read here as the c10 types that convert them to and from float.
 template <typename scalar_t>
-void sgd_typed(const SgdRange& r, const SgdHyper& h) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  auto* param = static_cast<scalar_t*>(r.param);
-  const auto* grad = static_cast<const scalar_t*>(r.grad);
-  auto* momentum_buffer = static_cast<scalar_t*>(r.momentum_buffer);
-  auto* grad_sum = static_cast<opmath_t*>(r.grad_sum);
+struct TableElement {
+  using type = scalar_t;
+};
+template <>
+struct TableElement<c10::Half> {
+  using type = uint16_t;
+};
+template <>
+struct TableElement<c10::BFloat16> {
+  using type = uint16_t;
+};
+
+// One range of one parameter: the vectorised body for float and double, then the scalar
+// tail (the whole range for fp16/bf16, computed in float) one element at a time.
+template <typename scalar_t, typename opmath_t>
+void sgd(const SgdRange<typename TableElement<scalar_t>::type, opmath_t>& r, const SgdHyper& h) {
+  auto* param = reinterpret_cast<scalar_t*>(r.param);
+  const auto* grad = reinterpret_cast<const scalar_t*>(r.grad);
+  auto* momentum_buffer = reinterpret_cast<scalar_t*>(r.momentum_buffer);
+  opmath_t* grad_sum = r.grad_sum;
   const SgdScalars<opmath_t> s(h.lr, h.momentum, h.dampening, h.weight_decay, h.nesterov,
                                h.maximize, h.is_first_step);
   const opmath_t scale_value = h.grad_scale != nullptr ? opmath_t(*h.grad_scale) : opmath_t(1);
   const opmath_t* scale = h.grad_scale != nullptr ? &scale_value : nullptr;
   int64_t i = r.begin;
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    i = sgd_vectorized_dispatch<scalar_t>(param, grad, momentum_buffer, r.keep_mask, r.decay_mask,
-                                 grad_sum, r.begin, r.end, s, scale);
+    i = sgd_vectorized_dispatch<scalar_t>(param, grad, momentum_buffer, r.keep_mask,
+                                          r.decay_mask, grad_sum, r.begin, r.end, s, scale);
   }
-  // Scalar tail (and the whole range for fp16/bf16, computed in float).
   for (; i < r.end; ++i) {
-    if (r.keep_mask != nullptr && !r.keep_mask[i]) {
-      param[i] = scalar_t(0);
-      if (s.has_momentum) {
-        momentum_buffer[i] = scalar_t(0);
-      }
-      continue;
-    }
-    opmath_t g = static_cast<opmath_t>(grad[i]);
-    if (scale != nullptr) {
-      g = g / *scale;
-    }
-    if (grad_sum != nullptr) {
-      grad_sum[i] += g;
-    }
-    opmath_t buf = s.has_momentum && !s.is_first_step ? static_cast<opmath_t>(momentum_buffer[i])
-                                                      : opmath_t(0);
-    const bool decay = r.decay_mask == nullptr || r.decay_mask[i];
-    param[i] = static_cast<scalar_t>(
-        undecayed_sgd_element<opmath_t>(static_cast<opmath_t>(param[i]), g, buf, decay, s));
-    if (s.has_momentum) {
-      momentum_buffer[i] = static_cast<scalar_t>(buf);
-    }
+    undecayed_sgd_update<scalar_t, opmath_t>(
+        param[i], grad[i], s.has_momentum ? momentum_buffer + i : nullptr,
+        grad_sum != nullptr ? grad_sum + i : nullptr, r.keep_mask == nullptr || r.keep_mask[i],
+        r.decay_mask == nullptr || r.decay_mask[i], s, scale);
   }
-}
-
-void sgd_update(const SgdRange& r, const SgdHyper& h) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.dtype, "undecayed_sgd_cpu_",
-                                  [&] { sgd_typed<scalar_t>(r, h); });
 }
 
 // ---- argmax ---------------------------------------------------------------------------
@@ -653,7 +646,7 @@ inline __m128 fp16_to_float(__m128i w) {
 // widening (bf16 is the upper half of a float; F16C converts fp16; SSE2 as above).
 template <typename scalar_t>
 void widen_to_float(const scalar_t* src, float* dst, int64_t n) {
-  constexpr bool kBFloat16 = std::is_same_v<scalar_t, at::BFloat16>;
+  constexpr bool kBFloat16 = std::is_same_v<scalar_t, c10::BFloat16>;
   int64_t i = 0;
 #if defined(CPU_CAPABILITY_AVX512)
   for (; i + 16 <= n; i += 16) {
@@ -688,9 +681,9 @@ void widen_to_float(const scalar_t* src, float* dst, int64_t n) {
 }
 
 template <typename scalar_t>
-void argmax_typed(const ArgmaxBlock& b) {
+void argmax(const ArgmaxBlock<typename TableElement<scalar_t>::type>& b) {
   const auto* logits =
-      static_cast<const scalar_t*>(b.logits) + b.n0 * b.num_classes * b.inner;
+      reinterpret_cast<const scalar_t*>(b.logits) + b.n0 * b.num_classes * b.inner;
   const int64_t rows = b.n1 - b.n0;
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
     argmax_rows(logits, b.num_classes, b.inner, rows, b.pred);
@@ -727,16 +720,18 @@ void argmax_typed(const ArgmaxBlock& b) {
   }
 }
 
-void argmax(const ArgmaxBlock& b) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, b.dtype, "confusion_argmax",
-                                  [&] { argmax_typed<scalar_t>(b); });
-}
-
 }  // namespace
 
-const KernelTable* table() {
-  static const KernelTable kernels{C10_STRINGIZE(CPU_CAPABILITY), &sgd_update, &argmax};
-  return &kernels;
-}
+constexpr KernelTable kTable{C10_STRINGIZE(CPU_CAPABILITY),
+                             &sgd<float, float>,
+                             &sgd<double, double>,
+                             &sgd<c10::Half, float>,
+                             &sgd<c10::BFloat16, float>,
+                             &argmax<float>,
+                             &argmax<double>,
+                             &argmax<c10::Half>,
+                             &argmax<c10::BFloat16>};
+
+const KernelTable* table() { return &kTable; }
 
 }  // namespace recallprune::cpu::CPU_CAPABILITY

@@ -1,49 +1,14 @@
-// The CPU kernels compiled for AVX2 + FMA (chosen at run time where torch uses AVX2).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// The standard headers first, compiled without the target pragma: GCC 13 refuses to inline
-// their functions into code of another target ("target specific option mismatch").
-#include <algorithm>
-#include <array>
-#include <atomic>
-#include <bit>
-#include <cmath>
-#include <complex>
-#include <cstdint>
-#include <cstring>
-#include <functional>
-#include <iostream>
-#include <limits>
-#include <map>
-#include <memory>
-#include <mutex>
-#include <optional>
-#include <ostream>
-#include <sstream>
-#include <string>
-#include <tuple>
-#include <type_traits>
-#include <unordered_map>
-#include <unordered_set>
-#include <utility>
-#include <variant>
-#include <vector>
-#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
-// The pragma enables the instructions but not their feature macros, which the ATen and
-// Sleef headers test: define them for this file only.
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
-#define __BMI__ 1
-#define __BMI2__ 1
-#define __LZCNT__ 1
-#define __POPCNT__ 1
-// GCC flags its own intrinsics headers (the undefined-vector idiom) as maybe-uninitialized.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// The CPU kernels compiled for AVX2 + FMA (chosen at run time where torch uses AVX2), with the
+// flags of the [avx2] section of csrc/sources.txt, which setup.py and CMakeLists.txt add on
+// x86-64 only.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #include "kernels.inl"
+#elif defined(__x86_64__)
+#error "kernels_avx2.cpp needs the flags of the [avx2] section of csrc/sources.txt"
 #else
+// Another architecture: torch has no AVX2 kernels there either.
 #include "kernels.h"
 namespace recallprune::cpu::AVX2 {
 const KernelTable* table() { return DEFAULT::table(); }

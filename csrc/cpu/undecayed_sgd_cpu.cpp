@@ -1,9 +1,11 @@
 // CPU kernel of recallprune::undecayed_sgd_: one at::parallel_for over the chunks
-// of every tensor in the lists; the vectorised loop over a chunk is in kernels.inl.
+// of every tensor in the lists; the loop over a chunk, for the parameter's dtype and this
+// CPU's instruction set, is in kernels.inl.
 #include "kernels.h"
 #include "undecayed_sgd.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -20,6 +22,51 @@ struct WorkItem {
   int64_t begin;
   int64_t end;
 };
+
+// The lists of one step, the masks as pointers gathered once: the parallel loop touches no
+// IValues.
+struct Lists {
+  at::TensorList params;
+  at::TensorList grads;
+  at::TensorList momentum_buffers;
+  std::vector<const uint8_t*> keep_masks;
+  std::vector<const uint8_t*> decay_masks;
+  at::TensorList grad_sums;
+
+  // One work item's pointers for a kernel whose elements are scalar_t (fp16 and bf16 as their
+  // bits) and whose sums are opmath_t.
+  template <typename scalar_t, typename opmath_t = scalar_t>
+  cpu::SgdRange<scalar_t, opmath_t> range(const WorkItem& item) const {
+    const size_t t = static_cast<size_t>(item.tensor);
+    return {static_cast<scalar_t*>(params[t].data_ptr()),
+            static_cast<const scalar_t*>(grads[t].const_data_ptr()),
+            momentum_buffers.empty() ? nullptr
+                                     : static_cast<scalar_t*>(momentum_buffers[t].data_ptr()),
+            keep_masks[t],
+            decay_masks[t],
+            grad_sums.empty() ? nullptr : static_cast<opmath_t*>(grad_sums[t].data_ptr()),
+            item.begin,
+            item.end};
+  }
+};
+
+// One work item through this CPU's kernel for the parameter's dtype.
+void update(const cpu::KernelTable& kernels, const Lists& lists, const WorkItem& item,
+            const cpu::SgdHyper& hyper) {
+  const auto dtype = lists.params[static_cast<size_t>(item.tensor)].scalar_type();
+  switch (dtype) {
+    case at::kFloat:
+      return kernels.sgd_float(lists.range<float>(item), hyper);
+    case at::kDouble:
+      return kernels.sgd_double(lists.range<double>(item), hyper);
+    case at::kHalf:
+      return kernels.sgd_half(lists.range<uint16_t, float>(item), hyper);
+    case at::kBFloat16:
+      return kernels.sgd_bfloat16(lists.range<uint16_t, float>(item), hyper);
+    default:  // check_undecayed_sgd_args lets no other dtype through
+      TORCH_CHECK(false, "undecayed_sgd_ (CPU kernel): no kernel for ", dtype);
+  }
+}
 
 void undecayed_sgd_cpu_(at::TensorList params, at::TensorList grads,
                         at::TensorList momentum_buffers,
@@ -42,12 +89,11 @@ void undecayed_sgd_cpu_(at::TensorList params, at::TensorList grads,
   const std::optional<float> scale =
       grad_scale.has_value() ? std::optional<float>(grad_scale->item<float>()) : std::nullopt;
 
-  // Mask pointers gathered once: the parallel loop touches no IValues.
-  std::vector<const uint8_t*> keep_ptrs(params.size()), decay_ptrs(params.size());
+  Lists lists{params, grads, momentum_buffers, {}, {}, grad_sums};
   std::vector<WorkItem> work;
   for (size_t t = 0; t < params.size(); ++t) {
-    keep_ptrs[t] = mask_data(keep_masks, t);
-    decay_ptrs[t] = mask_data(decay_masks, t);
+    lists.keep_masks.push_back(mask_data(keep_masks, t));
+    lists.decay_masks.push_back(mask_data(decay_masks, t));
     const int64_t numel = params[t].numel();
     for (int64_t begin = 0; begin < numel; begin += kChunk) {
       work.push_back({static_cast<int64_t>(t), begin, std::min(numel, begin + kChunk)});
@@ -59,19 +105,7 @@ void undecayed_sgd_cpu_(at::TensorList params, at::TensorList grads,
   const auto& kernels = cpu::kernels();
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t first, int64_t last) {
     for (int64_t w = first; w < last; ++w) {
-      const WorkItem& item = work[w];
-      const size_t t = static_cast<size_t>(item.tensor);
-      const cpu::SgdRange range{
-          params[t].scalar_type(),
-          params[t].data_ptr(),
-          grads[t].const_data_ptr(),
-          momentum_buffers.empty() ? nullptr : momentum_buffers[t].data_ptr(),
-          keep_ptrs[t],
-          decay_ptrs[t],
-          grad_sums.empty() ? nullptr : grad_sums[t].data_ptr(),
-          item.begin,
-          item.end};
-      kernels.sgd_update(range, hyper);
+      update(kernels, lists, work[w], hyper);
     }
   });
 }

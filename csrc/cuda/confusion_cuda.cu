@@ -3,9 +3,11 @@
 // enough entries to pay for them, global 64-bit atomics otherwise; int32 or int64 labels
 // read as they are; 64-bit indices; the current stream; no host synchronisation.
 #include "confusion.h"
+#include "pack.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -13,12 +15,13 @@
 
 #include <cuda_runtime.h>
 
-#include <array>
-#include <atomic>
+#include <algorithm>
 #include <type_traits>
 
 namespace recallprune {
 namespace {
+
+using cuda::Pack;
 
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
@@ -120,11 +123,6 @@ __device__ __forceinline__ void flush_block(const Counting& k, unsigned int* his
     atomicAdd(k.invalid, static_cast<unsigned long long>(*block_invalid));
   }
 }
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T value[N];
-};
 
 // The argmax of entry (n, s) read by one thread: kVec classes per load where rows are
 // contiguous (S == 1) and aligned, strided scalar loads otherwise.
@@ -287,27 +285,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Blocks to launch: enough to fill the GPU, and enough that no block counts more than
-// 2^30 entries (its 32-bit shared counters cannot overflow).
-int multiprocessors() {
-  // Cached per device: the attribute query is not free, and updates are frequent.
-  static std::array<std::atomic<int>, 64> cache{};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 0 || device >= static_cast<int>(cache.size())) {
-    int sms = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return sms;
-  }
-  int sms = cache[device].load(std::memory_order_relaxed);
-  if (sms == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    cache[device].store(sms, std::memory_order_relaxed);
-  }
-  return sms;
-}
-
-int64_t grid_size(int64_t work_items, int64_t items_per_block) {
-  const int sms = multiprocessors();
+// 2^30 entries (its 32-bit shared counters cannot overflow). torch caches the device's
+// properties: updates are frequent.
+int64_t grid_size(int64_t work_items, int64_t items_per_block, c10::DeviceIndex device) {
+  const int sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
   const int64_t needed = (work_items + items_per_block - 1) / items_per_block;
   const int64_t floor_for_counters = (work_items >> 30) + 1;
   return std::max<int64_t>(1, std::max(floor_for_counters, std::min<int64_t>(needed, sms * 8)));
@@ -363,8 +344,8 @@ void confusion_update_cuda_(at::Tensor& counts, at::Tensor& invalid, const at::T
   const int lane_shift = num_classes >= kWarpRowClasses ? 5 : 3;
   static_assert(kNarrowGroupLanes == 1 << 3, "lane_shift 3 is kNarrowGroupLanes");
   const int64_t blocks =
-      grouped ? grid_size(entries, (kThreads / kWarp) * (kWarp >> lane_shift))
-              : grid_size(entries, kThreads);
+      grouped ? grid_size(entries, (kThreads / kWarp) * (kWarp >> lane_shift), counts.get_device())
+              : grid_size(entries, kThreads, counts.get_device());
   // A block-private histogram pays off when a block counts more entries than it has bins
   // to clear and flush; small C always (the aggregated counting needs it).
   const bool shared = bins <= kSharedBins &&

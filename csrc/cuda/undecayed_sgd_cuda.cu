@@ -2,6 +2,7 @@
 // through the multi-tensor chunker; fp32 math for fp16/bf16; vectorised loads where
 // every pointer of a chunk is aligned.
 #include "multi_tensor_apply.cuh"
+#include "pack.cuh"
 #include "undecayed_sgd.h"
 
 #include <ATen/Dispatch.h>
@@ -14,6 +15,7 @@
 namespace recallprune {
 namespace {
 
+using cuda::Pack;
 using cuda::TensorListMetadata;
 
 constexpr int kILP = 4;  // elements per thread per iteration
@@ -34,11 +36,6 @@ enum List : int {
 struct DeviceLr {
   const void* data;
   bool is_double;
-};
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T value[N];
 };
 
 template <typename T>
@@ -69,25 +66,6 @@ template <typename scalar_t>
 struct UndecayedSgdFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
 
-  // One kept element: the same steps as the CPU kernel's scalar loop.
-  // `grad_scale` is 1 when the step is not AMP-scaled (x / 1 is exact).
-  static __device__ __forceinline__ void update(scalar_t& w, scalar_t grad_value, scalar_t* buf,
-                                                opmath_t* grad_sum, bool decay,
-                                                const SgdScalars<opmath_t>& s,
-                                                opmath_t grad_scale) {
-    const opmath_t grad = static_cast<opmath_t>(grad_value) / grad_scale;
-    if (grad_sum != nullptr) {
-      *grad_sum += grad;
-    }
-    opmath_t momentum =
-        s.has_momentum && !s.is_first_step ? static_cast<opmath_t>(*buf) : opmath_t(0);
-    w = static_cast<scalar_t>(
-        undecayed_sgd_element<opmath_t>(static_cast<opmath_t>(w), grad, momentum, decay, s));
-    if (s.has_momentum) {
-      *buf = static_cast<scalar_t>(momentum);
-    }
-  }
-
   __device__ __forceinline__ void operator()(const TensorListMetadata<kNumLists>& meta, int tensor,
                                              int64_t begin, int64_t count,
                                              SgdScalars<opmath_t> s, const float* grad_scale,
@@ -100,7 +78,8 @@ struct UndecayedSgdFunctor {
       s.neg_lr = -(lr.is_double ? static_cast<opmath_t>(*static_cast<const double*>(lr.data))
                                 : static_cast<opmath_t>(*static_cast<const float*>(lr.data)));
     }
-    const opmath_t scale = grad_scale != nullptr ? static_cast<opmath_t>(*grad_scale) : 1;
+    const opmath_t scale_value = grad_scale != nullptr ? static_cast<opmath_t>(*grad_scale) : 1;
+    const opmath_t* scale = grad_scale != nullptr ? &scale_value : nullptr;
     const auto offset = [&](int list, auto* typed) -> decltype(typed) {
       auto* base = static_cast<decltype(typed)>(meta.addresses[list][tensor]);
       return base == nullptr ? nullptr : base + begin;
@@ -128,13 +107,9 @@ struct UndecayedSgdFunctor {
         if (grad_sum != nullptr) load(gs, grad_sum, i);
 #pragma unroll
         for (int j = 0; j < kILP; ++j) {
-          if (k[j]) {
-            update(w[j], g[j], &b[j], grad_sum != nullptr ? &gs[j] : nullptr, d[j] != 0, s,
-                   scale);
-          } else {
-            w[j] = scalar_t(0);
-            b[j] = scalar_t(0);
-          }
+          undecayed_sgd_update<scalar_t, opmath_t>(w[j], g[j], &b[j],
+                                                   grad_sum != nullptr ? &gs[j] : nullptr,
+                                                   k[j] != 0, d[j] != 0, s, scale);
         }
         store(param, i, w);
         if (buf != nullptr) store(buf, i, b);
@@ -143,14 +118,10 @@ struct UndecayedSgdFunctor {
       return;
     }
     for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-      if (keep != nullptr && !keep[i]) {
-        param[i] = scalar_t(0);
-        if (buf != nullptr) buf[i] = scalar_t(0);
-        continue;
-      }
-      update(param[i], grad[i], buf != nullptr ? &buf[i] : nullptr,
-             grad_sum != nullptr ? &grad_sum[i] : nullptr, decay == nullptr || decay[i] != 0, s,
-             scale);
+      undecayed_sgd_update<scalar_t, opmath_t>(
+          param[i], grad[i], buf != nullptr ? &buf[i] : nullptr,
+          grad_sum != nullptr ? &grad_sum[i] : nullptr, keep == nullptr || keep[i] != 0,
+          decay == nullptr || decay[i] != 0, s, scale);
     }
   }
 };

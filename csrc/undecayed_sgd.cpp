@@ -1,9 +1,32 @@
-// Argument checks of recallprune::undecayed_sgd_, shared by the CPU and CUDA kernels.
+// recallprune::undecayed_sgd_: its schemas and the argument checks shared by the CPU and
+// CUDA kernels (csrc/cpu/undecayed_sgd_cpu.cpp, csrc/cuda/undecayed_sgd_cuda.cu).
 #include "undecayed_sgd.h"
 
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 namespace recallprune {
+
+TORCH_LIBRARY_FRAGMENT(recallprune, m) {
+  // One fused UndecayedSGD step over lists of tensors (see recallprune/optim/functional.py).
+  // keep_masks / decay_masks: empty, or one optional bool/uint8 mask per parameter.
+  // momentum_buffers: empty when momentum == 0. grad_sums: empty unless the undecayed
+  // gradient is being accumulated.
+  m.def(
+      "undecayed_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor?[] keep_masks, Tensor?[] decay_masks, Tensor(c!)[] grad_sums, *, float lr, "
+      "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // The same with the learning rate as a one-element float32/float64 tensor, as torch's
+  // _fused_sgd_.tensor_lr: a CUDA kernel reads it on the device (no host synchronisation).
+  m.def(
+      "undecayed_sgd_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, "
+      "Tensor(b!)[] momentum_buffers, Tensor?[] keep_masks, Tensor?[] decay_masks, "
+      "Tensor(c!)[] grad_sums, *, Tensor lr, float momentum, float dampening, "
+      "float weight_decay, bool nesterov, bool maximize, bool is_first_step, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}
+
 namespace {
 
 void check_same_tensor(const at::Tensor& param, const at::Tensor& other, const char* what,
