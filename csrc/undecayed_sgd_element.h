@@ -6,23 +6,28 @@
 
 #include <c10/macros/Macros.h>
 
+#include <cstdint>
+
 namespace recallprune {
 // Internal linkage on purpose: the CPU kernels are compiled once per instruction set
 // (csrc/cpu/kernels_*.cpp), and each copy of this math must stay in its own object.
 namespace {
 
-// Hyper-parameters in the math type of the tensors (float for fp32/fp16/bf16).
+// The scalars of one step in the math type of the tensors (float for fp32/fp16/bf16): the
+// hyper-parameters, and the AMP gradient scale where the kernel has read one.
 template <typename opmath_t>
 struct SgdScalars {
   opmath_t neg_lr;
   opmath_t momentum;
   opmath_t one_minus_dampening;
   opmath_t weight_decay;
+  opmath_t grad_scale = 1;  // gradients are divided by it where has_grad_scale
   bool nesterov;
   bool maximize;
   bool is_first_step;
   bool has_momentum;
   bool has_weight_decay;
+  bool has_grad_scale = false;
 
   SgdScalars(double lr, double momentum_, double dampening, double weight_decay_, bool nesterov_,
              bool maximize_, bool is_first_step_)
@@ -57,37 +62,35 @@ C10_HOST_DEVICE inline opmath_t undecayed_sgd_element(opmath_t w, opmath_t grad,
   return w + s.neg_lr * g;
 }
 
-// One element of a parameter in its storage type (fp16/bf16 computed in float):
+// Element i of one parameter's arrays, in their storage type (fp16/bf16 computed in float):
 // a pruned weight (keep false) and its momentum become zero; a kept one has its gradient
-// unscaled (grad_scale: nullptr unless AMP-scaled) and added to `grad_sum` (nullptr unless
-// the undecayed gradient is summed), then takes the update above. `momentum_buffer` is
-// read and written only when momentum is on.
+// unscaled and added to `grad_sum` (nullptr unless the undecayed gradient is summed), then
+// takes the update above. `momentum_buffer` is read and written only when momentum is on.
 template <typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE inline void undecayed_sgd_update(scalar_t& weight, scalar_t grad,
+C10_HOST_DEVICE inline void undecayed_sgd_update(int64_t i, scalar_t* param, const scalar_t* grad,
                                                  scalar_t* momentum_buffer, opmath_t* grad_sum,
                                                  bool keep, bool decay,
-                                                 const SgdScalars<opmath_t>& s,
-                                                 const opmath_t* grad_scale) {
+                                                 const SgdScalars<opmath_t>& s) {
   if (!keep) {
-    weight = scalar_t(0);
+    param[i] = scalar_t(0);
     if (s.has_momentum) {
-      *momentum_buffer = scalar_t(0);
+      momentum_buffer[i] = scalar_t(0);
     }
     return;
   }
-  opmath_t g = static_cast<opmath_t>(grad);
-  if (grad_scale != nullptr) {
-    g = g / *grad_scale;
+  opmath_t g = static_cast<opmath_t>(grad[i]);
+  if (s.has_grad_scale) {
+    g = g / s.grad_scale;
   }
   if (grad_sum != nullptr) {
-    *grad_sum += g;
+    grad_sum[i] += g;
   }
-  opmath_t buf = s.has_momentum && !s.is_first_step ? static_cast<opmath_t>(*momentum_buffer)
+  opmath_t buf = s.has_momentum && !s.is_first_step ? static_cast<opmath_t>(momentum_buffer[i])
                                                     : opmath_t(0);
-  weight = static_cast<scalar_t>(
-      undecayed_sgd_element<opmath_t>(static_cast<opmath_t>(weight), g, buf, decay, s));
+  param[i] = static_cast<scalar_t>(
+      undecayed_sgd_element<opmath_t>(static_cast<opmath_t>(param[i]), g, buf, decay, s));
   if (s.has_momentum) {
-    *momentum_buffer = static_cast<scalar_t>(buf);
+    momentum_buffer[i] = static_cast<scalar_t>(buf);
   }
 }
 

@@ -174,20 +174,22 @@ void sgd(const SgdRange<typename TableElement<scalar_t>::type, opmath_t>& r, con
   const auto* grad = reinterpret_cast<const scalar_t*>(r.grad);
   auto* momentum_buffer = reinterpret_cast<scalar_t*>(r.momentum_buffer);
   opmath_t* grad_sum = r.grad_sum;
-  const SgdScalars<opmath_t> s(h.lr, h.momentum, h.dampening, h.weight_decay, h.nesterov,
-                               h.maximize, h.is_first_step);
-  const opmath_t scale_value = h.grad_scale != nullptr ? opmath_t(*h.grad_scale) : opmath_t(1);
-  const opmath_t* scale = h.grad_scale != nullptr ? &scale_value : nullptr;
+  SgdScalars<opmath_t> s(h.lr, h.momentum, h.dampening, h.weight_decay, h.nesterov, h.maximize,
+                         h.is_first_step);
+  if (h.grad_scale != nullptr) {
+    s.grad_scale = static_cast<opmath_t>(*h.grad_scale);
+    s.has_grad_scale = true;
+  }
   int64_t i = r.begin;
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
     i = sgd_vectorized_dispatch<scalar_t>(param, grad, momentum_buffer, r.keep_mask,
-                                          r.decay_mask, grad_sum, r.begin, r.end, s, scale);
+                                          r.decay_mask, grad_sum, r.begin, r.end, s,
+                                          s.has_grad_scale ? &s.grad_scale : nullptr);
   }
   for (; i < r.end; ++i) {
-    undecayed_sgd_update<scalar_t, opmath_t>(
-        param[i], grad[i], s.has_momentum ? momentum_buffer + i : nullptr,
-        grad_sum != nullptr ? grad_sum + i : nullptr, r.keep_mask == nullptr || r.keep_mask[i],
-        r.decay_mask == nullptr || r.decay_mask[i], s, scale);
+    undecayed_sgd_update<scalar_t, opmath_t>(i, param, grad, momentum_buffer, grad_sum,
+                                             r.keep_mask == nullptr || r.keep_mask[i],
+                                             r.decay_mask == nullptr || r.decay_mask[i], s);
   }
 }
 

@@ -78,8 +78,10 @@ struct UndecayedSgdFunctor {
       s.neg_lr = -(lr.is_double ? static_cast<opmath_t>(*static_cast<const double*>(lr.data))
                                 : static_cast<opmath_t>(*static_cast<const float*>(lr.data)));
     }
-    const opmath_t scale_value = grad_scale != nullptr ? static_cast<opmath_t>(*grad_scale) : 1;
-    const opmath_t* scale = grad_scale != nullptr ? &scale_value : nullptr;
+    if (grad_scale != nullptr) {
+      s.grad_scale = static_cast<opmath_t>(*grad_scale);
+      s.has_grad_scale = true;
+    }
     const auto offset = [&](int list, auto* typed) -> decltype(typed) {
       auto* base = static_cast<decltype(typed)>(meta.addresses[list][tensor]);
       return base == nullptr ? nullptr : base + begin;
@@ -107,9 +109,9 @@ struct UndecayedSgdFunctor {
         if (grad_sum != nullptr) load(gs, grad_sum, i);
 #pragma unroll
         for (int j = 0; j < kILP; ++j) {
-          undecayed_sgd_update<scalar_t, opmath_t>(w[j], g[j], &b[j],
-                                                   grad_sum != nullptr ? &gs[j] : nullptr,
-                                                   k[j] != 0, d[j] != 0, s, scale);
+          // gs in every case (stored back only where there are sums): a pointer chosen at
+          // run time would keep the array out of registers.
+          undecayed_sgd_update<scalar_t, opmath_t>(j, w, g, b, gs, k[j] != 0, d[j] != 0, s);
         }
         store(param, i, w);
         if (buf != nullptr) store(buf, i, b);
@@ -118,10 +120,9 @@ struct UndecayedSgdFunctor {
       return;
     }
     for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-      undecayed_sgd_update<scalar_t, opmath_t>(
-          param[i], grad[i], buf != nullptr ? &buf[i] : nullptr,
-          grad_sum != nullptr ? &grad_sum[i] : nullptr, keep == nullptr || keep[i] != 0,
-          decay == nullptr || decay[i] != 0, s, scale);
+      undecayed_sgd_update<scalar_t, opmath_t>(i, param, grad, buf, grad_sum,
+                                               keep == nullptr || keep[i] != 0,
+                                               decay == nullptr || decay[i] != 0, s);
     }
   }
 };
