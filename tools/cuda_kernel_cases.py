@@ -17,6 +17,8 @@ import torch
 from recallprune.ops import (
     confusion_update_,
     confusion_update_reference,
+    confusion_update_stacked_,
+    confusion_update_stacked_reference,
     has_ops,
     load_error,
     undecayed_sgd_,
@@ -66,6 +68,38 @@ def run_confusion_case(c, n, s, dtype, target_dtype, ignore_index, misaligned, l
     if not torch.equal(counts, expected_counts) or not torch.equal(invalid, expected_invalid):
         wrong = int((counts != expected_counts).sum())
         return f"{wrong} of {c * c} bins differ; invalid {int(invalid)} vs {int(expected_invalid)}"
+    return ""
+
+
+def stacked_confusion_cases():
+    """(B, C, N, S, dtype, ignore_index): stacked models, each on its own slice."""
+    return [
+        (3, 10, 500, 1, torch.float32, None),
+        (4, 2, 300, 1, torch.bfloat16, 0),
+        (2, 100, 200, 1, torch.float32, -1),
+        (3, 5, 40, 4, torch.float16, None),
+        (2, 40, 999, 1, None, 3),  # labels
+    ]
+
+
+def run_stacked_confusion_case(b, c, n, s, dtype, ignore_index) -> str:
+    generator = torch.Generator(DEVICE).manual_seed(b * 100 + c)
+    target = torch.randint(-1, c + 1, (b, n, s), generator=generator, device=DEVICE)
+    if dtype is None:
+        batch = torch.randint(-1, c + 1, (b, n, s), generator=generator, device=DEVICE)
+    else:
+        batch = torch.randn(b, n, c, s, generator=generator, device=DEVICE).to(dtype)
+        batch[:, ::5, c // 2] = float("nan")
+    counts = torch.zeros(b, c * c, dtype=torch.int64, device=DEVICE)
+    invalid = torch.zeros(b, dtype=torch.int64, device=DEVICE)
+    confusion_update_stacked_(counts, invalid, batch, target, c, ignore_index, backend="kernel")
+    expected_counts, expected_invalid = torch.zeros_like(counts), torch.zeros_like(invalid)
+    confusion_update_stacked_reference(
+        expected_counts, expected_invalid, batch, target, c, ignore_index
+    )
+    if not torch.equal(counts, expected_counts) or not torch.equal(invalid, expected_invalid):
+        wrong = int((counts != expected_counts).sum())
+        return f"{wrong} of {b * c * c} bins differ; invalid {invalid.tolist()}"
     return ""
 
 
@@ -173,6 +207,10 @@ def main() -> int:
     runs = []
     if args.only in (None, "confusion"):
         runs += [("confusion", run_confusion_case, case) for case in confusion_cases()]
+        runs += [
+            ("confusion_stacked", run_stacked_confusion_case, case)
+            for case in stacked_confusion_cases()
+        ]
     if args.only in (None, "sgd"):
         runs += [("undecayed_sgd", run_sgd_case, case) for case in sgd_cases()]
     failures = 0
