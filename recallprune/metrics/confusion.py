@@ -388,7 +388,8 @@ class StackedConfusionCounter:
             )
         # The per-model checks and views of ConfusionCounter, on the models side by side.
         batch, labels = _as_batch(input.flatten(0, 1), target.flatten(0, 1), self.num_classes)
-        if batch.device != self.device:
+        # Against the counts' device: "cuda" names the current GPU, the batch's is "cuda:0".
+        if batch.device != self._counts.device:
             raise ValueError(
                 f"the batch is on {batch.device} but the counter is on {self.device}; create "
                 f"the counter with device={str(batch.device)!r} or move the batch"
