@@ -18,4 +18,11 @@ int64_t check_confusion_args(const at::Tensor& counts, const at::Tensor& invalid
                              const at::Tensor& input, const at::Tensor& target,
                              int64_t num_classes);
 
+// Checks of confusion_update_stacked_ (confusion_stacked.cpp), each model's slice by the
+// checks above; returns the number of models B. Shapes: counts [B, C*C], invalid [B],
+// input [B, N, C, S] or [B, N, S], target [B, N, S], all contiguous and on one device.
+int64_t check_stacked_confusion_args(const at::Tensor& counts, const at::Tensor& invalid,
+                                     const at::Tensor& input, const at::Tensor& target,
+                                     int64_t num_classes);
+
 }  // namespace recallprune

@@ -1,7 +1,11 @@
 // recallprune::confusion_update_stacked_: the confusion counts of B models at once (the
-// study's stacked models), model b counting into row b. Each model's batch is counted by
-// confusion_update_'s kernel for the tensors' device, on views of its slice: no copy, no
-// host synchronisation, and the same counts as B separate updates by construction.
+// study's stacked models), model b counting into row b; its schema, its argument checks and
+// its CPU kernel. On the CPU each model's batch is counted by confusion_update_'s kernel on
+// views of its slice (that kernel runs in parallel within a batch): no copy, and the same
+// counts as B separate updates by construction. The CUDA kernel counts every model in one
+// launch (cuda/confusion_cuda.cu).
+#include "confusion.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
@@ -10,10 +14,10 @@
 #include <optional>
 
 namespace recallprune {
-namespace {
 
-void check_stacked_args(const at::Tensor& counts, const at::Tensor& invalid,
-                        const at::Tensor& input, const at::Tensor& target, int64_t num_classes) {
+int64_t check_stacked_confusion_args(const at::Tensor& counts, const at::Tensor& invalid,
+                                     const at::Tensor& input, const at::Tensor& target,
+                                     int64_t num_classes) {
   TORCH_CHECK(num_classes >= 1, "confusion_update_stacked_: num_classes must be positive, got ",
               num_classes);
   TORCH_CHECK(counts.scalar_type() == at::kLong && counts.dim() == 2 && counts.is_contiguous(),
@@ -34,12 +38,22 @@ void check_stacked_args(const at::Tensor& counts, const at::Tensor& invalid,
   TORCH_CHECK(target.dim() == 3 && target.size(0) == models,
               "confusion_update_stacked_: target must be labels [B, N, S] with B = ", models,
               ", got shape ", target.sizes());
+  TORCH_CHECK(input.is_contiguous() && target.is_contiguous(),
+              "confusion_update_stacked_: input and target must be contiguous");
+  // Every model's slice as confusion_update_ takes it (the slices share their shapes).
+  if (models > 0) {
+    check_confusion_args(counts.select(0, 0), invalid.narrow(0, 0, 1), input.select(0, 0),
+                         target.select(0, 0), num_classes);
+  }
+  return models;
 }
 
-void confusion_update_stacked_(at::Tensor& counts, at::Tensor& invalid, const at::Tensor& input,
-                               const at::Tensor& target, int64_t num_classes,
-                               std::optional<int64_t> ignore_index) {
-  check_stacked_args(counts, invalid, input, target, num_classes);
+namespace {
+
+void confusion_update_stacked_cpu_(at::Tensor& counts, at::Tensor& invalid,
+                                   const at::Tensor& input, const at::Tensor& target,
+                                   int64_t num_classes, std::optional<int64_t> ignore_index) {
+  check_stacked_confusion_args(counts, invalid, input, target, num_classes);
   static const auto update = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("recallprune::confusion_update_", "")
                                  .typed<void(at::Tensor&, at::Tensor&, const at::Tensor&,
@@ -63,12 +77,8 @@ TORCH_LIBRARY_FRAGMENT(recallprune, m) {
       "Tensor target, int num_classes, int? ignore_index=None) -> ()");
 }
 
-// Registered for the devices with confusion_update_ kernels, whose kernels it runs.
 TORCH_LIBRARY_IMPL(recallprune, CPU, m) {
-  m.impl("confusion_update_stacked_", &confusion_update_stacked_);
-}
-TORCH_LIBRARY_IMPL(recallprune, CUDA, m) {
-  m.impl("confusion_update_stacked_", &confusion_update_stacked_);
+  m.impl("confusion_update_stacked_", &confusion_update_stacked_cpu_);
 }
 
 }  // namespace recallprune

@@ -562,6 +562,50 @@ def test_stacked_counts_match_each_models_counter(
     assert stacked.recall().shape == (models, c)
 
 
+@pytest.mark.parametrize(
+    ("c", "s", "dtype"),
+    [
+        (2, 1, torch.float32),  # CUDA: shared histogram, warp-aggregated
+        (40, 1, torch.bfloat16),  # CUDA: groups of 8 lanes per row, global counters
+        (130, 1, torch.float32),  # CUDA: a warp per row, more bins than shared memory holds
+        (33, 1, torch.float64),  # rows that no 16-byte load divides
+        (40, 3, torch.float16),  # S > 1: strided rows
+        (40, 1, torch.int32),  # predicted labels
+    ],
+    ids=str,
+)
+def test_stacked_op_matches_the_per_model_op_on_every_kernel_path(kernel_device, c, s, dtype):
+    """Model b of a stack counts what confusion_update_ counts on model b's slice, on each
+    path of the kernels (the CUDA kernel counts the whole stack in one launch, the model in
+    the grid's y index: a wrong offset shows up as another model's counts)."""
+    if not __import__("recallprune").has_ops(kernel_device):
+        pytest.skip("no compiled kernels")
+    models, n = 3, 3001
+    generator = torch.Generator().manual_seed(c * 10 + s)
+    target = torch.randint(-1, c + 1, (models, n, s), generator=generator)
+    if dtype.is_floating_point:
+        batch = torch.randn(models, n, c, s, generator=generator).to(dtype)
+        batch[:, ::7, c // 2] = float("nan")
+    else:
+        batch = torch.randint(-1, c + 1, (models, n, s), generator=generator).to(dtype)
+    batch, target = batch.to(kernel_device), target.to(kernel_device)
+    options = dict(dtype=torch.int64, device=kernel_device)
+    counts = torch.zeros(models, c * c, **options)
+    invalid = torch.zeros(models, **options)
+    torch.ops.recallprune.confusion_update_stacked_(counts, invalid, batch, target, c, 0)
+    for b in range(models):
+        single_counts = torch.zeros(c * c, **options)
+        single_invalid = torch.zeros(1, **options)
+        torch.ops.recallprune.confusion_update_(
+            single_counts, single_invalid, batch[b], target[b], c, 0
+        )
+        assert torch.equal(counts[b], single_counts), b
+        assert torch.equal(invalid[b : b + 1], single_invalid), b
+        assert int(single_counts.sum()) > 0 and int(single_invalid) > 0
+    # The models differ, so a model counted from another's slice would not pass.
+    assert not torch.equal(counts[0], counts[1])
+
+
 def test_stacked_counter_errors():
     from recallprune import StackedConfusionCounter
 

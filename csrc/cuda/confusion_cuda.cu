@@ -1,7 +1,8 @@
-// CUDA kernel of recallprune::confusion_update_: the argmax fused with the counting,
-// block-private shared-memory histograms where C*C 32-bit counters fit and a block counts
-// enough entries to pay for them, global 64-bit atomics otherwise; int32 or int64 labels
-// read as they are; 64-bit indices; the current stream; no host synchronisation.
+// CUDA kernels of recallprune::confusion_update_ and confusion_update_stacked_: the argmax
+// fused with the counting, block-private shared-memory histograms where C*C 32-bit counters
+// fit and a block counts enough entries to pay for them, global 64-bit atomics otherwise;
+// int32 or int64 labels read as they are; 64-bit indices; the current stream; no host
+// synchronisation. A stack of B models is one launch: the grid's y index is the model.
 #include "confusion.h"
 #include "pack.cuh"
 
@@ -49,6 +50,21 @@ struct Counting {
   bool has_ignore;
   int64_t ignore_index;
   bool shared;  // block-private histogram in shared memory
+
+  // The counters of model `model` of a stack (their [B, C*C] and [B] rows).
+  __device__ __forceinline__ Counting for_model(int64_t model) const {
+    Counting k = *this;
+    k.counts += model * num_classes * num_classes;
+    k.invalid += model;
+    return k;
+  }
+};
+
+// Elements between one model's batch and the next in a stack: logits (or predicted
+// labels) and targets.
+struct ModelStrides {
+  int64_t input;
+  int64_t target;
 };
 
 // Integer labels of either width, read as int64: an int32 target needs no converted copy.
@@ -59,6 +75,12 @@ struct Labels {
   __device__ __forceinline__ int64_t operator[](int64_t i) const {
     return is_int32 ? static_cast<int64_t>(static_cast<const int32_t*>(data)[i])
                     : static_cast<const int64_t*>(data)[i];
+  }
+
+  // The labels from element `offset` on.
+  __host__ __device__ __forceinline__ Labels shifted(int64_t offset) const {
+    const int64_t bytes = offset * (is_int32 ? 4 : 8);
+    return {static_cast<const char*>(data) + bytes, is_int32};
   }
 };
 
@@ -166,7 +188,10 @@ __device__ __forceinline__ int64_t thread_argmax(const scalar_t* __restrict__ lo
 template <typename scalar_t, int kVec, bool kAggregate>
 __global__ void __launch_bounds__(kThreads)
     confusion_thread_kernel(const scalar_t* __restrict__ logits, Labels target, int64_t entries,
-                            int64_t inner, Counting k) {
+                            int64_t inner, Counting k, ModelStrides strides) {
+  logits += blockIdx.y * strides.input;
+  target = target.shifted(blockIdx.y * strides.target);
+  k = k.for_model(blockIdx.y);
   extern __shared__ unsigned int hist[];
   __shared__ unsigned int block_invalid;
   init_block(k, hist, &block_invalid);
@@ -200,7 +225,10 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     confusion_group_kernel(const scalar_t* __restrict__ logits, Labels target, int64_t rows,
-                           int lane_shift, Counting k) {
+                           int lane_shift, Counting k, ModelStrides strides) {
+  logits += blockIdx.y * strides.input;
+  target = target.shifted(blockIdx.y * strides.target);
+  k = k.for_model(blockIdx.y);
   extern __shared__ unsigned int hist[];
   __shared__ unsigned int block_invalid;
   init_block(k, hist, &block_invalid);
@@ -260,7 +288,11 @@ __global__ void __launch_bounds__(kThreads)
 // Predicted labels given directly.
 template <bool kAggregate>
 __global__ void __launch_bounds__(kThreads)
-    confusion_labels_kernel(Labels pred, Labels target, int64_t entries, Counting k) {
+    confusion_labels_kernel(Labels pred, Labels target, int64_t entries, Counting k,
+                            ModelStrides strides) {
+  pred = pred.shifted(blockIdx.y * strides.input);
+  target = target.shifted(blockIdx.y * strides.target);
+  k = k.for_model(blockIdx.y);
   extern __shared__ unsigned int hist[];
   __shared__ unsigned int block_invalid;
   init_block(k, hist, &block_invalid);
@@ -326,20 +358,22 @@ void with_vector_width(int width, const F& f) {
   }
 }
 
-void confusion_update_cuda_(at::Tensor& counts, at::Tensor& invalid, const at::Tensor& input,
-                            const at::Tensor& target, int64_t num_classes,
-                            std::optional<int64_t> ignore_index) {
-  check_confusion_args(counts, invalid, input, target, num_classes);
-  TORCH_CHECK(counts.is_cuda(), "confusion_update_ (CUDA kernel): expected CUDA tensors, got ",
+// Counts a stack of `models` batches stored one after another: logits [B, N, C, S] or
+// labels [B, N, S], target [B, N, S], counts [B, C*C], invalid [B] (confusion_update_ is
+// B = 1). The arguments are checked. One launch per 65,535 models (the grid's y limit).
+void launch_confusion(at::Tensor& counts, at::Tensor& invalid, const at::Tensor& input,
+                      const at::Tensor& target, int64_t models, int64_t num_classes,
+                      std::optional<int64_t> ignore_index, const char* op) {
+  TORCH_CHECK(counts.is_cuda(), op, " (CUDA kernel): expected CUDA tensors, got ",
               counts.device());
-  const int64_t entries = target.numel();
-  if (entries == 0) return;
+  if (models == 0 || target.numel() == 0) return;
+  const int64_t entries = target.numel() / models;  // per model
   const c10::cuda::CUDAGuard device_guard(counts.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t bins = num_classes * num_classes;
-  const Labels truth = labels_of(target);
   const bool logits_given = at::isFloatingType(input.scalar_type());
-  const int64_t inner = logits_given ? input.size(2) : 1;
+  const int64_t inner = logits_given ? input.size(input.dim() - 1) : 1;
+  const ModelStrides strides{input.numel() / models, entries};
   const bool grouped = logits_given && inner == 1 && num_classes >= kGroupRowClasses;
   const int lane_shift = num_classes >= kWarpRowClasses ? 5 : 3;
   static_assert(kNarrowGroupLanes == 1 << 3, "lane_shift 3 is kNarrowGroupLanes");
@@ -351,54 +385,79 @@ void confusion_update_cuda_(at::Tensor& counts, at::Tensor& invalid, const at::T
   const bool shared = bins <= kSharedBins &&
                       (num_classes <= kAggregateClasses || entries >= blocks * bins / 2);
   const bool aggregate = shared && num_classes <= kAggregateClasses;
-  Counting k{reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
-             reinterpret_cast<unsigned long long*>(invalid.data_ptr<int64_t>()),
-             num_classes,
-             ignore_index.has_value(),
-             ignore_index.value_or(0),
-             shared};
   const size_t shared_bytes = shared ? static_cast<size_t>(bins) * sizeof(unsigned int) : 0;
+  auto* all_counts = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
+  auto* all_invalid = reinterpret_cast<unsigned long long*>(invalid.data_ptr<int64_t>());
+  constexpr int64_t kMaxModelsPerLaunch = 65535;
 
-  if (!logits_given) {
-    const Labels pred = labels_of(input);
-    if (aggregate) {
-      confusion_labels_kernel<true>
-          <<<blocks, kThreads, shared_bytes, stream>>>(pred, truth, entries, k);
-    } else {
-      confusion_labels_kernel<false>
-          <<<blocks, kThreads, shared_bytes, stream>>>(pred, truth, entries, k);
+  for (int64_t first = 0; first < models; first += kMaxModelsPerLaunch) {
+    const dim3 grid(static_cast<unsigned int>(blocks),
+                    static_cast<unsigned int>(std::min(kMaxModelsPerLaunch, models - first)));
+    const Counting k{all_counts + first * bins,   all_invalid + first,     num_classes,
+                     ignore_index.has_value(),    ignore_index.value_or(0), shared};
+    const Labels truth = labels_of(target).shifted(first * strides.target);
+    if (!logits_given) {
+      const Labels pred = labels_of(input).shifted(first * strides.input);
+      if (aggregate) {
+        confusion_labels_kernel<true>
+            <<<grid, kThreads, shared_bytes, stream>>>(pred, truth, entries, k, strides);
+      } else {
+        confusion_labels_kernel<false>
+            <<<grid, kThreads, shared_bytes, stream>>>(pred, truth, entries, k, strides);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      continue;
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                    "confusion_logits", [&] {
+      const scalar_t* logits = input.const_data_ptr<scalar_t>() + first * strides.input;
+      // A row's alignment is the same in every model's batch: each batch is whole rows.
+      const int width =
+          inner == 1 ? vector_width(logits, num_classes * sizeof(scalar_t), sizeof(scalar_t))
+                     : 1;
+      if (grouped) {
+        with_vector_width<scalar_t>(width, [&](auto vec) {
+          confusion_group_kernel<scalar_t, decltype(vec)::value>
+              <<<grid, kThreads, shared_bytes, stream>>>(logits, truth, entries, lane_shift, k,
+                                                         strides);
+        });
+      } else if (aggregate) {
+        with_vector_width<scalar_t>(width, [&](auto vec) {
+          confusion_thread_kernel<scalar_t, decltype(vec)::value, true>
+              <<<grid, kThreads, shared_bytes, stream>>>(logits, truth, entries, inner, k,
+                                                         strides);
+        });
+      } else {
+        // Only S > 1 comes here (C <= 32 with S == 1 aggregates): scalar strided loads.
+        confusion_thread_kernel<scalar_t, 1, false>
+            <<<grid, kThreads, shared_bytes, stream>>>(logits, truth, entries, inner, k, strides);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
-                                  "confusion_logits", [&] {
-    const scalar_t* logits = input.const_data_ptr<scalar_t>();
-    const int width =
-        inner == 1 ? vector_width(logits, num_classes * sizeof(scalar_t), sizeof(scalar_t)) : 1;
-    if (grouped) {
-      with_vector_width<scalar_t>(width, [&](auto vec) {
-        confusion_group_kernel<scalar_t, decltype(vec)::value>
-            <<<blocks, kThreads, shared_bytes, stream>>>(logits, truth, entries, lane_shift, k);
-      });
-    } else if (aggregate) {
-      with_vector_width<scalar_t>(width, [&](auto vec) {
-        confusion_thread_kernel<scalar_t, decltype(vec)::value, true>
-            <<<blocks, kThreads, shared_bytes, stream>>>(logits, truth, entries, inner, k);
-      });
-    } else {
-      // Only S > 1 comes here (C <= 32 with S == 1 aggregates): scalar strided loads.
-      confusion_thread_kernel<scalar_t, 1, false>
-          <<<blocks, kThreads, shared_bytes, stream>>>(logits, truth, entries, inner, k);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+}
+
+void confusion_update_cuda_(at::Tensor& counts, at::Tensor& invalid, const at::Tensor& input,
+                            const at::Tensor& target, int64_t num_classes,
+                            std::optional<int64_t> ignore_index) {
+  check_confusion_args(counts, invalid, input, target, num_classes);
+  launch_confusion(counts, invalid, input, target, 1, num_classes, ignore_index,
+                   "confusion_update_");
+}
+
+void confusion_update_stacked_cuda_(at::Tensor& counts, at::Tensor& invalid,
+                                    const at::Tensor& input, const at::Tensor& target,
+                                    int64_t num_classes, std::optional<int64_t> ignore_index) {
+  const int64_t models = check_stacked_confusion_args(counts, invalid, input, target, num_classes);
+  launch_confusion(counts, invalid, input, target, models, num_classes, ignore_index,
+                   "confusion_update_stacked_");
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recallprune, CUDA, m) {
   m.impl("confusion_update_", &confusion_update_cuda_);
+  m.impl("confusion_update_stacked_", &confusion_update_stacked_cuda_);
 }
 
 }  // namespace recallprune
