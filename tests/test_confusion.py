@@ -433,6 +433,51 @@ def test_sync_is_idempotent(two_identical_ranks):
     assert int(counter.invalid_count) == 0
 
 
+def test_stacked_counter_syncs_saves_and_moves_as_a_counter_per_model(two_identical_ranks):
+    """Each model's row of a StackedConfusionCounter syncs, saves and loads as its own
+    ConfusionCounter would."""
+    from recallprune import StackedConfusionCounter
+
+    models, c = 3, 4
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(models, 50, c, generator=generator)
+    target = torch.randint(0, c, (models, 50), generator=generator)
+    target[2, 0] = c + 1  # invalid, model 2 only
+    stacked = StackedConfusionCounter(models, c)
+    singles = [ConfusionCounter(c) for _ in range(models)]
+    stacked.update(logits, target)
+    for b, single in enumerate(singles):
+        single.update(logits[b], target[b])
+    for _ in range(2):  # idempotent, as each model's counter
+        stacked.sync()
+        for single in singles:
+            single.sync()
+    stacked.update(logits, target)  # counted after the sync
+    for b, single in enumerate(singles):
+        single.update(logits[b], target[b])
+    state = stacked.state_dict()
+    assert state["num_models"] == models and state["counts"].shape == (models, c, c)
+    assert state["invalid"].shape == (models, 1) and state["synced_counts"].shape == (models, c, c)
+    for b, single in enumerate(singles):
+        single_state = single.state_dict()
+        for key in ("counts", "invalid", "synced_counts", "synced_invalid"):
+            assert torch.equal(state[key][b], single_state[key]), (b, key)
+    assert stacked.invalid_count.tolist() == [0, 0, 3]  # 2 (both ranks) + 1 since the sync
+
+    loaded = StackedConfusionCounter(models, c).to("cpu")
+    loaded.load_state_dict(state)
+    loaded.sync()  # only what came after the last sync is summed again
+    for b, single in enumerate(singles):
+        single.sync()
+        assert torch.equal(loaded.state_dict()["counts"][b], single.state_dict()["counts"]), b
+    with pytest.raises(ValueError, match="counts for 3 models, this counter has 2"):
+        StackedConfusionCounter(2, c).load_state_dict(state)
+    with pytest.raises(ValueError, match="counts for None models"):
+        StackedConfusionCounter(models, c).load_state_dict(singles[0].state_dict())
+    loaded.reset()
+    assert int(loaded.invalid_count.sum()) == 0 and int(loaded.compute().sum()) == 0
+
+
 def test_a_matrix_too_large_is_refused_up_front(monkeypatch):
     from recallprune.metrics import confusion
 

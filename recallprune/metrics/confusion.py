@@ -138,7 +138,165 @@ def _gigabytes(size: int) -> str:
     return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
-class ConfusionCounter:
+class _Counts:
+    """What ConfusionCounter and StackedConfusionCounter share: counts ``[*lead, C * C]`` and
+    invalid entries ``[*lead, 1]`` on the device (``lead`` is ``()`` for one model, ``(B,)``
+    for a stack), what is derived from them, the all-reduce over ranks and the state.
+
+    The counts since the last ``sync()`` on this process are kept apart from those summed
+    over the ranks by the syncs so far (``_reduced``, ``[*lead, C * C + 1]`` with the invalid
+    entries last; None before the first sync): that keeps ``sync()`` idempotent.
+    """
+
+    num_classes: int
+    ignore_index: int | None
+    device: torch.device
+    _lead: tuple[int, ...]
+
+    def _allocate(self) -> None:
+        cells = self.num_classes * self.num_classes
+        self._counts = torch.zeros(*self._lead, cells, dtype=torch.int64, device=self.device)
+        self._invalid = torch.zeros(*self._lead, 1, dtype=torch.int64, device=self.device)
+        self._reduced: Tensor | None = None
+
+    def _models(self) -> int:
+        return math.prod(self._lead)
+
+    def _totals(self) -> tuple[Tensor, Tensor]:
+        """The counts and invalid entries: summed over the ranks so far, plus this
+        process's since the last sync. The local tensors themselves before any sync."""
+        if self._reduced is None:
+            return self._counts, self._invalid
+        return self._reduced[..., :-1] + self._counts, self._reduced[..., -1:] + self._invalid
+
+    def compute(self) -> Tensor:
+        """The counts, int64 ``[*lead, C, C]`` (rows: true class; columns: predicted class).
+
+        Raises ValueError if any invalid label was seen since the last ``reset()``.
+        """
+        counts, invalid = self._totals()
+        _raise_if_invalid(invalid, self.num_classes, self.ignore_index)
+        if counts is self._counts:
+            counts = counts.clone()
+        return counts.view(*self._lead, self.num_classes, self.num_classes)
+
+    @property
+    def invalid_count(self) -> Tensor:
+        """How many entries were invalid since the last reset (a device tensor, no sync)."""
+        return self._totals()[1][..., 0].clone()
+
+    def support(self) -> Tensor:
+        """Entries per true class, int64 ``[*lead, C]``."""
+        return self.compute().sum(dim=-1)
+
+    def recall(self) -> Tensor:
+        """Per-class recall, float64 ``[*lead, C]``; NaN for a class with no support."""
+        counts = self.compute()
+        return counts.diagonal(dim1=-2, dim2=-1).double() / counts.sum(dim=-1).double()
+
+    def accuracy(self) -> Tensor:
+        """Trace over the total of counted entries, float64 ``[*lead]`` (NaN when empty)."""
+        counts = self.compute()
+        correct = counts.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+        return correct.double() / counts.sum(dim=(-2, -1)).double()
+
+    def reset(self) -> None:
+        """Zero the counts and the invalid-entry counter."""
+        self._counts.zero_()
+        self._invalid.zero_()
+        self._reduced = None
+
+    def sync(self) -> None:
+        """All-reduce (SUM) the counts over ``torch.distributed`` ranks; no-op otherwise.
+
+        Every rank must call it (it is a collective). Idempotent: it sums what this process
+        counted since its last sync, so a second call without new updates changes nothing,
+        and updates after a sync are summed by the next one.
+        """
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        pending = torch.cat([self._counts, self._invalid], dim=-1)
+        torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.SUM)
+        if self._reduced is None:
+            self._reduced = pending
+        else:
+            self._reduced.add_(pending)
+        self._counts.zero_()
+        self._invalid.zero_()
+
+    def to(self, device: torch.device | str | int):
+        """Move the counts to ``device``; returns the counter itself, as ``nn.Module.to``."""
+        device = torch.device(device)
+        _check_size(self.num_classes, device, self._models())
+        self._counts = self._counts.to(device)
+        self._invalid = self._invalid.to(device)
+        if self._reduced is not None:
+            self._reduced = self._reduced.to(device)
+        self.device = device
+        return self
+
+    def _state_header(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "ignore_index": self.ignore_index}
+
+    def state_dict(self) -> dict[str, Any]:
+        """``counts`` (``[*lead, C, C]``) and ``invalid`` (``[*lead, 1]``) as ``compute()``
+        and ``invalid_count`` see them, and, after a ``sync()``, the part of them already
+        summed over the ranks (``synced_counts``, ``synced_invalid``), so that a loaded
+        counter syncs each count once too."""
+        shape = (*self._lead, self.num_classes, self.num_classes)
+        counts, invalid = self._totals()
+        state = {**self._state_header(), "counts": counts.view(shape).clone()}
+        state["invalid"] = invalid.clone()
+        if self._reduced is not None:
+            state["synced_counts"] = self._reduced[..., :-1].reshape(shape).clone()
+            state["synced_invalid"] = self._reduced[..., -1:].clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, what in (("num_models", "models"), ("num_classes", "classes")):
+            mine = getattr(self, key, None)
+            if state.get(key) != mine:
+                raise ValueError(
+                    f"the state holds counts for {state.get(key)} {what}, this counter has {mine}"
+                )
+        shape = (*self._lead, self.num_classes, self.num_classes)
+        invalid_shape = (*self._lead, 1)
+        for key, expected in (("counts", shape), ("invalid", invalid_shape)):
+            self._check_state_tensor(state, key, expected)
+        synced = "synced_counts" in state
+        if synced:
+            self._check_state_tensor(state, "synced_counts", shape)
+            self._check_state_tensor(state, "synced_invalid", invalid_shape)
+        self.ignore_index = state.get("ignore_index", self.ignore_index)
+        cells = self.num_classes * self.num_classes
+        counts = state["counts"].reshape(*self._lead, cells).to(self.device)
+        invalid = state["invalid"].to(self.device)
+        if synced:
+            reduced = torch.cat(
+                [state["synced_counts"].reshape(*self._lead, cells), state["synced_invalid"]],
+                dim=-1,
+            )
+            self._reduced = reduced.to(self.device, copy=True)
+            counts = counts - self._reduced[..., :-1]
+            invalid = invalid - self._reduced[..., -1:]
+        else:
+            self._reduced = None
+        self._counts.copy_(counts)
+        self._invalid.copy_(invalid)
+
+    @staticmethod
+    def _check_state_tensor(state: dict[str, Any], key: str, shape: tuple[int, ...]) -> None:
+        value = state.get(key)
+        if not (isinstance(value, Tensor) and value.dtype == torch.int64 and value.shape == shape):
+            got = (
+                f"{value.dtype} of shape {tuple(value.shape)}"
+                if isinstance(value, Tensor)
+                else type(value).__name__
+            )
+            raise ValueError(f"state[{key!r}] must be int64 of shape {shape}, got {got}")
+
+
+class ConfusionCounter(_Counts):
     """Confusion counts accumulated on the device: ``counts[true, predicted]``, int64.
 
     ``update(input, target)`` takes logits ``[N, C]`` (fp32, fp16 or bf16; the prediction is
@@ -171,12 +329,8 @@ class ConfusionCounter:
         self.backend = backend
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         _check_size(num_classes, self.device)
-        # The counts since the last sync() on this process, and those summed over the ranks
-        # by the syncs so far (None before the first): keeping them apart makes sync()
-        # idempotent. The invalid-entry count is the last element of _reduced.
-        self._counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=self.device)
-        self._invalid = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self._reduced: Tensor | None = None
+        self._lead = ()
+        self._allocate()
 
     def update(self, input: Tensor, target: Tensor) -> None:
         """Count one batch (no host synchronisation)."""
@@ -190,133 +344,6 @@ class ConfusionCounter:
             self.backend,
         )
 
-    def compute(self) -> Tensor:
-        """The counts, int64 ``[C, C]`` (rows: true class; columns: predicted class).
-
-        Raises ValueError if any invalid label was seen since the last ``reset()``.
-        """
-        counts, invalid = self._totals()
-        _raise_if_invalid(invalid, self.num_classes, self.ignore_index)
-        if counts is self._counts:
-            counts = counts.clone()
-        return counts.view(self.num_classes, self.num_classes)
-
-    def _totals(self) -> tuple[Tensor, Tensor]:
-        """The counts ``[C * C]`` and invalid entries ``[1]``: summed over the ranks so far, plus
-        this process's since the last sync. The local tensors themselves before any sync."""
-        if self._reduced is None:
-            return self._counts, self._invalid
-        return self._reduced[:-1] + self._counts, self._reduced[-1:] + self._invalid
-
-    @property
-    def invalid_count(self) -> Tensor:
-        """How many entries were invalid since the last reset (a device tensor, no sync)."""
-        return self._totals()[1][0].clone()
-
-    def support(self) -> Tensor:
-        """Entries per true class, int64 ``[C]``."""
-        return self.compute().sum(dim=1)
-
-    def recall(self) -> Tensor:
-        """Per-class recall, float64 ``[C]``; NaN for a class with no support."""
-        counts = self.compute()
-        support = counts.sum(dim=1)
-        return counts.diagonal().double() / support.double()
-
-    def accuracy(self) -> Tensor:
-        """Trace over the total of counted entries, float64 scalar (NaN when empty)."""
-        counts = self.compute()
-        return counts.trace().double() / counts.sum().double()
-
-    def reset(self) -> None:
-        """Zero the counts and the invalid-entry counter."""
-        self._counts.zero_()
-        self._invalid.zero_()
-        self._reduced = None
-
-    def sync(self) -> None:
-        """All-reduce (SUM) the counts over ``torch.distributed`` ranks; no-op otherwise.
-
-        Every rank must call it (it is a collective). Idempotent: it sums what this process
-        counted since its last sync, so a second call without new updates changes nothing,
-        and updates after a sync are summed by the next one.
-        """
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        pending = torch.cat([self._counts, self._invalid])
-        torch.distributed.all_reduce(pending, op=torch.distributed.ReduceOp.SUM)
-        if self._reduced is None:
-            self._reduced = pending
-        else:
-            self._reduced.add_(pending)
-        self._counts.zero_()
-        self._invalid.zero_()
-
-    def to(self, device: torch.device | str | int) -> ConfusionCounter:
-        """Move the counts to ``device``; returns the counter itself, as ``nn.Module.to``."""
-        device = torch.device(device)
-        _check_size(self.num_classes, device)
-        self._counts = self._counts.to(device)
-        self._invalid = self._invalid.to(device)
-        if self._reduced is not None:
-            self._reduced = self._reduced.to(device)
-        self.device = device
-        return self
-
-    def state_dict(self) -> dict[str, Any]:
-        """``counts`` and ``invalid`` as ``compute()`` and ``invalid_count`` see them, and,
-        after a ``sync()``, the part of them already summed over the ranks (``synced_counts``,
-        ``synced_invalid``), so that a loaded counter syncs each count once too."""
-        shape = (self.num_classes, self.num_classes)
-        counts, invalid = self._totals()
-        state = {
-            "num_classes": self.num_classes,
-            "ignore_index": self.ignore_index,
-            "counts": counts.view(shape).clone(),
-            "invalid": invalid.clone(),
-        }
-        if self._reduced is not None:
-            state["synced_counts"] = self._reduced[:-1].view(shape).clone()
-            state["synced_invalid"] = self._reduced[-1:].clone()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("num_classes") != self.num_classes:
-            raise ValueError(
-                f"the state holds counts for {state.get('num_classes')} classes, this counter "
-                f"has {self.num_classes}"
-            )
-        shape = (self.num_classes, self.num_classes)
-        for key, expected in (("counts", shape), ("invalid", (1,))):
-            self._check_state_tensor(state, key, expected)
-        synced = "synced_counts" in state
-        if synced:
-            self._check_state_tensor(state, "synced_counts", shape)
-            self._check_state_tensor(state, "synced_invalid", (1,))
-        self.ignore_index = state.get("ignore_index", self.ignore_index)
-        counts = state["counts"].reshape(-1).to(self.device)
-        invalid = state["invalid"].reshape(1).to(self.device)
-        if synced:
-            reduced = torch.cat([state["synced_counts"].reshape(-1), state["synced_invalid"]])
-            self._reduced = reduced.to(self.device, copy=True)
-            counts = counts - self._reduced[:-1]
-            invalid = invalid - self._reduced[-1:]
-        else:
-            self._reduced = None
-        self._counts.copy_(counts)
-        self._invalid.copy_(invalid)
-
-    @staticmethod
-    def _check_state_tensor(state: dict[str, Any], key: str, shape: tuple[int, ...]) -> None:
-        value = state.get(key)
-        if not (isinstance(value, Tensor) and value.dtype == torch.int64 and value.shape == shape):
-            got = (
-                f"{value.dtype} of shape {tuple(value.shape)}"
-                if isinstance(value, Tensor)
-                else type(value).__name__
-            )
-            raise ValueError(f"state[{key!r}] must be int64 of shape {shape}, got {got}")
-
     def __repr__(self) -> str:
         return (
             f"ConfusionCounter(num_classes={self.num_classes}, device={self.device}, "
@@ -324,7 +351,7 @@ class ConfusionCounter:
         )
 
 
-class StackedConfusionCounter:
+class StackedConfusionCounter(_Counts):
     """The confusion counts of ``num_models`` models at once, e.g. stacked models evaluated
     together: ``counts[model, true, predicted]``, int64, with no host synchronisation per batch.
 
@@ -332,6 +359,10 @@ class StackedConfusionCounter:
     ``[B, N, ...]``, and the targets, shared by the models (``[N, ...]``) or each model's own
     (``[B, N, ...]``). Model ``b``'s counts are those a :class:`ConfusionCounter` would hold
     after ``update(input[b], target[b])``; labels are checked as it checks them, per model.
+    ``compute()``, ``recall()``, ``accuracy()``, ``support()`` and ``invalid_count`` have a
+    leading model dimension; ``sync()``, ``to()``, ``state_dict()`` and ``load_state_dict()``
+    work as :class:`ConfusionCounter`'s, on every model's counts at once (the state's
+    ``counts`` are ``[B, C, C]``, its ``invalid`` ``[B, 1]``).
 
     Args:
         num_models: B.
@@ -356,9 +387,8 @@ class StackedConfusionCounter:
         self.backend = backend
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         _check_size(num_classes, self.device, num_models)
-        cells = num_classes * num_classes
-        self._counts = torch.zeros(num_models, cells, dtype=torch.int64, device=self.device)
-        self._invalid = torch.zeros(num_models, dtype=torch.int64, device=self.device)
+        self._lead = (num_models,)
+        self._allocate()
 
     def update(self, input: Tensor, target: Tensor) -> None:
         """Count one batch of every model (no host synchronisation)."""
@@ -396,7 +426,7 @@ class StackedConfusionCounter:
             )
         ops.confusion_update_stacked_(
             self._counts,
-            self._invalid,
+            self._invalid.view(models),
             batch.view(models, -1, *batch.shape[1:]),
             labels.view(models, -1, labels.shape[1]),
             self.num_classes,
@@ -404,32 +434,8 @@ class StackedConfusionCounter:
             self.backend,
         )
 
-    def compute(self) -> Tensor:
-        """The counts, int64 ``[B, C, C]``; raises ValueError if any model saw an invalid
-        label since the last ``reset()``."""
-        _raise_if_invalid(self._invalid, self.num_classes, self.ignore_index)
-        return self._counts.view(self.num_models, self.num_classes, self.num_classes).clone()
-
-    @property
-    def invalid_count(self) -> Tensor:
-        """Each model's invalid entries since the last reset, int64 ``[B]`` (no sync)."""
-        return self._invalid.clone()
-
-    def recall(self) -> Tensor:
-        """Per-model, per-class recall, float64 ``[B, C]``; NaN for a class with no support."""
-        counts = self.compute()
-        return counts.diagonal(dim1=1, dim2=2).double() / counts.sum(dim=2).double()
-
-    def accuracy(self) -> Tensor:
-        """Each model's accuracy, float64 ``[B]`` (NaN for a model with no entries)."""
-        counts = self.compute()
-        correct = counts.diagonal(dim1=1, dim2=2).sum(dim=1)
-        return correct.double() / counts.sum(dim=(1, 2)).double()
-
-    def reset(self) -> None:
-        """Zero the counts and the invalid-entry counters."""
-        self._counts.zero_()
-        self._invalid.zero_()
+    def _state_header(self) -> dict[str, Any]:
+        return {"num_models": self.num_models, **super()._state_header()}
 
     def __repr__(self) -> str:
         return (
