@@ -102,6 +102,7 @@ struct Sse2Ops<float> {
   static Reg mul(Reg a, Reg b) { return _mm_mul_ps(a, b); }
   static Reg div(Reg a, Reg b) { return _mm_div_ps(a, b); }
   static Reg bit_xor(Reg a, Reg b) { return _mm_xor_ps(a, b); }
+  static Reg bit_and(Reg a, Reg b) { return _mm_and_ps(a, b); }
   static Reg select(Reg m, Reg a, Reg b) {  // b where m is set
     return _mm_or_ps(_mm_andnot_ps(m, a), _mm_and_ps(m, b));
   }
@@ -127,6 +128,7 @@ struct Sse2Ops<double> {
   static Reg mul(Reg a, Reg b) { return _mm_mul_pd(a, b); }
   static Reg div(Reg a, Reg b) { return _mm_div_pd(a, b); }
   static Reg bit_xor(Reg a, Reg b) { return _mm_xor_pd(a, b); }
+  static Reg bit_and(Reg a, Reg b) { return _mm_and_pd(a, b); }
   static Reg select(Reg m, Reg a, Reg b) {
     return _mm_or_pd(_mm_andnot_pd(m, a), _mm_and_pd(m, b));
   }
@@ -159,6 +161,7 @@ class SgdVec {
   SgdVec operator+(const SgdVec& o) const { return SgdVec(Ops::add(reg, o.reg)); }
   SgdVec operator*(const SgdVec& o) const { return SgdVec(Ops::mul(reg, o.reg)); }
   SgdVec operator/(const SgdVec& o) const { return SgdVec(Ops::div(reg, o.reg)); }
+  SgdVec operator&(const SgdVec& o) const { return SgdVec(Ops::bit_and(reg, o.reg)); }
   SgdVec neg() const { return SgdVec(Ops::bit_xor(reg, Ops::broadcast(T(-0.0)))); }
   static SgdVec blendv(const SgdVec& a, const SgdVec& b, const SgdVec& mask) {
     return SgdVec(Ops::select(mask.reg, a.reg, b.reg));
@@ -185,7 +188,6 @@ int64_t sgd_vectorized(T* param, const T* grad, T* momentum_buffer, const uint8_
                        const uint8_t* decay_mask, T* grad_sum, int64_t begin, int64_t end,
                        const SgdScalars<T>& s, const T* grad_scale) {
   using Vec = SgdVec<T>;
-  const Vec zero(T(0));
   const Vec neg_lr(s.neg_lr), momentum(s.momentum), one_minus_dampening(s.one_minus_dampening),
       weight_decay(s.weight_decay);
   int64_t i = begin;
@@ -221,13 +223,13 @@ int64_t sgd_vectorized(T* param, const T* grad, T* momentum_buffer, const uint8_
                     : mul_add<T>(g, one_minus_dampening, Vec::loadu(momentum_buffer + i) * momentum);
       g = s.nesterov ? mul_add<T>(buf, momentum, g) : buf;
       if constexpr (kMasked) {
-        buf = Vec::blendv(zero, buf, keep);
+        buf = buf & keep;  // zero where pruned: the lane mask is all bits or none
       }
       buf.store(momentum_buffer + i);
     }
     Vec new_w = mul_add<T>(g, neg_lr, w);
     if constexpr (kMasked) {
-      new_w = Vec::blendv(zero, new_w, keep);
+      new_w = new_w & keep;
     }
     new_w.store(param + i);
   }
