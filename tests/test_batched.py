@@ -198,6 +198,7 @@ def test_held_checkpoints_are_those_read_back(tmp_path, monkeypatch):
     """A stage that fits in one stack hands its checkpoints to the next in memory; the study
     is the same as one that reads every checkpoint back from its folder."""
     from recallprune.study import files
+    from recallprune.study import folder as study_folder
 
     reads = []
 
@@ -205,7 +206,7 @@ def test_held_checkpoints_are_those_read_back(tmp_path, monkeypatch):
         reads.append(path)
         return files.load_checkpoint(path)
 
-    monkeypatch.setattr(grid, "load_checkpoint", counted)
+    monkeypatch.setattr(study_folder, "load_checkpoint", counted)
     held = tmp_path / "held"
     assert main(["-q", "study", *TINY, "--out", str(held)]) == 0
     assert reads == []  # 3 seeds x 4 arms: one stack per stage, nothing read back

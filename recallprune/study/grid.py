@@ -30,7 +30,6 @@ from ..optim import UndecayedSGD, decay_param_groups
 from ..pruning.criteria import NEEDS_GRADIENT
 from .config import parse_arm
 from .datasets import Dataset
-from .files import load_checkpoint
 from .models import build_model
 from .records import CONTROL, DENSE, make_record
 from .runner import Study, _cpu_state
@@ -215,11 +214,13 @@ class BatchedStudy(Study):
         records: dict[tuple[int, str, int], dict[str, Any]] = {}
         self._finished = None
         try:
-            for record in self.dense_stage(data, bar):
-                records[(record["seed"], DENSE, 0)] = record
-            for round_index in range(1, config.rounds + 1):
-                for record in self.round_stage(round_index, data, bar):
-                    records[(record["seed"], record["criterion"], round_index)] = record
+            # A stage's files are written while the next one trains.
+            with self.folder.writing_behind():
+                for record in self.dense_stage(data, bar):
+                    records[(record["seed"], DENSE, 0)] = record
+                for round_index in range(1, config.rounds + 1):
+                    for record in self.round_stage(round_index, data, bar):
+                        records[(record["seed"], record["criterion"], round_index)] = record
         finally:
             self._dense_held, self._round_held, self._finished = {}, {}, None
         return [records[key] for key in self.grid_order()]
@@ -242,7 +243,7 @@ class BatchedStudy(Study):
         """The dense checkpoint of ``seed``, read from the folder once where it is not held."""
         checkpoint = self._dense_held.get(seed)
         if checkpoint is None:
-            checkpoint = load_checkpoint(self.folder.checkpoint_path(seed, DENSE, 0))
+            checkpoint = self.folder.load_checkpoint(self.folder.checkpoint_path(seed, DENSE, 0))
             if len(self.seeds) <= self.max_stack:
                 self._dense_held[seed] = checkpoint
         return checkpoint
@@ -306,6 +307,7 @@ class BatchedStudy(Study):
         averages = stacked_averages(optimizer, stacked) if track else [{} for _ in seeds]
         states = stacked.model_states()
         hold = len(self.seeds) <= self.max_stack
+        self.folder.flush()  # the stage before's files (and their errors) first
         records = []
         for i, seed in enumerate(seeds):
             record = make_record(confusions[i], seed, DENSE, 0, 0.0, 0.0, losses[i], seconds)
@@ -334,6 +336,7 @@ class BatchedStudy(Study):
         if self._finished is None:
             # Read once: the runs of these seeds are this process's alone to write (shards
             # split the seeds), so the folder changes from here on only by the rounds run here.
+            self.folder.flush()
             self._finished = {
                 (seed, arm): self.finished_rounds(seed, arm)
                 for seed in self.seeds
@@ -374,7 +377,8 @@ class BatchedStudy(Study):
             dense = self._dense_checkpoint(seed)
             previous = dense if round_index == 1 else held.pop((seed, arm), None)
             if previous is None:
-                previous = load_checkpoint(self.folder.checkpoint_path(seed, arm, round_index - 1))
+                path = self.folder.checkpoint_path(seed, arm, round_index - 1)
+                previous = self.folder.load_checkpoint(path)
             states.append(previous)
             rewinds.append(dense["rewind"] or None)
         template = self._template(data)
@@ -444,6 +448,7 @@ class BatchedStudy(Study):
         averages = stacked_averages(optimizer, stacked) if track else [{} for _ in cells]
         nominal = self.schedule().sparsity_after(round_index)
         model_states = stacked.model_states()
+        self.folder.flush()  # the stage before's files (and their errors) first
         # One copy of each stacked mask to the host, then each model's own (compact) slice.
         host_masks = {name: mask.cpu() for name, mask in stacked_masks.items()}
         records = []
