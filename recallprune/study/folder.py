@@ -19,7 +19,6 @@ from .config import LEGACY_DEFAULTS
 from .distributed import Distributed
 from .files import (
     StudyError,
-    atomic_save,
     atomic_write,
     atomic_write_text,
     load_checkpoint,
@@ -211,19 +210,15 @@ class StudyFolder:
         """Save a finished run: its checkpoint first, then its record (a record on disk
         means the run is done)."""
         if self.dist.is_main:
+            # Serialised now (the bytes torch.save writes to a file), so that the caller may
+            # change the tensors at once when the files are written behind.
             text = json.dumps(record) + "\n"
-            if self._writer is None:
-                if checkpoint is not None:
-                    atomic_save(checkpoint, checkpoint_path)
-                atomic_write_text(path, text)
-            else:
-                # Serialised now, so that the caller may change the tensors at once.
-                if checkpoint is not None:
-                    buffer = io.BytesIO()
-                    torch.save(checkpoint, buffer)
-                    data = buffer.getbuffer()
-                    self._write(lambda: atomic_write(checkpoint_path, lambda h: h.write(data)))
-                self._write(lambda: atomic_write_text(path, text))
+            if checkpoint is not None:
+                buffer = io.BytesIO()
+                torch.save(checkpoint, buffer)
+                data = buffer.getbuffer()
+                self._write(lambda: atomic_write(checkpoint_path, lambda h: h.write(data)))
+            self._write(lambda: atomic_write_text(path, text))
         self.dist.barrier()
 
     def drop_checkpoint(self, path: Path) -> None:
