@@ -65,6 +65,32 @@ def test_stacked_layers_match_the_single_models(name):
     torch.testing.assert_close(stacked(x[:1].expand(3, *x.shape[1:]))[0], models[1](x[0]))
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_stacks_built_from_states_and_states_taken_from_stacks(name):
+    from recallprune.study.stacked import stack_states
+
+    torch.manual_seed(3)
+    models = [build_model(name, (1, 8, 8), 10) for _ in range(3)]
+    expected = stack_models(models)
+    with torch.device("meta"):
+        template = build_model(name, (1, 8, 8), 10)
+    stacked = stack_states(template, [m.state_dict() for m in models])
+    assert type(stacked) is type(expected) and stacked.num_models == 3
+    for (n, p), (m, q) in zip(stacked.named_parameters(), expected.named_parameters(), strict=True):
+        assert n == m and p.device.type == "cpu" and torch.equal(p, q), n
+    x = torch.randn(3, 5, 1, 8, 8)
+    torch.testing.assert_close(stacked(x), expected(x), rtol=0, atol=0)
+    # Each model's state on the host, compact (a checkpoint saves no other model's weights).
+    states = stacked.model_states()
+    assert len(states) == 3
+    for i, state in enumerate(states):
+        assert state.keys() == models[i].state_dict().keys()
+        for n, tensor in state.items():
+            assert torch.equal(tensor, stacked.model_state(i)[n])
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    assert stack_states(build_model("resnet20", (3, 32, 32), 10), [{}]) is None
+
+
 def test_a_few_masked_steps_match_the_sequential_loop():
     torch.manual_seed(1)
     models = [build_model("mlp", (1, 8, 8), 10) for _ in range(4)]
@@ -166,6 +192,44 @@ def test_an_interrupted_batched_study_resumes(tmp_path, monkeypatch):
     assert _runs(out) == _runs(complete) or [r["confusion"] for r in _runs(out)] == [
         r["confusion"] for r in _runs(complete)
     ]
+
+
+def test_held_checkpoints_are_those_read_back(tmp_path, monkeypatch):
+    """A stage that fits in one stack hands its checkpoints to the next in memory; the study
+    is the same as one that reads every checkpoint back from its folder."""
+    from recallprune.study import files
+    from recallprune.study import folder as study_folder
+
+    reads = []
+
+    def counted(path):
+        reads.append(path)
+        return files.load_checkpoint(path)
+
+    monkeypatch.setattr(study_folder, "load_checkpoint", counted)
+    held = tmp_path / "held"
+    assert main(["-q", "study", *TINY, "--out", str(held)]) == 0
+    assert reads == []  # 3 seeds x 4 arms: one stack per stage, nothing read back
+    # Nothing held: every round reads its checkpoints (and the dense ones) from the folder.
+    nothing = property(lambda self: {}, lambda self, value: None)
+    for name in ("_dense_held", "_round_held"):
+        monkeypatch.setattr(grid.BatchedStudy, name, nothing, raising=False)
+    read = tmp_path / "read"
+    assert main(["-q", "study", *TINY, "--out", str(read)]) == 0
+    assert len(reads) == 3 * 4 * 3 + 3 * 4 * 2  # dense per cell and round, rounds 2 and 3
+
+    def without_time(out):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in _runs(out)]
+
+    assert without_time(held) == without_time(read)
+    names = sorted(p.name for p in (held / "checkpoints").iterdir())
+    assert names == sorted(p.name for p in (read / "checkpoints").iterdir())
+    for name in names:
+        a, b = (torch.load(out / "checkpoints" / name, weights_only=True) for out in (held, read))
+        assert a.keys() == b.keys()
+        for part in a:
+            assert a[part].keys() == b[part].keys()
+            assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), (name, part)
 
 
 def test_models_that_cannot_be_stacked_fall_back_to_sequential(tmp_path, caplog):

@@ -11,10 +11,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from recallprune.study import StudyError, runner
 from recallprune.study import files as study_files
 from recallprune.study.cli import _resumed_config, build_parser, main
+from recallprune.study.folder import StudyFolder
 
 from .studies import MINI, interrupt_evaluation
 
@@ -71,6 +73,90 @@ def test_atomic_write_keeps_the_old_file_and_removes_its_temporary(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         study_files.atomic_write(path, interrupted)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_files_written_behind_keep_their_order_and_stop_at_the_first_failure(tmp_path, monkeypatch):
+    folder = StudyFolder(tmp_path / "study")
+    runs = [(seed, folder.record_path(seed, "magnitude", 1)) for seed in range(4)]
+    real_open = os.open
+    written = []
+
+    def failing_open(path, *args, **kwargs):
+        written.append(Path(path).name.split(".")[1])
+        if "seed1-magnitude-r01.pt" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(study_files.os, "open", failing_open)
+
+    def save(seed, path):
+        checkpoint = {"w": torch.full((2,), float(seed))}
+        folder.save({"seed": seed}, path, checkpoint, folder.checkpoint_path(seed, "magnitude", 1))
+
+    with pytest.raises(StudyError, match="seed1-magnitude-r01.pt: no space left on the device"):
+        with folder.writing_behind():
+            save(*runs[0])
+            assert folder.load_record(runs[0][1]) == {"seed": 0}  # reads wait for the writes
+            for seed, path in runs[1:]:
+                save(seed, path)
+    # Written in order (checkpoint, then record); nothing after the failed checkpoint.
+    assert written == ["seed0-magnitude-r01", "seed0-magnitude-r01", "seed1-magnitude-r01"]
+    assert [p.name for p in (tmp_path / "study" / "runs").iterdir()] == ["seed0-magnitude-r01.json"]
+    saved = study_files.load_checkpoint(folder.checkpoint_path(0, "magnitude", 1))
+    assert torch.equal(saved["w"], torch.zeros(2))
+    assert len(list((tmp_path / "study" / "checkpoints").iterdir())) == 1  # no temporary
+    # Outside, writes are done at once again.
+    folder.save({"seed": 9}, tmp_path / "study" / "now.json")
+    assert folder.load_record(tmp_path / "study" / "now.json") == {"seed": 9}
+
+
+def test_a_batched_study_whose_disk_fills_resumes(tmp_path, capsys, monkeypatch):
+    args = ["--seeds", "0", "1", "--rounds", "3", "--epochs", "2", "--finetune-epochs", "1"]
+    args += ["--criteria", "magnitude", "random", "--device", "cpu"]
+    complete, out = tmp_path / "complete", tmp_path / "out"
+    assert main(["-q", "study", *args, "--out", str(complete)]) == 0
+    real_fsync = os.fsync
+    calls = {"n": 0}
+
+    def fills_up(descriptor):
+        calls["n"] += 1
+        # config.json, the dense models (2 x checkpoint and record), round 1 (6 x 2), then
+        # round 2's: three runs of seed 0, and the checkpoint of seed 1's first.
+        if calls["n"] == 1 + 4 + 12 + 6 + 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(descriptor)
+
+    monkeypatch.setattr(study_files.os, "fsync", fills_up)
+    assert main(["-q", "study", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    checkpoint = out / "checkpoints" / "seed1-control-r02.pt"
+    assert err.startswith(f"recallprune study: error: cannot write {checkpoint}: no space left")
+    assert f"--resume {out}" in err
+    # Every record before the failure, none after it (a record follows its checkpoint).
+    records = {p.name for p in (out / "runs").glob("*-r02.json")}
+    assert records == {f"seed0-{arm}-r02.json" for arm in ("control", "magnitude", "random")}
+    assert len(list((out / "runs").iterdir())) == 2 + 6 + 3
+    assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
+    monkeypatch.setattr(study_files.os, "fsync", real_fsync)
+    assert main(["-q", "study", *args, "--out", str(out)]) == 0
+
+    def runs(folder):
+        results = json.loads((folder / "results.json").read_text())
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in results["runs"]]
+
+    # The runs saved before the failure are reused as they are; the others are computed in
+    # smaller stacks than in one go (batched products may round differently), with the
+    # same exact pruning.
+    before = {(0, "dense", 0), (1, "dense", 0)} | {
+        (seed, arm, 1) for seed in (0, 1) for arm in ("control", "magnitude", "random")
+    }
+    before |= {(0, arm, 2) for arm in ("control", "magnitude", "random")}
+    resumed, whole = runs(out), runs(complete)
+    assert len(resumed) == len(whole) == 2 + 2 * 3 * 3
+    for x, y in zip(resumed, whole, strict=True):
+        key = (x["seed"], x["criterion"], x["round"])
+        assert key == (y["seed"], y["criterion"], y["round"])
+        assert x == y if key in before else x["sparsity"] == y["sparsity"], key
 
 
 def test_new_files_get_the_permissions_of_open(tmp_path):

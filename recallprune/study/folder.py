@@ -4,17 +4,24 @@ results and report written at the end. A folder is reused only by the study it h
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .config import LEGACY_DEFAULTS
 from .distributed import Distributed
 from .files import (
     StudyError,
-    atomic_save,
+    atomic_write,
     atomic_write_text,
+    load_checkpoint,
     make_folder,
     read_json,
     remove,
@@ -46,6 +53,9 @@ class StudyFolder:
     def __init__(self, path: Path, dist: Distributed | None = None) -> None:
         self.path = Path(path)
         self.dist = dist if dist is not None else Distributed()
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._failed = False
 
     def record_path(self, seed: int, arm: str, round_index: int) -> Path:
         return self.path / "runs" / f"{_run_name(seed, arm, round_index)}.json"
@@ -126,9 +136,69 @@ class StudyFolder:
     # -- runs -----------------------------------------------------------------------------
 
     def load_record(self, path: Path) -> dict[str, Any] | None:
+        self.flush()
         if not path.exists():
             return None
         return read_json(path, "run record")
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        self.flush()
+        return load_checkpoint(path)
+
+    # -- writing behind -------------------------------------------------------------------
+
+    @contextmanager
+    def writing_behind(self) -> Iterator[None]:
+        """Inside, :meth:`save` and :meth:`drop_checkpoint` return once the files' bytes are
+        made, and one thread writes them (the file system's part: writes, fsync, renames),
+        in the order given, while the caller goes on; so a record still follows its
+        checkpoint on disk. The first write that fails stops the later ones; its error is
+        raised by the next :meth:`flush`. Reads through the folder wait for the writes;
+        leaving waits for all of them. Not under torchrun, whose ranks meet after each
+        save."""
+        if self.dist.active or self._writer is not None:
+            yield
+            return
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="recallprune-writer")
+        try:
+            yield
+        except BaseException:
+            # The runs already queued are finished ones: write them, then raise the first.
+            try:
+                self.flush()
+            except Exception:
+                pass  # the caller's error is the one to tell
+            raise
+        else:
+            self.flush()
+        finally:
+            self._writer.shutdown(wait=True)
+            self._writer, self._pending, self._failed = None, [], False
+
+    def flush(self) -> None:
+        """Wait for the files written behind; raise the first error among them."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.exception()  # waits
+        for future in pending:
+            if future.exception() is not None:
+                raise future.exception()
+
+    def _write(self, write: Callable[[], Any]) -> None:
+        if self._writer is None:
+            write()
+            return
+
+        def ordered() -> None:
+            if self._failed:
+                return  # an earlier file failed: leave the later ones unwritten
+            try:
+                write()
+            except BaseException:
+                self._failed = True
+                raise
+
+        self._pending.append(self._writer.submit(ordered))
 
     def save(
         self,
@@ -140,11 +210,17 @@ class StudyFolder:
         """Save a finished run: its checkpoint first, then its record (a record on disk
         means the run is done)."""
         if self.dist.is_main:
+            # Serialised now (the bytes torch.save writes to a file), so that the caller may
+            # change the tensors at once when the files are written behind.
+            text = json.dumps(record) + "\n"
             if checkpoint is not None:
-                atomic_save(checkpoint, checkpoint_path)
-            atomic_write_text(path, json.dumps(record) + "\n")
+                buffer = io.BytesIO()
+                torch.save(checkpoint, buffer)
+                data = buffer.getbuffer()
+                self._write(lambda: atomic_write(checkpoint_path, lambda h: h.write(data)))
+            self._write(lambda: atomic_write_text(path, text))
         self.dist.barrier()
 
     def drop_checkpoint(self, path: Path) -> None:
         if self.dist.is_main:
-            remove(path)
+            self._write(lambda: remove(path))

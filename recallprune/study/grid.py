@@ -30,9 +30,10 @@ from ..optim import UndecayedSGD, decay_param_groups
 from ..pruning.criteria import NEEDS_GRADIENT
 from .config import parse_arm
 from .datasets import Dataset
+from .models import build_model
 from .records import CONTROL, DENSE, make_record
 from .runner import Study, _cpu_state
-from .stacked import StackedModel, stack_models
+from .stacked import StackedModel, stack_models, stack_states
 from .training import EVAL_BATCH, grad_averages, last_epoch_average, phase_seed
 
 log = logging.getLogger("recallprune.study")
@@ -181,13 +182,21 @@ def model_view(stacked: StackedModel, index: int, template: nn.Module) -> nn.Mod
 
 
 class BatchedStudy(Study):
-    """:class:`Study` with its grid trained in stacks (see the module docstring)."""
+    """:class:`Study` with its grid trained in stacks (see the module docstring).
+
+    The checkpoints a round starts from are those the stage before has just saved: they are
+    kept in memory (on the CPU, as saved) rather than read back, as long as a stage fits in
+    one stack (at most ``max_stack`` models, so that memory stays bounded as the stacks
+    bound it); the others, and those of a resumed study, are read from the folder."""
 
     def __init__(self, *args, max_stack: int = 64, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if max_stack < 1:
             raise ValueError(f"max_stack must be at least 1, got {max_stack}")
         self.max_stack = max_stack
+        self._dense_held: dict[int, dict[str, Any]] = {}
+        self._round_held: dict[tuple[int, str], dict[str, Any]] = {}
+        self._finished: dict[tuple[int, str], list[dict[str, Any]]] | None = None
 
     def grid(self, data: Dataset, bar) -> list[dict[str, Any]]:
         """Every run of the grid, stage by stage in stacks; models that cannot be stacked,
@@ -203,11 +212,17 @@ class BatchedStudy(Study):
             return super().grid(data, bar)
         log.info("execution: batched, up to %d models per stack", self.max_stack)
         records: dict[tuple[int, str, int], dict[str, Any]] = {}
-        for record in self.dense_stage(data, bar):
-            records[(record["seed"], DENSE, 0)] = record
-        for round_index in range(1, config.rounds + 1):
-            for record in self.round_stage(round_index, data, bar):
-                records[(record["seed"], record["criterion"], round_index)] = record
+        self._finished = None
+        try:
+            # A stage's files are written while the next one trains.
+            with self.folder.writing_behind():
+                for record in self.dense_stage(data, bar):
+                    records[(record["seed"], DENSE, 0)] = record
+                for round_index in range(1, config.rounds + 1):
+                    for record in self.round_stage(round_index, data, bar):
+                        records[(record["seed"], record["criterion"], round_index)] = record
+        finally:
+            self._dense_held, self._round_held, self._finished = {}, {}, None
         return [records[key] for key in self.grid_order()]
 
     def _optimizer(
@@ -223,6 +238,22 @@ class BatchedStudy(Study):
 
     def _chunks(self, items: list) -> list[list]:
         return [items[i : i + self.max_stack] for i in range(0, len(items), self.max_stack)]
+
+    def _dense_checkpoint(self, seed: int) -> dict[str, Any]:
+        """The dense checkpoint of ``seed``, read from the folder once where it is not held."""
+        checkpoint = self._dense_held.get(seed)
+        if checkpoint is None:
+            checkpoint = self.folder.load_checkpoint(self.folder.checkpoint_path(seed, DENSE, 0))
+            if len(self.seeds) <= self.max_stack:
+                self._dense_held[seed] = checkpoint
+        return checkpoint
+
+    def _template(self, data: Dataset) -> nn.Module:
+        """A single model of the study's kind and shape on the "meta" device: the structure
+        that the stack and the views of its models take (no memory, no random numbers)."""
+        config = self.config
+        with torch.device("meta"):
+            return build_model(config.model, data.input_shape, data.num_classes, config.width)
 
     # -- the dense models -----------------------------------------------------------------
 
@@ -274,11 +305,14 @@ class BatchedStudy(Study):
         confusions = evaluate_stacked(stacked, data, self.device)
         seconds = (time.perf_counter() - start) / len(seeds)
         averages = stacked_averages(optimizer, stacked) if track else [{} for _ in seeds]
+        states = stacked.model_states()
+        hold = len(self.seeds) <= self.max_stack
+        self.folder.flush()  # the stage before's files (and their errors) first
         records = []
         for i, seed in enumerate(seeds):
             record = make_record(confusions[i], seed, DENSE, 0, 0.0, 0.0, losses[i], seconds)
             checkpoint = {
-                "model": _cpu_state(stacked.model_state(i)),
+                "model": states[i],
                 "masks": {},
                 "rewind": _cpu_state(snapshots[i]) if snapshots[i] else {},
                 "grad_average": averages[i],
@@ -289,6 +323,8 @@ class BatchedStudy(Study):
                 checkpoint,
                 self.folder.checkpoint_path(seed, DENSE, 0),
             )
+            if hold:
+                self._dense_held[seed] = checkpoint
             self.computed += 1
             bar.update()
             records.append(record)
@@ -297,45 +333,59 @@ class BatchedStudy(Study):
     # -- one round of every (seed, arm) ---------------------------------------------------
 
     def round_stage(self, round_index: int, data: Dataset, bar) -> list[dict[str, Any]]:
+        if self._finished is None:
+            # Read once: the runs of these seeds are this process's alone to write (shards
+            # split the seeds), so the folder changes from here on only by the rounds run here.
+            self.folder.flush()
+            self._finished = {
+                (seed, arm): self.finished_rounds(seed, arm)
+                for seed in self.seeds
+                for arm in self.arms()
+            }
         out, todo = [], []
         for seed in self.seeds:
             for arm in self.arms():
-                finished = self.finished_rounds(seed, arm)
+                finished = self._finished[(seed, arm)]
                 if len(finished) >= round_index:
                     out.append(finished[round_index - 1])
                     self.reused += 1
                     bar.update()
                 else:
                     todo.append((seed, arm))
+        held, self._round_held = self._round_held, {}
+        hold = len(todo) <= self.max_stack
         for cells in self._chunks(todo):
-            out.extend(self._round_stack(round_index, cells, data, bar))
+            out.extend(self._round_stack(round_index, cells, data, bar, held, hold))
         return out
 
     def _round_stack(
-        self, round_index: int, cells: list[tuple[int, str]], data: Dataset, bar
+        self,
+        round_index: int,
+        cells: list[tuple[int, str]],
+        data: Dataset,
+        bar,
+        held: dict[tuple[int, str], dict[str, Any]] | None = None,
+        hold: bool = False,
     ) -> list[dict[str, Any]]:
+        """One round of ``cells``, from the checkpoints of the round before (those ``held``,
+        else from the folder); ``hold``: keep this round's checkpoints for the next."""
         config = self.config
         start = time.perf_counter()
+        held = {} if held is None else held
         states, rewinds = [], []
         for seed, arm in cells:
-            dense = torch.load(self.folder.checkpoint_path(seed, DENSE, 0), weights_only=True)
-            previous = (
-                dense
-                if round_index == 1
-                else torch.load(
-                    self.folder.checkpoint_path(seed, arm, round_index - 1), weights_only=True
-                )
-            )
+            dense = self._dense_checkpoint(seed)
+            previous = dense if round_index == 1 else held.pop((seed, arm), None)
+            if previous is None:
+                path = self.folder.checkpoint_path(seed, arm, round_index - 1)
+                previous = self.folder.load_checkpoint(path)
             states.append(previous)
             rewinds.append(dense["rewind"] or None)
-        models = []
-        for (seed, _), state in zip(cells, states, strict=True):
-            model = self.new_model(seed, data)
-            model.load_state_dict(state["model"])
-            models.append(model)
-        stacked = stack_models(models).to(self.device)
+        template = self._template(data)
+        stacked = stack_states(template, [state["model"] for state in states]).to(self.device)
         # The gradient criteria's gradients, of every model at once; then each model is
-        # pruned by its own pruner, on a view of its slice of the stack.
+        # pruned by its own pruner, in turn, on a view of its slice of the stack (the one
+        # template rebound to each slice).
         estimates = [self.estimate(arm) for _, arm in cells]
         gradients = stacked_gradients(
             stacked,
@@ -350,7 +400,7 @@ class BatchedStudy(Study):
         masks: list[dict[str, torch.Tensor]] = []
         sparsities = []
         for i, ((seed, arm), state, rewind) in enumerate(zip(cells, states, rewinds, strict=True)):
-            view = model_view(stacked, i, models[i])
+            view = model_view(stacked, i, template)
             # As in the sequential round: the pruner takes UP's lam from an optimizer's groups
             # (this one only carries the masks; the stack's own optimizer trains).
             view_optimizer = self.optimizer(view, self.retrain_lr())
@@ -376,8 +426,9 @@ class BatchedStudy(Study):
         track = "average" in estimates
         optimizer = self._optimizer(stacked, self.retrain_lr(), track)
         parameters = dict(stacked.named_parameters())
-        for name in masks[0]:
-            optimizer.set_mask(parameters[name], torch.stack([m[name] for m in masks]))
+        stacked_masks = {name: torch.stack([m[name] for m in masks]) for name in masks[0]}
+        for name, mask in stacked_masks.items():
+            optimizer.set_mask(parameters[name], mask)
         generators = [
             torch.Generator().manual_seed(phase_seed(seed, arm, round_index, "train"))
             for seed, arm in cells
@@ -396,14 +447,18 @@ class BatchedStudy(Study):
         seconds = (time.perf_counter() - start) / len(cells)
         averages = stacked_averages(optimizer, stacked) if track else [{} for _ in cells]
         nominal = self.schedule().sparsity_after(round_index)
+        model_states = stacked.model_states()
+        self.folder.flush()  # the stage before's files (and their errors) first
+        # One copy of each stacked mask to the host, then each model's own (compact) slice.
+        host_masks = {name: mask.cpu() for name, mask in stacked_masks.items()}
         records = []
         for i, (seed, arm) in enumerate(cells):
             record = make_record(
                 confusions[i], seed, arm, round_index, nominal, sparsities[i], losses[i], seconds
             )
             checkpoint = {
-                "model": _cpu_state(stacked.model_state(i)),
-                "masks": {k: v.cpu() for k, v in masks[i].items()},
+                "model": model_states[i],
+                "masks": {name: mask[i].clone() for name, mask in host_masks.items()},
                 "grad_average": averages[i] if estimates[i] == "average" else {},
             }
             self.folder.save(
@@ -414,6 +469,8 @@ class BatchedStudy(Study):
             )
             if round_index > 1:
                 self.folder.drop_checkpoint(self.folder.checkpoint_path(seed, arm, round_index - 1))
+            if hold:
+                self._round_held[(seed, arm)] = checkpoint
             self.computed += 1
             bar.update()
             records.append(record)

@@ -90,6 +90,15 @@ class StackedModel(nn.Module):
         """Model ``index``'s state dict, as its single model would hold it."""
         return {name: p[index].detach().clone() for name, p in self.named_parameters()}
 
+    def model_states(self) -> list[dict[str, Tensor]]:
+        """Every model's state dict on the CPU, as :meth:`model_state` then ``.cpu()`` would
+        give them, from one copy of each stacked parameter to the host (not one per model)."""
+        host = {name: p.detach().cpu() for name, p in self.named_parameters()}
+        return [
+            {name: tensor[index].clone() for name, tensor in host.items()}
+            for index in range(self.num_models)
+        ]
+
     @torch.no_grad()
     def load_model_state(self, index: int, state: dict[str, Tensor]) -> None:
         """Set model ``index`` from a single model's state dict."""
@@ -149,3 +158,18 @@ def stack_models(models: Sequence[nn.Module]) -> StackedModel | None:
     if kind is SmallCNN:
         return StackedCNN(models)
     return None
+
+
+def stack_states(template: nn.Module, states: Sequence[dict[str, Tensor]]) -> StackedModel | None:
+    """The models whose state dicts are ``states`` stacked, as :func:`stack_models` would stack
+    them, without building each: ``template``, one model of their kind and shape (on any
+    device, "meta" too), gives the structure. None where the kind cannot be stacked."""
+    stacked = stack_models([template])
+    if stacked is None or not states:
+        return None
+    for name, _ in list(stacked.named_parameters()):
+        module_name, _, attribute = name.rpartition(".")
+        owner = stacked.get_submodule(module_name) if module_name else stacked
+        setattr(owner, attribute, nn.Parameter(torch.stack([state[name] for state in states])))
+    stacked.num_models = len(states)
+    return stacked
