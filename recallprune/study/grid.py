@@ -9,14 +9,17 @@ then, round by round, every (seed, arm) model of that round trains as one stacke
 Each model keeps everything it has in the sequential study: its initialisation, its data
 order (its own seeded generator, drawn exactly as the sequential loop draws it), its
 pruning (its own :class:`~recallprune.pruning.Pruner`, criterion, scores and exact counts,
-run on a view of its slice of the stack), its rewinding, and its records and checkpoints,
-saved per model as each stacked round finishes, in the same files. So a batched study
-resumes a sequential one and the other way round, and the two differ only by the rounding
-of batched matrix products.
+run on a view of its slice of the stack, on the CPU: a model's pruning is a few small
+operations and host reads, which a GPU would only wait on), its rewinding, and its records
+and checkpoints, saved per model as each stacked round finishes, in the same files. So a
+batched study resumes a sequential one and the other way round, and the two differ only by
+floating-point rounding (of batched matrix products; on a GPU, of scores computed on the
+CPU).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -115,13 +118,15 @@ def stacked_gradients(
     model: StackedModel,
     batches: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]] | None],
     device: torch.device,
+    out: torch.device | str | None = None,
 ) -> list[dict[str, torch.Tensor] | None]:
     """Each model's mean data-loss gradient over its own ``(input, target)`` batches, as
     :meth:`~recallprune.pruning.Pruner.gather_gradients` takes it from a single model (the
     mean over batches of each batch's mean cross-entropy, train mode), from one forward and
     backward pass of the stack per batch position; ``None`` where a model's entry is ``None``.
     Batches of unequal sizes are padded with samples of weight zero. The parameters'
-    ``.grad`` fields are left as they were."""
+    ``.grad`` fields are left as they were. ``out``: where the gradients are returned (one
+    copy per stacked parameter); default, where the stack is."""
     wanted = [i for i, own in enumerate(batches) if own]
     if not wanted:
         return [None] * len(batches)
@@ -150,8 +155,11 @@ def stacked_gradients(
                     logits.flatten(0, 1), y.to(device).flatten(), reduction="none"
                 )
                 (losses * weight.to(device).flatten()).sum().backward()
+        grads = {
+            name: p.grad.to(out) if out is not None else p.grad for name, p in parameters.items()
+        }
         return [
-            {name: p.grad[i].clone() for name, p in parameters.items()} if batches[i] else None
+            {name: grad[i].clone() for name, grad in grads.items()} if batches[i] else None
             for i in range(model.num_models)
         ]
     finally:
@@ -382,10 +390,14 @@ class BatchedStudy(Study):
             states.append(previous)
             rewinds.append(dense["rewind"] or None)
         template = self._template(data)
-        stacked = stack_states(template, [state["model"] for state in states]).to(self.device)
+        # The stack as the checkpoints hold it, on the CPU, where the models are pruned; and
+        # its copy on the device, which scores the gradients now and trains once the pruned
+        # (and rewound) weights are copied in.
+        host = stack_states(template, [state["model"] for state in states])
+        stacked = copy.deepcopy(host).to(self.device)
         # The gradient criteria's gradients, of every model at once; then each model is
-        # pruned by its own pruner, in turn, on a view of its slice of the stack (the one
-        # template rebound to each slice).
+        # pruned by its own pruner, in turn, on a view of its slice of the host stack (the
+        # one template rebound to each slice).
         estimates = [self.estimate(arm) for _, arm in cells]
         gradients = stacked_gradients(
             stacked,
@@ -396,17 +408,18 @@ class BatchedStudy(Study):
                 for (seed, arm), estimate in zip(cells, estimates, strict=True)
             ],
             self.device,
+            out="cpu",
         )
         masks: list[dict[str, torch.Tensor]] = []
         sparsities = []
         for i, ((seed, arm), state, rewind) in enumerate(zip(cells, states, rewinds, strict=True)):
-            view = model_view(stacked, i, template)
+            view = model_view(host, i, template)
             # As in the sequential round: the pruner takes UP's lam from an optimizer's groups
             # (this one only carries the masks; the stack's own optimizer trains).
             view_optimizer = self.optimizer(view, self.retrain_lr())
             pruner = self.pruner(view, arm, view_optimizer, seed=phase_seed(seed, arm, round_index))
             if state["masks"]:
-                pruner.masks.update({k: v.to(self.device) for k, v in state["masks"].items()})
+                pruner.masks.update({k: v.cpu() for k, v in state["masks"].items()})
                 pruner.apply()
             schedule = self.schedule()
             schedule.load_state_dict({"round": round_index - 1, "snapshot": rewind})
@@ -423,12 +436,13 @@ class BatchedStudy(Study):
                 )
             masks.append({k: v.clone() for k, v in pruner.masks.items()})
             sparsities.append(pruner.sparsity())
+        stacked.load_state_dict(host.state_dict())
         track = "average" in estimates
         optimizer = self._optimizer(stacked, self.retrain_lr(), track)
         parameters = dict(stacked.named_parameters())
-        stacked_masks = {name: torch.stack([m[name] for m in masks]) for name in masks[0]}
-        for name, mask in stacked_masks.items():
-            optimizer.set_mask(parameters[name], mask)
+        host_masks = {name: torch.stack([m[name] for m in masks]) for name in masks[0]}
+        for name, mask in host_masks.items():
+            optimizer.set_mask(parameters[name], mask.to(self.device))
         generators = [
             torch.Generator().manual_seed(phase_seed(seed, arm, round_index, "train"))
             for seed, arm in cells
@@ -449,8 +463,6 @@ class BatchedStudy(Study):
         nominal = self.schedule().sparsity_after(round_index)
         model_states = stacked.model_states()
         self.folder.flush()  # the stage before's files (and their errors) first
-        # One copy of each stacked mask to the host, then each model's own (compact) slice.
-        host_masks = {name: mask.cpu() for name, mask in stacked_masks.items()}
         records = []
         for i, (seed, arm) in enumerate(cells):
             record = make_record(

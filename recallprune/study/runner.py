@@ -260,7 +260,7 @@ class Study:
         """The saved gradient average of the pruned weights, for an ``:average`` arm."""
         if not average:
             raise StudyError(f"{where} holds no gradient average to score with")
-        return {name: average[name].to(self.device) for name in pruner.params}
+        return {name: average[name].to(pruner.params[name].device) for name in pruner.params}
 
     def pruner(self, model: nn.Module, arm: str, optimizer, seed: int) -> Pruner:
         """The pruner of one round of ``arm`` (the control's never prunes)."""
