@@ -353,14 +353,23 @@ def environment(device: torch.device | str) -> dict[str, Any]:
 
 
 def git_state(path: Path | str | None = None) -> dict[str, Any]:
-    """The commit of the repository holding ``path`` (this folder) and whether it is dirty."""
+    """The commit of the repository holding ``path`` (this folder) and whether it is dirty,
+    results aside (a run over several capabilities writes one before measuring the next)."""
     cwd = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":(top)",
+                ":(top,exclude)benchmarks/results",
+            ],
             cwd=cwd,
             capture_output=True,
             text=True,
