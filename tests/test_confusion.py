@@ -607,6 +607,44 @@ def test_stacked_counts_match_each_models_counter(
     assert stacked.recall().shape == (models, c)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    models=st.integers(1, 5),
+    n=st.integers(0, 300),
+    c=st.integers(1, 140),
+    inner=st.sampled_from([1, 1, 2]),
+    dtype=st.sampled_from([*LOGIT_DTYPES, torch.int64, torch.int32]),
+    shared=st.booleans(),
+    ignore=st.sampled_from([None, 0, -1]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_stacked_kernel_equals_reference(models, n, c, inner, dtype, shared, ignore, seed):
+    """The stacked counter's kernel against its reference, on random stacks: any number of
+    models, classes and entries, shared or per-model targets, logits or labels."""
+    pytest.importorskip("recallprune._C")
+    from recallprune import StackedConfusionCounter
+
+    generator = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        batch = torch.stack(
+            [_logits(n * inner, c, dtype, seed + b) for b in range(models)]
+        ).reshape(models, n, inner, c)
+        batch = batch.movedim(3, 2)  # [B, N, C, S]
+    else:
+        batch = torch.randint(-1, c + 1, (models, n, inner), generator=generator).to(dtype)
+    target_shape = (n, inner) if shared else (models, n, inner)
+    target = torch.randint(-1, c + 1, target_shape, generator=generator)
+    results = []
+    for backend in ("kernel", "reference"):
+        counter = StackedConfusionCounter(models, c, ignore_index=ignore, backend=backend)
+        counter.update(batch, target)
+        half = target[: n // 2] if shared else target[:, : n // 2]
+        counter.update(batch[:, : n // 2], half)
+        results.append((counter._counts.clone(), counter.invalid_count))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
 @pytest.mark.parametrize(
     ("c", "s", "dtype"),
     [
