@@ -3,6 +3,7 @@
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -213,6 +214,37 @@ def test_studies_that_do_not_match_are_refused(tmp_path):
         C.compare([a])
     with pytest.raises(StudyError, match="does not exist"):
         C.compare([a, tmp_path / "missing"])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda r: r.pop("analysis"), "no 'analysis' entry"),
+        (lambda r: r["analysis"].pop("summaries"), "'analysis' holds no list of summaries"),
+        (lambda r: r["runs"][1].pop("criterion"), "entry 1 of its runs has no valid 'criterion'"),
+        (lambda r: r["runs"].__setitem__(0, 3), "entry 0 of its runs is not an object"),
+        (
+            lambda r: r["analysis"]["summaries"][2].__setitem__("ratios", "1.2"),
+            "entry 2 of its analysis summaries has no valid 'ratios'",
+        ),
+        (
+            lambda r: r["analysis"]["summaries"][0]["ratios"].pop(),
+            "summary 0 has 4 seeds but 3 ratios",
+        ),
+        (lambda r: r["config"].pop("criteria"), "'config' holds no list of criteria"),
+    ],
+)
+def test_a_damaged_results_file_is_refused_with_what_is_wrong(tmp_path, damage, message):
+    """compare reads other people's folders: a results file it cannot use is refused,
+    naming the file and what is wrong, instead of failing with a KeyError."""
+    folder = _fake_study(tmp_path / "a", 0.1, 1000, np.random.default_rng(3))
+    path = folder / "results.json"
+    results = json.loads(path.read_text())
+    damage(results)
+    path.write_text(json.dumps(results))
+    with pytest.raises(StudyError, match=re.escape(message)) as refused:
+        C.load_study(folder)
+    assert str(path) in str(refused.value)
 
 
 def test_the_compare_command(sweep, tmp_path, capsys):

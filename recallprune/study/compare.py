@@ -88,14 +88,18 @@ def load_study(folder: Path, name: str | None = None) -> StudyRows:
     if not path.is_file():
         raise StudyError(f"{path} does not exist: is {folder} a finished study's folder?")
     results = read_json(path, "results file")
-    if not isinstance(results, dict) or not {"config", "runs", "analysis"} <= set(results):
-        raise StudyError(f"{path} is not a recallprune results file")
+    problem = _results_problem(results)
+    if problem is not None:
+        raise StudyError(f"{path} is not a recallprune results file ({problem})")
     config, runs = results["config"], results["runs"]
     dense = [r for r in runs if r["criterion"] == DENSE]
     if not dense:
         raise StudyError(f"{path} holds no dense model")
     num_classes = len(dense[0]["recall"])
-    dense_error = 1.0 - float(np.mean([r["accuracy"] for r in dense]))
+    accuracies = [r["accuracy"] for r in dense if r["accuracy"] is not None]
+    if not accuracies:
+        raise StudyError(f"{path}: no dense model has an accuracy (empty test set?)")
+    dense_error = 1.0 - float(np.mean(accuracies))
     params = model_params(results)
     study = name or folder.name
     rows = []
@@ -117,6 +121,46 @@ def load_study(folder: Path, name: str | None = None) -> StudyRows:
                 }
             )
     return StudyRows(study, num_classes, tuple(config["criteria"]), dense_error, params, rows)
+
+
+# What compare reads of a results file: the entries below, of these JSON types.
+_RUN_KEYS = {"criterion": str, "recall": list, "accuracy": (int, float)}
+_SUMMARY_KEYS = {"criterion": str, "sparsity": (int, float), "seeds": list, "ratios": list}
+
+
+def _results_problem(results: Any) -> str | None:
+    """What keeps ``results`` from being compared, or None."""
+    if not isinstance(results, dict):
+        return f"it holds a JSON {type(results).__name__}, not an object"
+    missing = [key for key in ("config", "runs", "analysis") if key not in results]
+    if missing:
+        return f"no {' and no '.join(repr(key) for key in missing)} entry"
+    if not isinstance(results["config"], dict) or not isinstance(
+        results["config"].get("criteria"), list
+    ):
+        return "'config' holds no list of criteria"
+    analysis = results["analysis"]
+    if not isinstance(analysis, dict) or not isinstance(analysis.get("summaries"), list):
+        return "'analysis' holds no list of summaries"
+    for where, entries, keys in (
+        ("runs", results["runs"], _RUN_KEYS),
+        ("analysis summaries", analysis["summaries"], _SUMMARY_KEYS),
+    ):
+        if not isinstance(entries, list):
+            return f"its {where} are not a list"
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                return f"entry {index} of its {where} is not an object"
+            for key, kind in keys.items():
+                value = entry.get(key)
+                # A NaN accuracy is saved as null.
+                if not isinstance(value, kind) and not (key == "accuracy" and value is None):
+                    return f"entry {index} of its {where} has no valid {key!r}"
+    for index, summary in enumerate(analysis["summaries"]):
+        seeds, ratios = len(summary["seeds"]), len(summary["ratios"])
+        if seeds != ratios:
+            return f"summary {index} has {seeds} seeds but {ratios} ratios"
+    return None
 
 
 def check_comparable(studies: list[StudyRows]) -> None:
