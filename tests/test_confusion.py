@@ -234,6 +234,11 @@ def test_state_dict_round_trip_and_sync_without_distributed():
     assert torch.equal(other.compute(), counter.compute())
     with pytest.raises(ValueError, match="counts for 3 classes, this counter has 4"):
         ConfusionCounter(4).load_state_dict(state)
+    with pytest.raises(TypeError, match="takes the dict that state_dict\\(\\) returns, got list"):
+        ConfusionCounter(3).load_state_dict([state])
+    broken = {**state, "counts": state["counts"].float()}
+    with pytest.raises(ValueError, match=r"state\['counts'\] must be int64 of shape \(3, 3\)"):
+        ConfusionCounter(3).load_state_dict(broken)
 
 
 class TestErrors:

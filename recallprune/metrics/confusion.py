@@ -253,6 +253,11 @@ class _Counts:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"load_state_dict takes the dict that state_dict() returns, got "
+                f"{type(state).__name__}"
+            )
         for key, what in (("num_models", "models"), ("num_classes", "classes")):
             mine = getattr(self, key, None)
             if state.get(key) != mine:
