@@ -17,17 +17,34 @@ TORCH_LIBRARY_FRAGMENT(recallprune, m) {
       "Tensor?[] keep_masks, Tensor?[] decay_masks, Tensor(c!)[] grad_sums, *, float lr, "
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
       "bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-  // The same with the learning rate as a one-element float32/float64 tensor, as torch's
-  // _fused_sgd_.tensor_lr: a CUDA kernel reads it on the device (no host synchronisation).
+  // The same with the learning rate and the weight decay as one-element float32/float64
+  // tensors (as torch's _fused_sgd_.tensor_lr takes lr): each is read on the host when it is
+  // on the CPU, and by the kernel when it is on the parameters' GPU (no host synchronisation).
   m.def(
-      "undecayed_sgd_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, "
+      "undecayed_sgd_.tensor(Tensor(a!)[] params, Tensor[] grads, "
       "Tensor(b!)[] momentum_buffers, Tensor?[] keep_masks, Tensor?[] decay_masks, "
       "Tensor(c!)[] grad_sums, *, Tensor lr, float momentum, float dampening, "
-      "float weight_decay, bool nesterov, bool maximize, bool is_first_step, "
+      "Tensor weight_decay, bool nesterov, bool maximize, bool is_first_step, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 }
 
 namespace {
+
+// Whether `other` (of the parameter's shape) lays its elements out in memory as `param`
+// does: both dense and non-overlapping, with the same strides wherever a dimension has more
+// than one element. The kernels then walk both as flat arrays from their data pointers
+// (contiguous tensors, and channels_last ones alike).
+bool same_layout(const at::Tensor& param, const at::Tensor& other) {
+  if (!other.is_non_overlapping_and_dense()) {
+    return false;
+  }
+  for (int64_t d = 0; d < param.dim(); ++d) {
+    if (param.size(d) > 1 && param.stride(d) != other.stride(d)) {
+      return false;
+    }
+  }
+  return true;
+}
 
 void check_same_tensor(const at::Tensor& param, const at::Tensor& other, const char* what,
                        size_t i) {
@@ -35,8 +52,9 @@ void check_same_tensor(const at::Tensor& param, const at::Tensor& other, const c
               "] must be on the parameter's device ", param.device(), ", got ", other.device());
   TORCH_CHECK(other.sizes() == param.sizes(), "undecayed_sgd_: ", what, "[", i,
               "] must have the parameter's shape ", param.sizes(), ", got ", other.sizes());
-  TORCH_CHECK(other.is_contiguous() && !other.is_sparse(), "undecayed_sgd_: ", what, "[", i,
-              "] must be a dense contiguous tensor");
+  TORCH_CHECK(!other.is_sparse() && same_layout(param, other), "undecayed_sgd_: ", what, "[",
+              i, "] must be a dense tensor with the parameter's memory layout (strides ",
+              param.strides(), "), got strides ", other.strides());
 }
 
 void check_masks(const c10::List<std::optional<at::Tensor>>& masks, at::TensorList params,
@@ -89,8 +107,11 @@ void check_undecayed_sgd_args(at::TensorList params, at::TensorList grads,
     TORCH_CHECK(param.device() == params[0].device(),
                 "undecayed_sgd_: all parameters must be on one device, params[0] is on ",
                 params[0].device(), " and params[", i, "] on ", param.device());
-    TORCH_CHECK(param.is_contiguous() && !param.is_sparse(), "undecayed_sgd_: params[", i,
-                "] must be a dense contiguous tensor");
+    TORCH_CHECK(!param.is_sparse() && param.is_non_overlapping_and_dense(),
+                "undecayed_sgd_: params[", i,
+                "] must be dense and non-overlapping (contiguous in some memory format), got "
+                "strides ",
+                param.strides(), " for shape ", param.sizes());
     TORCH_CHECK(!grads[i].is_sparse(), "undecayed_sgd_: grads[", i,
                 "] is sparse; the fused kernels take dense gradients only (use "
                 "backend='reference' for sparse gradients)");
@@ -125,14 +146,15 @@ void check_undecayed_sgd_args(at::TensorList params, at::TensorList grads,
   }
 }
 
-void check_lr_tensor(const at::Tensor& lr, at::TensorList params) {
-  const bool float_dtype = lr.scalar_type() == at::kFloat || lr.scalar_type() == at::kDouble;
-  TORCH_CHECK(lr.numel() == 1 && float_dtype,
-              "undecayed_sgd_: lr must be a one-element float32 or float64 tensor, got ",
-              lr.scalar_type(), " with ", lr.numel(), " elements");
-  TORCH_CHECK(lr.is_cpu() || params.empty() || lr.device() == params[0].device(),
-              "undecayed_sgd_: lr must be on the CPU or on the parameters' device ",
-              params[0].device(), ", got ", lr.device());
+void check_scalar_tensor(const at::Tensor& value, const char* name, at::TensorList params) {
+  const bool float_dtype =
+      value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble;
+  TORCH_CHECK(value.numel() == 1 && float_dtype, "undecayed_sgd_: ", name,
+              " must be a one-element float32 or float64 tensor, got ", value.scalar_type(),
+              " with ", value.numel(), " elements");
+  TORCH_CHECK(value.is_cpu() || params.empty() || value.device() == params[0].device(),
+              "undecayed_sgd_: ", name, " must be on the CPU or on the parameters' device ",
+              params[0].device(), ", got ", value.device());
 }
 
 }  // namespace recallprune

@@ -13,8 +13,8 @@
 namespace recallprune {
 
 // Checks that need no device: list lengths, shapes, dtypes, layouts, one device.
-// The kernels require dense contiguous tensors; the Python wrapper routes others
-// to the reference implementation.
+// The kernels take dense, non-overlapping tensors, every tensor of a parameter laid out in
+// memory as the parameter is; the Python wrapper routes others to the reference.
 void check_undecayed_sgd_args(at::TensorList params, at::TensorList grads,
                               at::TensorList momentum_buffers,
                               const c10::List<std::optional<at::Tensor>>& keep_masks,
@@ -23,9 +23,9 @@ void check_undecayed_sgd_args(at::TensorList params, at::TensorList grads,
                               const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf);
 
-// Checks of the tensor learning rate of undecayed_sgd_.tensor_lr: one float32 or float64
-// element, on the CPU or on the parameters' device.
-void check_lr_tensor(const at::Tensor& lr, at::TensorList params);
+// Checks of a tensor hyper-parameter of undecayed_sgd_.tensor (`name`: "lr" or
+// "weight_decay"): one float32 or float64 element, on the CPU or on the parameters' device.
+void check_scalar_tensor(const at::Tensor& value, const char* name, at::TensorList params);
 
 // Mask pointer as bytes (bool and uint8 share a layout), or nullptr where absent.
 inline const uint8_t* mask_data(const c10::List<std::optional<at::Tensor>>& masks, size_t i) {

@@ -53,19 +53,19 @@ def _sgd_calls(device):
     # AMP scaling, given as GradScaler hands it over (0-dim); the wrapper makes it [1].
     amp = dict(grad_scale=torch.tensor(2.0, device=device), found_inf=torch.tensor(0.0))
     yield kernel_call(params, grads, bufs, [], [], [], **hyper, **amp)
-    # A tensor lr: read on the device (the tensor_lr overload) on the GPU, as a float on the CPU.
+    # A tensor lr or weight decay selects the tensor overload on every device; the float one
+    # goes along as a float64 CPU tensor, and nothing is read in Python.
     tensor_lr = dict(hyper, lr=torch.tensor(0.1, device=device))
     op, args, kwargs = kernel_call(params, grads, bufs, keeps, [], [], **tensor_lr)
-    on_gpu = torch.device(device).type == "cuda"
-    assert op._overloadname == ("tensor_lr" if on_gpu else "default")
-    assert isinstance(kwargs["lr"], torch.Tensor if on_gpu else float)
+    assert op._overloadname == "tensor"
+    assert kwargs["lr"].device == torch.device(device)
+    assert kwargs["weight_decay"].dtype == torch.float64 and kwargs["weight_decay"].is_cpu
     yield op, args, kwargs
-    # The tensor_lr overload as the GPU path calls it, on every device with kernels.
-    yield (
-        torch.ops.recallprune.undecayed_sgd_.tensor_lr,
-        args,
-        dict(kwargs, lr=torch.tensor([0.1], device=device)),
-    )
+    tensor_decay = dict(hyper, weight_decay=torch.tensor([1e-2], device=device))
+    op, args, kwargs = kernel_call(params, grads, bufs, keeps, decays, [], **tensor_decay)
+    assert op._overloadname == "tensor" and kwargs["weight_decay"].device == torch.device(device)
+    yield op, args, kwargs
+    yield op, args, dict(kwargs, lr=torch.tensor([0.1], device=device))
 
 
 @requires_ops

@@ -839,8 +839,13 @@ class TestErrors:
             op([w], [torch.zeros(8)], [], [torch.zeros(8)], [], [], **kwargs)
         with pytest.raises(RuntimeError, match="momentum_buffers must be empty when momentum is 0"):
             op([w], [torch.zeros(8)], [torch.zeros(8)], [], [], [], **kwargs)
-        with pytest.raises(RuntimeError, match=r"params\[0\] must be a dense contiguous tensor"):
+        # A transposed weight is dense: its tensors must share its layout.
+        with pytest.raises(RuntimeError, match=r"grads\[0\] must be a dense tensor with the "):
             op([torch.zeros(4, 2).t()], [torch.zeros(2, 4)], [], [], [], [], **kwargs)
+        with pytest.raises(RuntimeError, match=r"params\[0\] must be dense and non-overlapping"):
+            op([torch.zeros(4, 4)[:, ::2]], [torch.zeros(4, 4)[:, ::2]], [], [], [], [], **kwargs)
+        with pytest.raises(RuntimeError, match=r"params\[0\] must be dense and non-overlapping"):
+            op([torch.zeros(1).expand(4)], [torch.zeros(4)], [], [], [], [], **kwargs)
         with pytest.raises(RuntimeError, match=r"grad_sums\[0\] must be Float for a Half"):
             op([w.half()], [w.half()], [], [], [], [torch.zeros(8).half()], **kwargs)
 
@@ -1165,19 +1170,29 @@ def test_grad_count_skips_overflowed_steps():
     assert torch.equal(opt.grad_average(w), torch.full((5,), 2.0))
 
 
-def test_tensor_lr_overload_matches_float_lr(kernel_device):
-    hyper = dict(momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=False, maximize=False)
+def test_tensor_overload_matches_floats(kernel_device):
+    """lr and weight decay as tensors (on the device, or float64 on the CPU) give the float
+    overload's results exactly."""
+    hyper = dict(momentum=0.9, dampening=0.0, nesterov=False, maximize=False)
+    on_device = dict(dtype=torch.float32, device=kernel_device)
     for args, _ in _op_samples(kernel_device):
-        for lr in (
-            torch.tensor(0.1, device=kernel_device),
-            torch.tensor([0.1], dtype=torch.float64),
+        for lr, weight_decay in (
+            (torch.tensor(0.1, **on_device), torch.tensor(1e-2, dtype=torch.float64)),
+            (torch.tensor([0.1], dtype=torch.float64), torch.tensor([1e-2], **on_device)),
+            (torch.tensor(0.1, **on_device), torch.tensor(1e-2, **on_device)),
         ):
             with_tensor = copy.deepcopy(args)
             with_float = copy.deepcopy(args)
-            torch.ops.recallprune.undecayed_sgd_.tensor_lr(
-                *with_tensor, lr=lr, is_first_step=False, **hyper
+            torch.ops.recallprune.undecayed_sgd_.tensor(
+                *with_tensor, lr=lr, weight_decay=weight_decay, is_first_step=False, **hyper
             )
-            torch.ops.recallprune.undecayed_sgd_(*with_float, lr=0.1, is_first_step=False, **hyper)
+            torch.ops.recallprune.undecayed_sgd_(
+                *with_float,
+                lr=float(lr),
+                weight_decay=float(weight_decay),
+                is_first_step=False,
+                **hyper,
+            )
             tensor_results = with_tensor[0] + with_tensor[2]
             for a, b in zip(tensor_results, with_float[0] + with_float[2], strict=True):
                 assert torch.equal(a, b)
@@ -1195,24 +1210,283 @@ def _op_samples(device):
     yield (params, grads, bufs, keeps, [], []), None
 
 
+# -- memory layouts, host synchronisation, AMP arithmetic ------------------------------------
+
+
+def _conv_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten())
+
+
+def _channels_last_run(backend, device, steps=3):
+    """A channels_last CNN with masks, weight decay, momentum and gradient averages."""
+    model = _conv_model().to(device, memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    opt = UndecayedSGD(
+        model.parameters(),
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-2,
+        backend=backend,
+        track_grad_avg=True,
+    )
+    generator = torch.Generator().manual_seed(3)
+    keep = torch.rand(model[0].weight.shape, generator=generator) > 0.5
+    opt.set_mask(model[0].weight, keep.to(device))
+    opt.set_decay_mask(
+        model[2].weight, (torch.rand(4, 8, 1, 1, generator=generator) > 0.5).to(device)
+    )
+    x = torch.randn(5, 3, 6, 6, generator=generator).to(device, memory_format=torch.channels_last)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return model, opt
+
+
+def test_channels_last_weights_run_in_the_kernel(kernel_device):
+    """Dense weights in another memory layout (channels_last) go to the kernel, which updates
+    them as the reference does, and their state keeps their layout."""
+    model, opt = _channels_last_run("kernel", kernel_device)
+    reference, reference_opt = _channels_last_run("reference", kernel_device)
+    (lists,) = opt._step_lists
+    assert lists.plan.reference is None  # every tensor went to the kernel
+    weight = model[0].weight
+    state = opt.state[weight]
+    for key in ("momentum_buffer", "keep_mask", "grad_sum"):
+        assert state[key].stride() == weight.stride(), key
+    assert torch.equal(weight[~state["keep_mask"]], torch.zeros_like(weight[~state["keep_mask"]]))
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.grad_average(p), reference_opt.grad_average(q))
+
+
+def test_kernel_takes_a_contiguous_gradient_of_a_channels_last_weight(kernel_device):
+    """A gradient in another layout than its weight's is copied into the weight's layout."""
+    results = []
+    for layout in (torch.channels_last, torch.contiguous_format):
+        w = nn.Parameter(torch.arange(48.0).reshape(2, 3, 2, 4).to(kernel_device))
+        w.data = w.data.contiguous(memory_format=torch.channels_last)
+        opt = UndecayedSGD([w], lr=0.5, momentum=0.9, backend="kernel")
+        for step in range(2):
+            w.grad = (torch.ones_like(w) * (step + 1)).contiguous(memory_format=layout)
+            opt.step()
+        assert w.stride() == (24, 1, 12, 3)
+        results.append(w.detach().clone())
+    assert torch.equal(results[0], results[1])
+    # Two steps: w - 0.5 * 1, then - 0.5 * (0.9 * 1 + 2).
+    expected = torch.arange(48.0, device=kernel_device).reshape(2, 3, 2, 4) - 1.95
+    torch.testing.assert_close(results[0], expected)
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the reads of a tensor's value into Python, each a host synchronisation on a
+    GPU."""
+
+    READS = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+def test_a_step_reads_no_tensor_value_in_python(backend):
+    """A step with tensor lr and weight decay, AMP scaling and found_inf, channels_last
+    weights, masks and averages reads no tensor's value into Python (after the first step,
+    which gathers the lists)."""
+    if backend == "kernel":
+        pytest.importorskip("recallprune._C")
+    model = _conv_model().to(memory_format=torch.channels_last)
+    opt = UndecayedSGD(
+        model.parameters(),
+        lr=torch.tensor(0.05),
+        momentum=0.9,
+        weight_decay=torch.tensor(1e-2),
+        backend=backend,
+        track_grad_avg=True,
+    )
+    opt.set_mask(model[0].weight, torch.rand(model[0].weight.shape) > 0.5)
+    x = torch.randn(5, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    reads = []
+    for step in range(3):
+        opt.zero_grad()
+        (model(x).square().mean() * 1024).backward()
+        opt.grad_scale = torch.tensor(1024.0)
+        opt.found_inf = torch.tensor([float(step == 1)])  # shape [1], as well as []
+        counter = _HostReads()
+        with counter:
+            opt.step()
+        if step > 0:
+            reads += counter.reads
+    assert reads == []
+
+
+def test_reference_step_is_free_of_host_reads_on_any_device():
+    """The reference step on meta tensors, which have no values: any read of a value (a host
+    synchronisation on a GPU) would raise."""
+    meta = dict(device="meta")
+    shapes = [(4, 3, 2, 2), (7,)]
+    params = [
+        torch.empty(s, **meta).contiguous(memory_format=torch.channels_last)
+        if len(s) == 4
+        else torch.empty(s, **meta)
+        for s in shapes
+    ]
+    grads = [torch.empty_like(p, dtype=torch.float32) for p in params]
+    buffers = [None, torch.empty(7, **meta)]
+    undecayed_sgd_reference(
+        params,
+        grads,
+        buffers,
+        [torch.empty(shapes[0], dtype=torch.bool, **meta), None],
+        [None, torch.empty(7, dtype=torch.bool, **meta)],
+        [torch.empty(s, **meta) for s in shapes],
+        lr=torch.empty((), **meta),
+        momentum=0.9,
+        dampening=0.0,
+        weight_decay=torch.empty([1], **meta),
+        nesterov=True,
+        maximize=False,
+        grad_scale=torch.empty((), **meta),
+        found_inf=torch.empty([1], **meta),
+    )
+    assert buffers[0] is not None and buffers[0].shape == shapes[0]
+
+
+@pytest.mark.parametrize("shape", [[], [1]])
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
+def test_found_inf_and_grad_scale_of_either_shape(backend, shape):
+    """GradScaler hands over 0-dim tensors; [1] ones work the same, a 0-dim weight too."""
+    if backend == "kernel":
+        pytest.importorskip("recallprune._C")
+    results = []
+    for overflow in (0.0, 1.0):
+        scalar, vector = nn.Parameter(torch.tensor(1.5)), nn.Parameter(torch.ones(3))
+        opt = UndecayedSGD(
+            [scalar, vector], lr=0.5, momentum=0.9, backend=backend, track_grad_avg=True
+        )
+        scalar.grad, vector.grad = torch.tensor(4.0), torch.full((3,), 4.0)
+        opt.grad_scale = torch.full(shape, 2.0)
+        opt.found_inf = torch.full(shape, overflow)
+        opt.step()
+        results.append((scalar.item(), vector.tolist(), opt.grad_average(scalar).item()))
+    assert results[0] == (0.5, [0.0] * 3, 2.0)  # 1.5 - 0.5 * 4 / 2, and the mean gradient 2
+    assert results[1] == (1.5, [1.0] * 3, 0.0)  # skipped: nothing moved, no step counted
+
+
+def test_reference_overflow_changes_nothing_after_the_first_step():
+    generator = torch.Generator().manual_seed(4)
+    params = [torch.randn(6, 5, generator=generator), torch.randn(9, generator=generator)]
+    buffers = [torch.randn(6, 5, generator=generator), torch.randn(9, generator=generator)]
+    sums = [torch.randn(6, 5, generator=generator), torch.randn(9, generator=generator)]
+    before = [t.clone() for t in params + buffers + sums]
+    grads = [torch.full_like(p, float("inf")) for p in params]
+    undecayed_sgd_reference(
+        params,
+        grads,
+        buffers,
+        [params[0] > 0, None],
+        [None, None],
+        sums,
+        lr=0.1,
+        momentum=0.9,
+        dampening=0.0,
+        weight_decay=1e-2,
+        nesterov=False,
+        maximize=False,
+        grad_scale=torch.tensor(8.0),
+        found_inf=torch.tensor(1.0),
+    )
+    for a, b in zip(params + buffers + sums, before, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_amp_unscales_in_float32_in_reference_and_kernel(dtype, kernel_device):
+    """A scaled gradient whose unscaled value lies below the weights' dtype's smallest number
+    is unscaled in float32 by both implementations: the gradient average sees it, and the
+    weights and momentum agree to a few ulp."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(64, generator=generator).to(kernel_device, dtype)
+    scaled = torch.full((64,), 6.55e-4).to(kernel_device, dtype)
+    scaled[::2] = torch.randn(32, generator=generator).to(kernel_device, dtype) * 1000
+    results = {}
+    for backend in ("reference", "kernel"):
+        w = nn.Parameter(weight.clone())
+        opt = UndecayedSGD(
+            [w], lr=0.1, momentum=0.9, weight_decay=1e-2, backend=backend, track_grad_avg=True
+        )
+        for _ in range(2):
+            w.grad = scaled.clone()
+            opt.grad_scale = torch.tensor(65536.0, device=kernel_device)
+            opt.found_inf = torch.tensor(0.0, device=kernel_device)
+            opt.step()
+        results[backend] = (w.detach(), opt.state[w]["momentum_buffer"], opt.grad_average(w))
+    expected_small = torch.tensor(6.55e-4, dtype=dtype).float() / 65536
+    for backend, (_, _, average) in results.items():
+        assert average.dtype == torch.float32
+        assert torch.equal(average[1::2].cpu(), torch.full((32,), expected_small.item())), backend
+    (w_ref, buf_ref, avg_ref), (w_ker, buf_ker, avg_ker) = results["reference"], results["kernel"]
+    torch.testing.assert_close(avg_ker, avg_ref, rtol=0, atol=0)
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(w_ker, w_ref, rtol=2 * ulp, atol=0)
+    torch.testing.assert_close(buf_ker, buf_ref, rtol=2 * ulp, atol=torch.finfo(dtype).tiny)
+
+
+SYNC_FREE_CASES = {
+    "tensor_lr": dict(lr=True),
+    "tensor_weight_decay": dict(weight_decay=True),
+    "channels_last": dict(channels_last=True),
+    "amp": dict(amp=True),
+    "everything": dict(lr=True, weight_decay=True, channels_last=True, amp=True),
+}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_tensor_lr_step_does_not_sync():
-    pytest.importorskip("recallprune._C")
-    model = _make_model().cuda()
-    lr = torch.tensor(0.1, device="cuda")
-    opt = UndecayedSGD(model.parameters(), lr=lr, momentum=0.9, backend="kernel")
-    twin = _make_model().cuda()
-    twin_opt = UndecayedSGD(twin.parameters(), lr=0.1, momentum=0.9, backend="kernel")
+@pytest.mark.parametrize("backend", ["kernel", "reference"])
+@pytest.mark.parametrize("case", list(SYNC_FREE_CASES))
+def test_cuda_step_does_not_sync(case, backend):
+    """No step after the first (which gathers the lists) synchronises with the host, and the
+    results are those of float hyper-parameters."""
+    if backend == "kernel":
+        pytest.importorskip("recallprune._C")
+    options = SYNC_FREE_CASES[case]
+    layout = torch.channels_last if options.get("channels_last") else torch.contiguous_format
+    models = [_conv_model().cuda().to(memory_format=layout) for _ in range(2)]
+    optimizers = []
+    for tensors, model in zip((True, False), models, strict=True):
+        hyper = {}
+        for name, value in (("lr", 0.05), ("weight_decay", 1e-2)):
+            as_tensor = tensors and options.get(name)
+            hyper[name] = torch.tensor(value, device="cuda") if as_tensor else value
+        opt = UndecayedSGD(
+            model.parameters(), momentum=0.9, backend=backend, track_grad_avg=True, **hyper
+        )
+        opt.set_mask(model[0].weight, model[0].weight.detach() > 0)
+        optimizers.append(opt)
+    generator = torch.Generator().manual_seed(6)
     for step in range(4):
-        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        if step >= 2:  # the first steps gather the lists; the later ones must not synchronise
+        for params in zip(*(m.parameters() for m in models), strict=True):
+            grad = torch.randn(params[0].shape, generator=generator).cuda()
+            for p in params:
+                p.grad = grad.contiguous(memory_format=layout) if p.dim() == 4 else grad.clone()
+        for opt in optimizers:
+            if options.get("amp"):
+                opt.grad_scale = torch.tensor(1.0, device="cuda")
+                opt.found_inf = torch.tensor(float(step == 2), device="cuda")
+        if step >= 1:
             torch.cuda.set_sync_debug_mode("error")
         try:
-            opt.step()
+            optimizers[0].step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        twin_opt.step()
-    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        assert torch.equal(p, q)
+        optimizers[1].step()
+    for p, q in zip(*(m.parameters() for m in models), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -110,27 +110,28 @@ void undecayed_sgd_cpu_(at::TensorList params, at::TensorList grads,
   });
 }
 
-// On the CPU a tensor learning rate costs nothing to read.
-void undecayed_sgd_cpu_tensor_lr_(at::TensorList params, at::TensorList grads,
-                                  at::TensorList momentum_buffers,
-                                  const c10::List<std::optional<at::Tensor>>& keep_masks,
-                                  const c10::List<std::optional<at::Tensor>>& decay_masks,
-                                  at::TensorList grad_sums, const at::Tensor& lr, double momentum,
-                                  double dampening, double weight_decay, bool nesterov,
-                                  bool maximize, bool is_first_step,
-                                  const std::optional<at::Tensor>& grad_scale,
-                                  const std::optional<at::Tensor>& found_inf) {
-  check_lr_tensor(lr, params);
+// On the CPU, tensor hyper-parameters cost nothing to read.
+void undecayed_sgd_cpu_tensor_(at::TensorList params, at::TensorList grads,
+                               at::TensorList momentum_buffers,
+                               const c10::List<std::optional<at::Tensor>>& keep_masks,
+                               const c10::List<std::optional<at::Tensor>>& decay_masks,
+                               at::TensorList grad_sums, const at::Tensor& lr, double momentum,
+                               double dampening, const at::Tensor& weight_decay, bool nesterov,
+                               bool maximize, bool is_first_step,
+                               const std::optional<at::Tensor>& grad_scale,
+                               const std::optional<at::Tensor>& found_inf) {
+  check_scalar_tensor(lr, "lr", params);
+  check_scalar_tensor(weight_decay, "weight_decay", params);
   undecayed_sgd_cpu_(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums,
-                     lr.item<double>(), momentum, dampening, weight_decay, nesterov, maximize,
-                     is_first_step, grad_scale, found_inf);
+                     lr.item<double>(), momentum, dampening, weight_decay.item<double>(),
+                     nesterov, maximize, is_first_step, grad_scale, found_inf);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recallprune, CPU, m) {
   m.impl("undecayed_sgd_", &undecayed_sgd_cpu_);
-  m.impl("undecayed_sgd_.tensor_lr", &undecayed_sgd_cpu_tensor_lr_);
+  m.impl("undecayed_sgd_.tensor", &undecayed_sgd_cpu_tensor_);
 }
 
 }  // namespace recallprune

@@ -31,11 +31,23 @@ enum List : int {
   kNumLists = 6,
 };
 
-// The learning rate of undecayed_sgd_.tensor_lr, read by the kernel; data is nullptr for
-// a float lr, which SgdScalars holds already.
-struct DeviceLr {
-  const void* data;
-  bool is_double;
+// A hyper-parameter of undecayed_sgd_.tensor that the kernel reads on the device; data is
+// nullptr where SgdScalars holds the value already (a float, or a tensor on the CPU).
+struct DeviceScalar {
+  const void* data = nullptr;
+  bool is_double = false;
+
+  DeviceScalar() = default;
+  explicit DeviceScalar(const at::Tensor* value)
+      : data(value != nullptr ? value->const_data_ptr() : nullptr),
+        is_double(value != nullptr && value->scalar_type() == at::kDouble) {}
+
+  // Rounded as SgdScalars rounds a double: through the tensor's own type.
+  template <typename opmath_t>
+  __device__ __forceinline__ opmath_t read() const {
+    return is_double ? static_cast<opmath_t>(*static_cast<const double*>(data))
+                     : static_cast<opmath_t>(*static_cast<const float*>(data));
+  }
 };
 
 template <typename T>
@@ -69,14 +81,17 @@ struct UndecayedSgdFunctor {
   __device__ __forceinline__ void operator()(const TensorListMetadata<kNumLists>& meta, int tensor,
                                              int64_t begin, int64_t count,
                                              SgdScalars<opmath_t> s, const float* grad_scale,
-                                             const float* found_inf, DeviceLr lr) {
+                                             const float* found_inf, DeviceScalar lr,
+                                             DeviceScalar weight_decay) {
     if (found_inf != nullptr && *found_inf != 0.0f) {
       return;  // AMP overflow: the step changes nothing
     }
     if (lr.data != nullptr) {
-      // Rounded as SgdScalars rounds a float lr: -(opmath_t)lr == (opmath_t)-lr.
-      s.neg_lr = -(lr.is_double ? static_cast<opmath_t>(*static_cast<const double*>(lr.data))
-                                : static_cast<opmath_t>(*static_cast<const float*>(lr.data)));
+      s.neg_lr = -lr.read<opmath_t>();  // -(opmath_t)lr == (opmath_t)-lr, as SgdScalars has it
+    }
+    if (weight_decay.data != nullptr) {
+      s.weight_decay = weight_decay.read<opmath_t>();
+      s.has_weight_decay = s.weight_decay != opmath_t(0);
     }
     if (grad_scale != nullptr) {
       s.grad_scale = static_cast<opmath_t>(*grad_scale);
@@ -127,15 +142,16 @@ struct UndecayedSgdFunctor {
   }
 };
 
-// Both overloads: `device_lr` (a CUDA tensor) replaces `lr` when it is given.
+// Both overloads: `device_lr` / `device_weight_decay` (CUDA tensors), when given, replace
+// `lr` / `weight_decay`.
 void launch_undecayed_sgd(at::TensorList params, at::TensorList grads,
                           at::TensorList momentum_buffers,
                           const c10::List<std::optional<at::Tensor>>& keep_masks,
                           const c10::List<std::optional<at::Tensor>>& decay_masks,
                           at::TensorList grad_sums, double lr, const at::Tensor* device_lr,
-                          double momentum, double dampening, double weight_decay, bool nesterov,
-                          bool maximize, bool is_first_step,
-                          const std::optional<at::Tensor>& grad_scale,
+                          double momentum, double dampening, double weight_decay,
+                          const at::Tensor* device_weight_decay, bool nesterov, bool maximize,
+                          bool is_first_step, const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf) {
   check_undecayed_sgd_args(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums,
                            momentum, grad_scale, found_inf);
@@ -144,8 +160,8 @@ void launch_undecayed_sgd(at::TensorList params, at::TensorList grads,
   }
   TORCH_CHECK(params[0].is_cuda(), "undecayed_sgd_ (CUDA kernel): expected CUDA tensors, got ",
               params[0].device());
-  const DeviceLr lr_on_device{device_lr != nullptr ? device_lr->const_data_ptr() : nullptr,
-                              device_lr != nullptr && device_lr->scalar_type() == at::kDouble};
+  const DeviceScalar lr_on_device(device_lr);
+  const DeviceScalar weight_decay_on_device(device_weight_decay);
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const float* grad_scale_ptr =
       grad_scale.has_value() ? grad_scale->const_data_ptr<float>() : nullptr;
@@ -174,7 +190,8 @@ void launch_undecayed_sgd(at::TensorList params, at::TensorList grads,
       const SgdScalars<opmath_t> scalars(lr, momentum, dampening, weight_decay, nesterov,
                                          maximize, is_first_step);
       cuda::multi_tensor_apply<kNumLists>(addresses, numels, UndecayedSgdFunctor<scalar_t>(),
-                                          scalars, grad_scale_ptr, found_inf_ptr, lr_on_device);
+                                          scalars, grad_scale_ptr, found_inf_ptr, lr_on_device,
+                                          weight_decay_on_device);
     });
   }
 }
@@ -188,36 +205,36 @@ void undecayed_sgd_cuda_(at::TensorList params, at::TensorList grads,
                          const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf) {
   launch_undecayed_sgd(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums, lr,
-                       nullptr, momentum, dampening, weight_decay, nesterov, maximize,
+                       nullptr, momentum, dampening, weight_decay, nullptr, nesterov, maximize,
                        is_first_step, grad_scale, found_inf);
 }
 
-void undecayed_sgd_cuda_tensor_lr_(at::TensorList params, at::TensorList grads,
-                                   at::TensorList momentum_buffers,
-                                   const c10::List<std::optional<at::Tensor>>& keep_masks,
-                                   const c10::List<std::optional<at::Tensor>>& decay_masks,
-                                   at::TensorList grad_sums, const at::Tensor& lr,
-                                   double momentum, double dampening, double weight_decay,
-                                   bool nesterov, bool maximize, bool is_first_step,
-                                   const std::optional<at::Tensor>& grad_scale,
-                                   const std::optional<at::Tensor>& found_inf) {
-  check_lr_tensor(lr, params);
-  if (lr.is_cpu()) {  // read on the host at no cost, as torch's fused SGD does
-    undecayed_sgd_cuda_(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums,
-                        lr.item<double>(), momentum, dampening, weight_decay, nesterov, maximize,
-                        is_first_step, grad_scale, found_inf);
-    return;
-  }
-  launch_undecayed_sgd(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums, 0.0,
-                       &lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step,
-                       grad_scale, found_inf);
+void undecayed_sgd_cuda_tensor_(at::TensorList params, at::TensorList grads,
+                                at::TensorList momentum_buffers,
+                                const c10::List<std::optional<at::Tensor>>& keep_masks,
+                                const c10::List<std::optional<at::Tensor>>& decay_masks,
+                                at::TensorList grad_sums, const at::Tensor& lr, double momentum,
+                                double dampening, const at::Tensor& weight_decay, bool nesterov,
+                                bool maximize, bool is_first_step,
+                                const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf) {
+  check_scalar_tensor(lr, "lr", params);
+  check_scalar_tensor(weight_decay, "weight_decay", params);
+  // A CPU tensor is read on the host at no cost, as torch's fused SGD reads its lr.
+  const at::Tensor* device_lr = lr.is_cpu() ? nullptr : &lr;
+  const at::Tensor* device_weight_decay = weight_decay.is_cpu() ? nullptr : &weight_decay;
+  launch_undecayed_sgd(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums,
+                       lr.is_cpu() ? lr.item<double>() : 0.0, device_lr, momentum, dampening,
+                       weight_decay.is_cpu() ? weight_decay.item<double>() : 0.0,
+                       device_weight_decay, nesterov, maximize, is_first_step, grad_scale,
+                       found_inf);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recallprune, CUDA, m) {
   m.impl("undecayed_sgd_", &undecayed_sgd_cuda_);
-  m.impl("undecayed_sgd_.tensor_lr", &undecayed_sgd_cuda_tensor_lr_);
+  m.impl("undecayed_sgd_.tensor", &undecayed_sgd_cuda_tensor_);
 }
 
 }  // namespace recallprune

@@ -21,7 +21,7 @@ BACKENDS = ("auto", "kernel", "reference")
 # The ops with kernels per device (confusion_matrix is composed of confusion_update_).
 _OPS = (
     "undecayed_sgd_",
-    "undecayed_sgd_.tensor_lr",
+    "undecayed_sgd_.tensor",
     "confusion_update_",
     "confusion_update_stacked_",
 )

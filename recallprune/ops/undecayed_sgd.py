@@ -1,4 +1,4 @@
-"""The fused UndecayedSGD op, ``torch.ops.recallprune.undecayed_sgd_`` and its ``tensor_lr``
+"""The fused UndecayedSGD op, ``torch.ops.recallprune.undecayed_sgd_`` and its ``tensor``
 overload: which backend runs, what the kernels take, the marshalling of the arguments and the
 fake kernels.
 
@@ -14,7 +14,7 @@ from torch import Tensor
 from .extension import check_backend, register_fakes, resolve_backend
 
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_LR_TENSOR_DTYPES = (torch.float32, torch.float64)
+_SCALAR_TENSOR_DTYPES = (torch.float32, torch.float64)
 
 
 def choose_backend(backend: str, device: torch.device, differentiable: bool) -> str:
@@ -32,17 +32,51 @@ def choose_backend(backend: str, device: torch.device, differentiable: bool) -> 
 
 
 def kernel_takes(param: Tensor, grad: Tensor) -> bool:
-    """Whether the op updates ``param`` with ``grad``: dense, contiguous weights (updated in
-    place) of a kernel dtype and dense gradients of the weights' dtype and device (copied to
-    contiguous memory where they are not). Anything else goes to the reference."""
+    """Whether the op updates ``param`` with ``grad``: dense, non-overlapping weights
+    (contiguous, channels_last or any other dense layout; updated in place) of a kernel dtype
+    and dense gradients of the weights' dtype and device (copied to the weights' layout where
+    they are not in it). Anything else goes to the reference."""
     return (
-        param.is_contiguous()
-        and param.layout == torch.strided
+        param.layout == torch.strided
         and param.dtype in KERNEL_DTYPES
+        and is_dense(param)
         and not grad.is_sparse
         and grad.dtype == param.dtype
         and grad.device == param.device
     )
+
+
+def is_dense(tensor: Tensor) -> bool:
+    """Whether ``tensor``'s elements fill a block of memory without gaps or overlaps (a
+    permutation of a contiguous tensor): the kernels walk such a tensor as a flat array."""
+    if tensor.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted(
+        (st, n) for n, st in zip(tensor.shape, tensor.stride(), strict=True) if n != 1
+    ):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(param: Tensor, tensor: Tensor) -> bool:
+    """Whether ``tensor`` (of ``param``'s shape) lays its elements out in memory as the dense
+    ``param`` does, so that the kernels walk both as flat arrays in step."""
+    return all(
+        n == 1 or a == b
+        for n, a, b in zip(param.shape, param.stride(), tensor.stride(), strict=True)
+    )
+
+
+def in_layout_of(param: Tensor, tensor: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``tensor`` (of ``param``'s shape), on ``param``'s device and in its memory layout:
+    itself where it is already, else a copy (``dtype``: the copy's dtype, else the tensor's)."""
+    dtype = tensor.dtype if dtype is None else dtype
+    if tensor.device == param.device and tensor.dtype == dtype and same_layout(param, tensor):
+        return tensor
+    return torch.empty_like(param, dtype=dtype).copy_(tensor)
 
 
 def kernel_call(
@@ -66,27 +100,24 @@ def kernel_call(
     """The overload and arguments of one call of the op on ``params`` (all of one device):
     :func:`undecayed_sgd_` runs it, the tests hand it to ``torch.library.opcheck``.
 
-    A tensor ``lr`` on the GPU with parameters on the GPU selects the ``tensor_lr``
-    overload, which reads it on the device as torch's fused SGD does (no host
-    synchronisation); elsewhere it is read as a float. ``grad_scale`` and ``found_inf`` go
-    to the parameters' device as float32 ``[1]``.
+    A tensor ``lr`` or ``weight_decay`` selects the ``tensor`` overload, which reads a
+    tensor on the parameters' GPU there, as torch's fused SGD reads its lr (no host
+    synchronisation), and one on the CPU on the host; no value is read here. ``grad_scale``
+    and ``found_inf`` go to the parameters' device as float32 ``[1]``.
     """
     device = params[0].device
     op = torch.ops.recallprune.undecayed_sgd_.default
-    if isinstance(lr, Tensor):
-        if lr.device.type != "cpu" and device.type != "cpu":
-            op = torch.ops.recallprune.undecayed_sgd_.tensor_lr
-            if lr.device != device or lr.dtype not in _LR_TENSOR_DTYPES:
-                lr = lr.to(device=device, dtype=torch.float32, non_blocking=True)
-            lr = lr.reshape(1)
-        else:
-            lr = float(lr)
+    if isinstance(lr, Tensor) or isinstance(weight_decay, Tensor):
+        op = torch.ops.recallprune.undecayed_sgd_.tensor
+        lr, weight_decay = _scalar_tensor(lr, device), _scalar_tensor(weight_decay, device)
+    else:
+        lr, weight_decay = float(lr), float(weight_decay)
     args = (params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums)
     kwargs = dict(
         lr=lr,
         momentum=float(momentum),
         dampening=float(dampening),
-        weight_decay=float(weight_decay),
+        weight_decay=weight_decay,
         nesterov=nesterov,
         maximize=maximize,
         is_first_step=is_first_step,
@@ -142,6 +173,19 @@ def undecayed_sgd_(
     op(*args, **kwargs)
 
 
+def _scalar_tensor(value: float | Tensor, device: torch.device) -> Tensor:
+    """A hyper-parameter for the ``tensor`` overload: a float as a float64 CPU tensor (read
+    on the host, exactly), a tensor where it is when that is the CPU or the parameters'
+    device, as float32 or float64."""
+    if not isinstance(value, Tensor):
+        return torch.tensor(float(value), dtype=torch.float64)
+    if value.device.type != "cpu" and value.device != device:
+        value = value.to(device, non_blocking=True)
+    if value.dtype not in _SCALAR_TENSOR_DTYPES:
+        value = value.to(torch.float64)  # exact for every float dtype narrower than float64
+    return value
+
+
 def _as_float_scalar(value: Tensor, device: torch.device) -> Tensor:
     # Non-blocking only towards a GPU: the CPU kernel reads the value at once.
     non_blocking = device.type != "cpu"
@@ -151,7 +195,7 @@ def _as_float_scalar(value: Tensor, device: torch.device) -> Tensor:
 @register_fakes
 def _register_fakes() -> None:
     # Both overloads only update their inputs in place: their fake kernels do nothing.
-    for name in ("recallprune::undecayed_sgd_", "recallprune::undecayed_sgd_.tensor_lr"):
+    for name in ("recallprune::undecayed_sgd_", "recallprune::undecayed_sgd_.tensor"):
         torch.library.register_fake(name)(_updates_in_place)
 
 

@@ -57,9 +57,7 @@ def checked_param_state(param_id: Any, param: Tensor, saved: dict[str, Any]) -> 
         _check_tensor(where, "grad_sum", grad_sum, param)
         if not grad_sum.is_floating_point():
             raise TypeError(f"{where}: grad_sum must be a float tensor, got {grad_sum.dtype}")
-        checked["grad_sum"] = grad_sum.to(
-            device=param.device, dtype=opmath_dtype(param.dtype), copy=True
-        ).contiguous()
+        checked["grad_sum"] = _copy_like(param, grad_sum, opmath_dtype(param.dtype))
         checked["grad_count"] = _checked_count(where, saved["grad_count"], param.device)
     return checked
 
@@ -87,7 +85,13 @@ def _checked_mask(where: str, key: str, mask: Any, param: Tensor) -> Tensor:
                 "torch.optim.SGD saves it"
             )
         mask = mask != 0
-    return mask.to(device=param.device, copy=True).contiguous()
+    return _copy_like(param, mask, torch.bool)
+
+
+def _copy_like(param: Tensor, value: Tensor, dtype: torch.dtype) -> Tensor:
+    """A copy of ``value`` on the parameter's device, in its memory layout (which the kernels
+    take, e.g. channels_last)."""
+    return torch.empty_like(param, dtype=dtype).copy_(value)
 
 
 def _checked_count(where: str, count: Any, device: torch.device) -> Tensor:

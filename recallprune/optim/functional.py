@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..ops import undecayed_sgd_, undecayed_sgd_reference
-from ..ops.undecayed_sgd import choose_backend, kernel_takes
+from ..ops.undecayed_sgd import choose_backend, in_layout_of, kernel_takes, same_layout
 
 _IS_SPARSE = attrgetter("is_sparse")
 
@@ -39,6 +39,7 @@ class _KernelLaunch:
         "keep_masks",
         "decay_masks",
         "grad_sums",
+        "contiguous",
     )
 
     def __init__(self, indices, device, plan: StepPlan, grad_sums, first_step) -> None:
@@ -46,25 +47,40 @@ class _KernelLaunch:
         self.indices = None if indices == list(range(len(plan.params))) else indices
         self.device = device
         self.params = _subset(plan.params, self.indices)
+        # Contiguous weights (the common case) need contiguous gradients; others (e.g.
+        # channels_last) need gradients in their own layout.
+        self.contiguous = all(map(Tensor.is_contiguous, self.params))
         self.copy_grads = False
         self.first_step = first_step
         # The op's lists: empty where no tensor of the launch has one.
         self.momentum_buffers: list[Tensor] = []
         if plan.has_momentum and not first_step:
             self.momentum_buffers = _subset(plan.momentum_buffers, self.indices)
-        keep_masks = _subset(plan.keep_masks, self.indices)
-        decay_masks = _subset(plan.decay_masks, self.indices)
+        # Masks in the weights' layout (a copy where one is not: the plan then holds it).
+        keep_masks = self._in_layout(_subset(plan.keep_masks, self.indices))
+        decay_masks = self._in_layout(_subset(plan.decay_masks, self.indices))
         self.keep_masks = keep_masks if any(m is not None for m in keep_masks) else []
         self.decay_masks = decay_masks if any(m is not None for m in decay_masks) else []
         self.grad_sums = [] if grad_sums is None else _subset(grad_sums, self.indices)
 
+    def _in_layout(self, masks: list[Tensor | None]) -> list[Tensor | None]:
+        return [
+            m if m is None else in_layout_of(p, m) for p, m in zip(self.params, masks, strict=True)
+        ]
+
     def takes(self, grads: list[Tensor]) -> bool:
         """Whether the op takes these gradients of the launch's parameters (a dense
-        gradient that is not contiguous is copied, as noted in ``copy_grads``)."""
+        gradient in another layout than its parameter's is copied, as noted in
+        ``copy_grads``)."""
         # One pass in the common case: sparse gradients are never contiguous. Device, shape
         # and dtype are the parameter's (torch checks them when .grad is set; a dtype made
         # to differ with Tensor.grad_dtype meets the op's own check).
-        self.copy_grads = not all(map(Tensor.is_contiguous, grads))
+        if self.contiguous:
+            self.copy_grads = not all(map(Tensor.is_contiguous, grads))
+        else:
+            self.copy_grads = any(g.is_sparse for g in grads) or not all(
+                map(same_layout, self.params, grads)
+            )
         return not (self.copy_grads and any(map(_IS_SPARSE, grads)))
 
     def run(self, grads, lr, grad_scale, found_inf, **hyper) -> bool:
@@ -74,12 +90,12 @@ class _KernelLaunch:
             # Zeros, not empty: a first step skipped for an overflow (found_inf) must not
             # leave uninitialised memory behind.
             init = torch.empty_like if found_inf is None else torch.zeros_like
-            self.momentum_buffers = [
-                init(p, memory_format=torch.contiguous_format) for p in self.params
-            ]
+            self.momentum_buffers = [init(p) for p in self.params]  # in the weights' layout
+        if self.copy_grads:
+            grads = list(map(in_layout_of, self.params, grads))
         undecayed_sgd_(
             self.params,
-            [g.contiguous() for g in grads] if self.copy_grads else grads,
+            grads,
             self.momentum_buffers,
             self.keep_masks,
             self.decay_masks,
@@ -165,7 +181,9 @@ class StepPlan:
         )
         self.keep_masks = keep_masks
         self.decay_masks = decay_masks
-        self._new_buffers: list[int] = []  # made contiguous here: reported by the next run
+        self._new_buffers: list[
+            int
+        ] = []  # put in the weights' layout here: the next run reports them
 
         kernel_groups: dict[tuple, list[int]] = defaultdict(list)
         reference_indices: list[int] = []
@@ -183,10 +201,15 @@ class StepPlan:
                         "gradients"
                     )
                 chosen = "reference"
-            if chosen == "kernel" and kernel_takes(param, grad):
+            grad_sum = None if grad_sums is None else grad_sums[i]
+            if (
+                chosen == "kernel"
+                and kernel_takes(param, grad)
+                and (grad_sum is None or same_layout(param, grad_sum))
+            ):
                 buf = self.momentum_buffers[i]
-                if buf is not None and not buf.is_contiguous():
-                    self.momentum_buffers[i] = buf.contiguous()
+                if buf is not None and not same_layout(param, buf):
+                    self.momentum_buffers[i] = in_layout_of(param, buf)
                     self._new_buffers.append(i)
                 first = self.has_momentum and buf is None
                 kernel_groups[(device, param.dtype, first)].append(i)
@@ -200,12 +223,12 @@ class StepPlan:
         self.reference = (
             _ReferencePart(reference_indices, self, grad_sums) if reference_indices else None
         )
-        self.takes(grads)  # notes which launches copy their gradients to contiguous memory
+        self.takes(grads)  # notes which launches copy their gradients to the weights' layout
 
     def takes(self, grads: list[Tensor]) -> bool:
         """Whether :meth:`run` takes these gradients: one per parameter, in order, and dense
         where the parameter's launch is a kernel's. Call it before running with new gradient
-        tensors; it notes which launches copy theirs to contiguous memory."""
+        tensors; it notes which launches copy theirs to the weights' layout."""
         return len(grads) == len(self.params) and all(
             launch.takes(_subset(grads, launch.indices)) for launch in self.launches
         )
@@ -224,7 +247,7 @@ class StepPlan:
         found_inf: Tensor | None = None,
     ) -> list[int]:
         """One step; returns the positions whose momentum buffer is new since the last run
-        (created, or made contiguous when the plan was made)."""
+        (created, or put in the weights' layout when the plan was made)."""
         if self.has_momentum != (momentum != 0):
             raise ValueError(
                 f"StepPlan: made for momentum {'!=' if self.has_momentum else '=='} 0, run "

@@ -230,7 +230,8 @@ class UndecayedSGD(SGD):
                 f"{what}: the mask is on {mask.device}, expected the parameter's device "
                 f"{param.device} (move it with mask.to(param.device))"
             )
-        return mask.detach().clone(memory_format=torch.contiguous_format)
+        # A copy, in the parameter's memory layout (the kernels' need; e.g. channels_last).
+        return torch.empty_like(param, dtype=torch.bool).copy_(mask.detach())
 
     @torch.no_grad()
     def set_mask(self, param: Tensor, keep_mask: Tensor | None) -> None:
@@ -375,9 +376,7 @@ class UndecayedSGD(SGD):
                 state = self.state[p]
                 if "grad_sum" not in state:
                     dtype = opmath_dtype(p.dtype)
-                    state["grad_sum"] = torch.zeros_like(
-                        p, dtype=dtype, memory_format=torch.contiguous_format
-                    )
+                    state["grad_sum"] = torch.zeros_like(p, dtype=dtype)  # p's layout
                     state["grad_count"] = torch.zeros((), dtype=torch.int64, device=p.device)
                 grad_sums.append(state["grad_sum"])
                 counts_by_device[p.device].append(state["grad_count"])
