@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -171,6 +172,79 @@ def test_the_backend_choice(monkeypatch, without_kernels):
         choose_backend("kernel", torch.device("cpu"), differentiable=True)
     with pytest.raises(ValueError, match="backend must be one of"):
         choose_backend("fast", torch.device("cpu"), differentiable=True)
+
+
+@pytest.fixture
+def gpu_without_code(monkeypatch):
+    """Kernels built for CUDA, and a GPU (cuda:0, a T4) whose architecture the build left
+    out, as the CUDA runtime reports it."""
+    monkeypatch.setattr(extension, "_loaded", True)
+    monkeypatch.setattr(extension, "_load_error", None)
+    monkeypatch.setattr(extension, "_has_kernels_for", lambda device_type: True)
+    probes = []
+
+    def probe(index):
+        probes.append(index)
+        return "no kernel image is available for execution on the device"
+
+    monkeypatch.setattr(extension, "_probe_kernel_image", probe)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(extension, "_warned_gpus", set())
+    extension._kernel_image_problem.cache_clear()
+    yield probes
+    extension._kernel_image_problem.cache_clear()
+
+
+def test_a_gpu_the_build_left_out_falls_back_with_one_warning(gpu_without_code):
+    resolve = extension.resolve_backend
+    assert not recallprune.has_ops("cuda:0") and recallprune.has_ops("cpu")
+    with pytest.warns(RuntimeWarning) as caught:
+        assert resolve("auto", torch.device("cuda", 0), "ConfusionCounter") == "reference"
+        assert resolve("auto", "cuda", "UndecayedSGD") == "reference"  # no second warning
+    (warning,) = caught
+    message = str(warning.message)
+    assert "cuda:0 (Tesla T4, compute capability 7.5, sm_75)" in message
+    assert "no kernel image is available" in message
+    assert 'TORCH_CUDA_ARCH_LIST="7.5"' in message and "reference there" in message
+    with pytest.raises(RuntimeError) as error:
+        resolve("kernel", "cuda:0", "UndecayedSGD")
+    assert str(error.value).startswith("UndecayedSGD: backend='kernel' cannot run on cuda:0: ")
+    assert 'TORCH_CUDA_ARCH_LIST="7.5"' in str(error.value)
+    assert resolve("auto", "cpu", "X") == "kernel"
+    assert gpu_without_code == [0]  # probed once for the GPU, however often asked
+
+
+def test_a_gpu_the_build_covers_runs_the_kernels(gpu_without_code, monkeypatch):
+    monkeypatch.setattr(extension, "_probe_kernel_image", lambda index: "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert extension.resolve_backend("auto", "cuda:1", "X") == "kernel"
+    assert extension.kernel_image_problem("cuda:1") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_ops
+def test_the_probe_finds_code_for_this_gpu():
+    """This build runs on the GPU at hand; were it left out, the counter would still count
+    (through the reference) after one warning."""
+    assert extension.kernel_image_problem("cuda") is None
+    assert recallprune.has_ops("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_counter_falls_back_on_a_gpu_the_build_left_out(gpu_without_code):
+    counter = ConfusionCounter(3, device="cuda")
+    with pytest.warns(RuntimeWarning, match="compute capability 7.5"):
+        counter.update(
+            torch.tensor([0, 1, 2], device="cuda"), torch.tensor([0, 2, 2], device="cuda")
+        )
+    assert counter.compute().cpu().tolist() == [[1, 0, 0], [0, 0, 1], [0, 0, 1]]
+    with pytest.raises(RuntimeError, match="cannot run on cuda"):
+        ConfusionCounter(3, device="cuda", backend="kernel").update(
+            torch.tensor([0], device="cuda"), torch.tensor([0], device="cuda")
+        )
 
 
 def test_every_caller_goes_through_the_one_choice(without_kernels):

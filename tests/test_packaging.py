@@ -134,6 +134,17 @@ def test_the_sources_list_names_every_source():
     assert {"-mavx512f", "-mavx2"} <= set(listed["avx512-flags"])
 
 
+def test_the_default_cuda_architectures_cover_turing_to_hopper_in_both_builds():
+    """Without a GPU at build time: Turing, Ampere, Hopper and PTX for newer GPUs, the same
+    list in setup.py and CMakeLists.txt."""
+    setup = runpy.run_path(str(ROOT / "setup.py"), run_name="recallprune_setup")
+    archs = setup["DEFAULT_CUDA_ARCHS"]
+    assert archs.split(";") == ["7.5", "8.0", "9.0+PTX"]
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert f'set(ENV{{TORCH_CUDA_ARCH_LIST}} "{archs}")' in cmake
+    assert "set(CMAKE_CUDA_ARCHITECTURES 75 80 90)" in cmake
+
+
 def test_a_source_missing_from_the_list_stops_the_build(tmp_path):
     shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
     (tmp_path / "csrc" / "cpu" / "new_op.cpp").write_text("// a new op\n")

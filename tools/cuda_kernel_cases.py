@@ -1,16 +1,20 @@
-"""Every path of the CUDA kernels once, at small sizes, against the pure-torch reference.
+"""The kernels' edge cases, each against the pure-torch reference: one list for the tests and
+for compute-sanitizer.
 
-Small enough to run under ``compute-sanitizer`` (memcheck, racecheck) in a minute:
-``compute-sanitizer --tool memcheck python tools/cuda_kernel_cases.py``. Exits 1 on the
-first mismatch (after printing it), 0 when every case agrees. ``--only confusion`` or
-``--only sgd`` runs one op's cases (racecheck has nothing to check in the optimizer's
-kernel, which uses no shared memory).
+Every case is small enough to run under ``compute-sanitizer`` (memcheck, racecheck) in a
+few minutes: ``compute-sanitizer --tool memcheck python tools/cuda_kernel_cases.py``. The
+tests (tests/test_kernel_cases.py) run the same cases on every device with kernels, the CPU
+included, and the large ones (``--large`` runs them alone: more than 2**31 logits, a tensor
+of more than 320 chunks) on a GPU. Exits 1 after printing every mismatch, 0 when every case agrees.
+``--only confusion`` or ``--only sgd`` runs one op's cases (racecheck has nothing to check
+in the optimizer's kernel, which uses no shared memory).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import torch
 
@@ -25,41 +29,75 @@ from recallprune.ops import (
     undecayed_sgd_reference,
 )
 
-DEVICE = torch.device("cuda")
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def confusion_cases():
-    """(C, N, S, dtype, target dtype, ignore_index, misaligned, labels given)."""
+def confusion_cases(large: bool = False) -> list[dict[str, Any]]:
+    """Keyword arguments of :func:`run_confusion_case`. Every C where a kernel changes its
+    strategy, either side of it, in each logit dtype, with and without a storage offset;
+    spatial logits; labels; int32 targets."""
     cases = []
-    for c in (2, 10, 31, 33, 100, 130, 1000):
-        for dtype in (torch.float32, torch.bfloat16):
-            cases.append((c, 700, 1, dtype, torch.int64, c, False, False))
-        cases.append((c, 300, 1, torch.float32, torch.int32, None, True, False))
+    for i, c in enumerate((1, 2, 10, 31, 33, 100, 110, 111, 127, 128, 129, 130, 1000)):
+        for j, dtype in enumerate(LOGIT_DTYPES):
+            offset = (i + j) % 2 == 1
+            target_dtype = torch.int32 if j % 2 else torch.int64
+            cases.append(dict(c=c, n=300, dtype=dtype, target_dtype=target_dtype, offset=offset))
+        cases.append(dict(c=c, n=700, dtype=torch.bfloat16, ignore_index=c))
     cases += [
-        (7, 50, 1, torch.float64, torch.int64, None, False, False),
-        (7, 50, 1, torch.float16, torch.int32, -1, False, False),
-        (5, 40, 9, torch.float32, torch.int64, 0, False, False),  # S > 1, aggregated
-        (40, 30, 5, torch.bfloat16, torch.int32, None, False, False),  # S > 1, global
-        (6, 999, 1, None, torch.int32, 6, False, True),  # labels, aggregated
-        (40, 999, 1, None, torch.int64, None, False, True),  # labels, global
-        (33, 600_000, 1, torch.bfloat16, torch.int32, None, False, False),  # shared, groups
+        dict(c=5, n=40, s=9, ignore_index=0),  # spatial, aggregated counting
+        dict(c=40, n=30, s=5, dtype=torch.bfloat16, target_dtype=torch.int32),  # spatial
+        dict(c=128, n=12, s=7, dtype=torch.float16, offset=True),  # spatial, C >= 128
+        dict(c=1000, n=8, s=3, dtype=torch.float32, ignore_index=-1),  # spatial, C >= 128
+        dict(c=6, n=999, dtype=None, target_dtype=torch.int32, ignore_index=6),  # labels
+        dict(c=40, n=999, dtype=None),  # labels, global counting
+        dict(c=33, n=600_000, dtype=torch.bfloat16, target_dtype=torch.int32),  # shared
     ]
+    if large:
+        # More than 2**31 logits (int32 offsets would wrap), with int32 targets.
+        cases.append(
+            dict(c=1000, n=2_200_000, dtype=torch.float16, target_dtype=torch.int32, hard=False)
+        )
     return cases
 
 
-def run_confusion_case(c, n, s, dtype, target_dtype, ignore_index, misaligned, labels) -> str:
-    generator = torch.Generator(DEVICE).manual_seed(c * 1000 + n)
-    target = torch.randint(-1, c + 1, (n, s), generator=generator, device=DEVICE)
-    if labels:
-        batch = torch.randint(-1, c + 1, (n, s), generator=generator, device=DEVICE)
+def _hard_logits(n, c, s, dtype, offset, generator, device) -> torch.Tensor:
+    """Logits ``[n, c, s]`` (starting one element past an aligned address when ``offset``)
+    whose rows test torch.argmax's rules: ties (the first wins), a NaN first, in the middle
+    or last (the first NaN wins), rows all -inf (index 0)."""
+    flat = torch.randn(n * c * s + 1, generator=generator, device=device).to(dtype)
+    x = (flat[1:] if offset else flat[:-1]).view(n, c, s)
+    x[::3] = x[::3].round()
+    x[1::7, c // 2] = float("nan")
+    x[2::11, 0] = float("nan")
+    x[3::13, c - 1] = float("nan")
+    x[4::17] = float("-inf")
+    return x
+
+
+def run_confusion_case(
+    device: torch.device,
+    c: int,
+    n: int,
+    s: int = 1,
+    dtype: torch.dtype | None = torch.float32,
+    target_dtype: torch.dtype = torch.int64,
+    ignore_index: int | None = None,
+    offset: bool = False,
+    hard: bool = True,
+) -> str:
+    """The counts of one batch (``dtype`` None: labels), "" when the kernel's agree with
+    the reference's, else what differs."""
+    generator = torch.Generator(device).manual_seed(c * 1000 + n)
+    target = torch.randint(-1, c + 1, (n, s), generator=generator, device=device)
+    if dtype is None:
+        batch = torch.randint(-1, c + 1, (n, s), generator=generator, device=device)
         batch = batch.to(target_dtype)
+    elif hard:
+        batch = _hard_logits(n, c, s, dtype, offset, generator, device)
     else:
-        flat = torch.randn(n * c * s + 1, generator=generator, device=DEVICE).to(dtype)
-        batch = (flat[1:] if misaligned else flat[:-1]).view(n, c, s)
-        batch[::3] = batch[::3].round()  # ties
-        batch[::7, c // 2] = float("nan")
-    counts = torch.zeros(c * c, dtype=torch.int64, device=DEVICE)
-    invalid = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        batch = torch.randn(n, c, s, generator=generator, device=device, dtype=dtype)
+    counts = torch.zeros(c * c, dtype=torch.int64, device=device)
+    invalid = torch.zeros(1, dtype=torch.int64, device=device)
     confusion_update_(
         counts, invalid, batch, target.to(target_dtype), c, ignore_index, backend="kernel"
     )
@@ -71,27 +109,37 @@ def run_confusion_case(c, n, s, dtype, target_dtype, ignore_index, misaligned, l
     return ""
 
 
-def stacked_confusion_cases():
-    """(B, C, N, S, dtype, ignore_index): stacked models, each on its own slice."""
+def stacked_confusion_cases() -> list[dict[str, Any]]:
+    """Keyword arguments of :func:`run_stacked_confusion_case`: stacked models, each on its
+    own slice."""
     return [
-        (3, 10, 500, 1, torch.float32, None),
-        (4, 2, 300, 1, torch.bfloat16, 0),
-        (2, 100, 200, 1, torch.float32, -1),
-        (3, 5, 40, 4, torch.float16, None),
-        (2, 40, 999, 1, None, 3),  # labels
+        dict(b=3, c=10, n=500),
+        dict(b=4, c=2, n=300, dtype=torch.bfloat16, ignore_index=0),
+        dict(b=2, c=100, n=200, ignore_index=-1),
+        dict(b=2, c=129, n=50, dtype=torch.float64),
+        dict(b=3, c=5, n=40, s=4, dtype=torch.float16),
+        dict(b=2, c=40, n=999, dtype=None, ignore_index=3),  # labels
     ]
 
 
-def run_stacked_confusion_case(b, c, n, s, dtype, ignore_index) -> str:
-    generator = torch.Generator(DEVICE).manual_seed(b * 100 + c)
-    target = torch.randint(-1, c + 1, (b, n, s), generator=generator, device=DEVICE)
+def run_stacked_confusion_case(
+    device: torch.device,
+    b: int,
+    c: int,
+    n: int,
+    s: int = 1,
+    dtype: torch.dtype | None = torch.float32,
+    ignore_index: int | None = None,
+) -> str:
+    generator = torch.Generator(device).manual_seed(b * 100 + c)
+    target = torch.randint(-1, c + 1, (b, n, s), generator=generator, device=device)
     if dtype is None:
-        batch = torch.randint(-1, c + 1, (b, n, s), generator=generator, device=DEVICE)
+        batch = torch.randint(-1, c + 1, (b, n, s), generator=generator, device=device)
     else:
-        batch = torch.randn(b, n, c, s, generator=generator, device=DEVICE).to(dtype)
+        batch = torch.randn(b, n, c, s, generator=generator, device=device).to(dtype)
         batch[:, ::5, c // 2] = float("nan")
-    counts = torch.zeros(b, c * c, dtype=torch.int64, device=DEVICE)
-    invalid = torch.zeros(b, dtype=torch.int64, device=DEVICE)
+    counts = torch.zeros(b, c * c, dtype=torch.int64, device=device)
+    invalid = torch.zeros(b, dtype=torch.int64, device=device)
     confusion_update_stacked_(counts, invalid, batch, target, c, ignore_index, backend="kernel")
     expected_counts, expected_invalid = torch.zeros_like(counts), torch.zeros_like(invalid)
     confusion_update_stacked_reference(
@@ -103,54 +151,92 @@ def run_stacked_confusion_case(b, c, n, s, dtype, ignore_index) -> str:
     return ""
 
 
-def sgd_cases():
-    """(dtype, sizes, momentum, masks, grad sums, nesterov, AMP scale)."""
-    small = [1, 7, 1025, 3, 65_537]
-    many = [(i * 37) % 300 + 1 for i in range(60)]  # more tensors than one launch holds
-    return [
-        (torch.float32, small, 0.9, True, True, False, False),
-        (torch.float32, small, 0.0, True, False, False, False),
-        (torch.float32, many, 0.9, True, True, True, True),
-        (torch.float16, small, 0.9, True, True, False, True),
-        (torch.bfloat16, small, 0.9, False, True, False, False),
-        (torch.float64, small, 0.5, True, True, True, False),
+# Elements per chunk and tensors per launch of the CUDA chunker
+# (csrc/cuda/multi_tensor_apply.cuh), and the chunks per launch of torch's own chunker: lists
+# and tensors either side of these limits.
+CHUNK = 65_536
+LAUNCH_TENSORS = 48
+TORCH_LAUNCH_CHUNKS = 320
+
+
+def sgd_cases(large: bool = False) -> list[dict[str, Any]]:
+    """Keyword arguments of :func:`run_sgd_case`."""
+    edges = [1, 3, 4, CHUNK - 1, CHUNK, CHUNK + 1, 7, 1025]  # about a chunk, odd sizes
+    many = [(i * 37) % 300 + 1 for i in range(2 * LAUNCH_TENSORS + 5)]  # several launches
+    cases = [
+        dict(dtype=torch.float32, sizes=edges),
+        dict(dtype=torch.float32, sizes=edges, momentum=0.0, sums=False),
+        dict(dtype=torch.float32, sizes=many, nesterov=True, amp=True),
+        dict(dtype=torch.float16, sizes=edges, amp=True),
+        dict(dtype=torch.bfloat16, sizes=edges, masks=False),
+        dict(dtype=torch.float64, sizes=edges, momentum=0.5, nesterov=True),
+        # An overflow on the very first step: nothing moves, the momentum starts from zero.
+        dict(dtype=torch.float32, sizes=edges, amp=True, overflow_first=True),
+        dict(dtype=torch.float16, sizes=many, amp=True, overflow_first=True),
+        # lr and weight decay read on the device.
+        dict(dtype=torch.float32, sizes=edges, tensor_hyper=True, amp=True),
     ]
+    if large:
+        # One tensor of more chunks than a launch of torch's chunker holds, beside small ones.
+        cases.append(dict(dtype=torch.float32, sizes=[5, TORCH_LAUNCH_CHUNKS * CHUNK + 5, 3]))
+    return cases
 
 
-def run_sgd_case(dtype, sizes, momentum, masks, sums, nesterov, amp) -> str:
-    generator = torch.Generator(DEVICE).manual_seed(len(sizes) + int(momentum * 10))
+def run_sgd_case(
+    device: torch.device,
+    dtype: torch.dtype,
+    sizes: list[int],
+    momentum: float = 0.9,
+    masks: bool = True,
+    sums: bool = True,
+    nesterov: bool = False,
+    amp: bool = False,
+    overflow_first: bool = False,
+    tensor_hyper: bool = False,
+) -> str:
+    """Three steps of the op and of the reference on the same tensors: keep masks on every
+    other parameter and decay masks on every third, one parameter a misaligned view (a
+    storage offset); "" when they agree, else what differs."""
+    generator = torch.Generator(device).manual_seed(len(sizes) + int(momentum * 10))
 
     def rand(n):
-        return torch.randn(n, generator=generator, device=DEVICE).to(dtype)
+        return torch.randn(n, generator=generator, device=device).to(dtype)
 
     params = [rand(n) for n in sizes]
-    # Every other parameter with a keep mask; one misaligned parameter (offset storage).
-    params[2] = torch.randn(sizes[2] + 1, generator=generator, device=DEVICE).to(dtype)[1:]
+    misaligned = 2 % len(sizes)
+    params[misaligned] = rand(sizes[misaligned] + 1)[1:]
     keeps = [
-        (torch.rand(n, generator=generator, device=DEVICE) < 0.6) if masks and i % 2 == 0 else None
+        (torch.rand(n, generator=generator, device=device) < 0.6) if masks and i % 2 == 0 else None
         for i, n in enumerate(sizes)
     ]
     decays = [
-        (torch.rand(n, generator=generator, device=DEVICE) < 0.5) if masks and i % 3 == 0 else None
+        (torch.rand(n, generator=generator, device=device) < 0.5) if masks and i % 3 == 0 else None
         for i, n in enumerate(sizes)
     ]
     for p, k in zip(params, keeps, strict=True):
         if k is not None:
             p.masked_fill_(~k, 0)
     sum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    hyper = dict(lr=0.05, momentum=momentum, dampening=0.0, weight_decay=1e-2)
+    lr, weight_decay = 0.05, 1e-2
+    if tensor_hyper:
+        lr = torch.tensor(lr, device=device)
+        weight_decay = torch.tensor([weight_decay], device=device, dtype=torch.float64)
+    hyper = dict(lr=lr, momentum=momentum, dampening=0.0, weight_decay=weight_decay)
     hyper.update(nesterov=nesterov, maximize=False)
-    scale = torch.tensor([8.0], device=DEVICE) if amp else None
-    no_inf = torch.zeros(1, device=DEVICE) if amp else None
+    scale = torch.tensor(8.0, device=device) if amp else None
 
     kernel_params = [p.clone() for p in params]
-    kernel_bufs = [torch.empty_like(p) for p in params] if momentum else []
-    kernel_sums = [torch.zeros(n, dtype=sum_dtype, device=DEVICE) for n in sizes] if sums else []
+    # Zeros: a first step skipped for an overflow leaves them as they are.
+    kernel_bufs = [torch.zeros_like(p) for p in params] if momentum else []
+    kernel_sums = [torch.zeros(n, dtype=sum_dtype, device=device) for n in sizes] if sums else []
     ref_params = [p.clone() for p in params]
     ref_bufs = [None] * len(params)
-    ref_sums = [torch.zeros(n, dtype=sum_dtype, device=DEVICE) for n in sizes] if sums else None
+    ref_sums = [torch.zeros(n, dtype=sum_dtype, device=device) for n in sizes] if sums else None
     for step in range(3):
         grads = [rand(n) for n in sizes]
+        found_inf = None
+        if amp:
+            found_inf = torch.tensor(float(overflow_first and step == 0), device=device)
         undecayed_sgd_(
             kernel_params,
             grads,
@@ -158,9 +244,9 @@ def run_sgd_case(dtype, sizes, momentum, masks, sums, nesterov, amp) -> str:
             keeps,
             decays,
             kernel_sums,
-            is_first_step=step == 0,
+            is_first_step=step == 0 and not overflow_first,
             grad_scale=scale,
-            found_inf=no_inf,
+            found_inf=found_inf,
             **hyper,
         )
         undecayed_sgd_reference(
@@ -171,9 +257,13 @@ def run_sgd_case(dtype, sizes, momentum, masks, sums, nesterov, amp) -> str:
             decays,
             ref_sums,
             grad_scale=scale,
-            found_inf=no_inf,
+            found_inf=found_inf,
             **hyper,
         )
+        if overflow_first and step == 0:
+            for got, want in zip(kernel_params, params, strict=True):
+                if not torch.equal(got, want):
+                    return "a weight moved on a step with an overflow"
     tol = {
         torch.float32: 1e-5,
         torch.float64: 1e-12,
@@ -194,33 +284,45 @@ def run_sgd_case(dtype, sizes, momentum, masks, sums, nesterov, amp) -> str:
     return ""
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("confusion", "sgd"), default=None)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device")
-        return 1
-    if not has_ops("cuda"):
-        print(f"recallprune's CUDA kernels are missing: {load_error()}")
-        return 1
+def all_cases(only: str | None = None, large: bool = False) -> list[tuple[str, Any, dict]]:
+    """(op name, runner, keyword arguments) of every case, or of one op's."""
     runs = []
-    if args.only in (None, "confusion"):
-        runs += [("confusion", run_confusion_case, case) for case in confusion_cases()]
+    if only in (None, "confusion"):
+        runs += [("confusion", run_confusion_case, case) for case in confusion_cases(large)]
         runs += [
             ("confusion_stacked", run_stacked_confusion_case, case)
             for case in stacked_confusion_cases()
         ]
-    if args.only in (None, "sgd"):
-        runs += [("undecayed_sgd", run_sgd_case, case) for case in sgd_cases()]
+    if only in (None, "sgd"):
+        runs += [("undecayed_sgd", run_sgd_case, case) for case in sgd_cases(large)]
+    return runs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=("confusion", "sgd"), default=None)
+    parser.add_argument("--large", action="store_true", help="the large cases (only)")
+    parser.add_argument("--device", default="cuda", help="default: cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device")
+        return 1
+    if not has_ops(device):
+        print(f"recallprune's kernels for {device} are missing: {load_error()}")
+        return 1
+    runs = all_cases(args.only)
+    if args.large:
+        runs = [run for run in all_cases(args.only, large=True) if run not in runs]
     failures = 0
     for name, run, case in runs:
-        problem = run(*case)
-        torch.cuda.synchronize()
+        problem = run(device, **case)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if problem:
             failures += 1
-            print(f"FAIL {name}{case}: {problem}", flush=True)
-    print(f"{len(runs) - failures} of {len(runs)} CUDA kernel cases agree with the reference")
+            print(f"FAIL {name}({case}): {problem}", flush=True)
+    print(f"{len(runs) - failures} of {len(runs)} kernel cases agree with the reference")
     return 1 if failures else 0
 
 

@@ -12,10 +12,11 @@
 #   MAX_JOBS               parallel compile jobs (default: the CPUs, at most 16)
 #   TORCH_CUDA_ARCH_LIST   default: the compute capability of the visible GPU
 #   GPU_CHECK_SKIP         stages to skip, space-separated: build tests memcheck racecheck
-#                          bench-optimizer bench-confusion
+#                          memcheck-large bench-optimizer bench-confusion
 #   GPU_CHECK_LOGS         folder for the logs (default: build/gpu-check)
 #   GPU_CHECK_TIMEOUT      seconds each stage may take (default 1200); per stage:
-#                          GPU_CHECK_TIMEOUT_BUILD, _TESTS, _MEMCHECK, _RACECHECK, _BENCH
+#                          GPU_CHECK_TIMEOUT_BUILD, _TESTS, _MEMCHECK, _RACECHECK,
+#                          _MEMCHECK_LARGE, _BENCH
 #   GPU_CHECK_BENCH_ARGS   extra arguments for both benchmarks (e.g. --quick)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -127,26 +128,31 @@ else
   pids+=($!)
   STAGES+=(tests)
 fi
-for tool in memcheck racecheck; do
-  key=${tool^^}
-  if ! wants "$tool"; then
-    skip "$tool" "GPU_CHECK_SKIP"
+# memcheck-large: the large cases (more than 2**31 logits, a tensor of more than 320 chunks)
+# on their own, so that their time limit cannot hide the small cases' result.
+for stage in memcheck racecheck memcheck-large; do
+  tool=${stage%-large}
+  key=${stage^^}
+  key=${key//-/_}
+  if ! wants "$stage"; then
+    skip "$stage" "GPU_CHECK_SKIP"
   elif ((!built)); then
-    skip "$tool" "the build failed"
+    skip "$stage" "the build failed"
   elif [[ -z "$SANITIZER" ]]; then
-    skip "$tool" "compute-sanitizer not found"
+    skip "$stage" "compute-sanitizer not found"
   else
     # racecheck looks at shared memory, which only the confusion kernels use.
     only=()
     [[ $tool == racecheck ]] && only=(--only confusion)
-    echo "== $tool (compute-sanitizer on tools/cuda_kernel_cases.py ${only[*]})"
+    [[ $stage == memcheck-large ]] && only=(--large)
+    echo "== $stage (compute-sanitizer --tool $tool on tools/cuda_kernel_cases.py ${only[*]})"
     # Without torch's caching allocator every tensor is its own allocation, so memcheck
     # sees an access past a tensor's end.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      run_stage "$tool" "$(limit_for "$key")" "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+      run_stage "$stage" "$(limit_for "$key")" "$SANITIZER" --tool "$tool" --error-exitcode 1 \
         --print-limit 20 "$PYTHON" tools/cuda_kernel_cases.py "${only[@]}" &
     pids+=($!)
-    STAGES+=("$tool")
+    STAGES+=("$stage")
   fi
 done
 ((${#pids[@]})) && wait "${pids[@]}"
@@ -173,7 +179,7 @@ detail() {  # detail NAME: one line of what the stage's log says
   case $1 in
     build) grep -a "recallprune kernels for CUDA" "$log" | tail -n 1 ;;
     tests) grep -aE "[0-9]+ (passed|failed|error)" "$log" | tail -n 1 ;;
-    memcheck) grep -aE "ERROR SUMMARY|agree with the reference" "$log" | tr '\n' ' ' ;;
+    memcheck*) grep -aE "ERROR SUMMARY|agree with the reference" "$log" | tr '\n' ' ' ;;
     racecheck) grep -aE "RACECHECK SUMMARY|agree with the reference" "$log" | tr '\n' ' ' ;;
     bench-*) grep -a "wrote" "$log" | tail -n 1 | sed 's/.*wrote /wrote /' ;;
   esac

@@ -2,7 +2,8 @@
 between them and the pure-torch reference.
 
 Everything in recallprune works without the kernels through :mod:`recallprune.ops.reference`;
-:func:`has_ops` says whether they are there, :func:`load_error` why not. Set
+:func:`has_ops` says whether they are there (and, on a GPU, built for its architecture),
+:func:`load_error` and :func:`kernel_image_problem` why not. Set
 ``RECALLPRUNE_DISABLE_EXT=1`` to force the fallback. :func:`resolve_backend` is the one choice
 of ``backend="auto" | "kernel" | "reference"`` that every op wrapper makes.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,14 +63,48 @@ def register_fakes(register: Callable[[], None]) -> Callable[[], None]:
 
 
 def has_ops(device: torch.device | str | None = None) -> bool:
-    """Whether the compiled kernels are loaded (for ``device``'s type, when given)."""
+    """Whether the compiled kernels are loaded and, when ``device`` is given, can run there:
+    kernels for its type and, on a GPU, code for its architecture (checked once per GPU;
+    :func:`kernel_image_problem` says what is missing)."""
     _load()
     if not _loaded:
         return False
     if device is None:
         return True
-    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return _has_kernels_for(device_type)
+    device = torch.device(device)
+    if not _has_kernels_for(device.type):
+        return False
+    return device.type != "cuda" or kernel_image_problem(device) is None
+
+
+def kernel_image_problem(device: torch.device | str) -> str | None:
+    """Why the CUDA kernels, although built, cannot run on the GPU ``device`` (a GPU whose
+    architecture the build left out), or ``None`` when they can. Checked once per GPU."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _kernel_image_problem(index)
+
+
+@functools.cache
+def _kernel_image_problem(index: int) -> str | None:
+    problem = _probe_kernel_image(index)
+    if not problem:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    name = torch.cuda.get_device_name(index)
+    return (
+        f"recallprune._C holds no code for cuda:{index} ({name}, compute capability "
+        f"{major}.{minor}, sm_{major}{minor}): {problem}. Rebuild it for this GPU: "
+        f'TORCH_CUDA_ARCH_LIST="{major}.{minor}" `make setup` (in a checkout, after `make '
+        f"clean`), or the same variable with `pip install --no-build-isolation "
+        f"--force-reinstall --no-deps recallprune`"
+    )
+
+
+def _probe_kernel_image(index: int) -> str:
+    """The CUDA runtime's reason why the library's kernels cannot run on GPU ``index``
+    ("" when they can), from a query of one of its kernels."""
+    return torch.ops.recallprune.cuda_kernel_image_problem(index)
 
 
 @functools.cache
@@ -101,12 +137,35 @@ def resolve_backend(backend: str, device: torch.device | str, what: str) -> str:
     ``"reference"`` is the pure-torch implementation.
     """
     if backend == "auto":
-        return "kernel" if has_ops(device) else "reference"
+        if has_ops(device):
+            return "kernel"
+        _warn_if_built_for_other_gpus(device)
+        return "reference"
     if backend == "kernel":
         require_ops(device, what)
         return "kernel"
     check_backend(backend)
     return "reference"
+
+
+_warned_gpus: set[int] = set()
+
+
+def _warn_if_built_for_other_gpus(device: torch.device | str) -> None:
+    """Once per GPU whose architecture the build left out: say so, since ``backend="auto"``
+    falls back to the (slower) reference there."""
+    device = torch.device(device)
+    if device.type != "cuda" or not _loaded or not _has_kernels_for("cuda"):
+        return
+    problem = kernel_image_problem(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if problem is not None and index not in _warned_gpus:
+        _warned_gpus.add(index)
+        warnings.warn(
+            f"{problem}. Until then recallprune runs its pure-torch reference there.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def require_ops(device: torch.device | str, what: str) -> None:
@@ -119,6 +178,11 @@ def require_ops(device: torch.device | str, what: str) -> None:
         reason = f"the extension recallprune._C did not load ({_load_error})"
     elif device.type not in _KERNEL_DEVICE_TYPES:
         reason = f"recallprune has no kernels for {device.type} tensors"
+    elif device.type == "cuda" and _has_kernels_for("cuda"):
+        raise RuntimeError(
+            f"{what}: backend='kernel' cannot run on {device}: {kernel_image_problem(device)}. "
+            "Or use backend='auto' (the reference where the kernels cannot run) or 'reference'."
+        )
     else:
         reason = f"recallprune._C was built without {device.type.upper()} kernels"
     raise RuntimeError(
