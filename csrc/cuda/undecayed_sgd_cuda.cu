@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <map>
+#include <string>
 
 namespace recallprune {
 namespace {
@@ -230,7 +231,33 @@ void undecayed_sgd_cuda_tensor_(at::TensorList params, at::TensorList grads,
                        found_inf);
 }
 
+// recallprune::cuda_kernel_image_problem: "" when this build holds code that runs on device
+// `device_index` (an image for its architecture, or PTX the driver compiles for it), else the
+// CUDA runtime's reason. Every CUDA source is compiled for the same architectures, so one of
+// the library's kernels answers for all of them. Without this check a GPU of another
+// architecture would fail at the first launch ("no kernel image is available"), after the
+// library had chosen its kernels over the reference.
+std::string cuda_kernel_image_problem(int64_t device_index) {
+  const c10::cuda::CUDAGuard device_guard(static_cast<c10::DeviceIndex>(device_index));
+  cudaFuncAttributes attributes;
+  // The fp32 step's kernel, as launch_undecayed_sgd launches it.
+  void (*kernel)(TensorListMetadata<kNumLists>, UndecayedSgdFunctor<float>, SgdScalars<float>,
+                 const float*, const float*, DeviceScalar, DeviceScalar) =
+      &cuda::multi_tensor_kernel<kNumLists, UndecayedSgdFunctor<float>>;
+  const cudaError_t status =
+      cudaFuncGetAttributes(&attributes, reinterpret_cast<const void*>(kernel));
+  if (status == cudaSuccess) {
+    return "";
+  }
+  (void)cudaGetLastError();  // the error is not sticky: clear it for the next CUDA call
+  return cudaGetErrorString(status);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(recallprune, m) {
+  m.def("cuda_kernel_image_problem(int device_index) -> str", &cuda_kernel_image_problem);
+}
 
 TORCH_LIBRARY_IMPL(recallprune, CUDA, m) {
   m.impl("undecayed_sgd_", &undecayed_sgd_cuda_);

@@ -64,7 +64,7 @@ def is_dense(tensor: Tensor) -> bool:
 def same_layout(param: Tensor, tensor: Tensor) -> bool:
     """Whether ``tensor`` (of ``param``'s shape) lays its elements out in memory as the dense
     ``param`` does, so that the kernels walk both as flat arrays in step."""
-    return all(
+    return tensor.layout == torch.strided and all(
         n == 1 or a == b
         for n, a, b in zip(param.shape, param.stride(), tensor.stride(), strict=True)
     )
