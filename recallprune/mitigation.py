@@ -9,7 +9,8 @@ Two constraints, each per class ``c``:
   class's mean cross-entropy.
 
 Accuracy gaps are not differentiable, so the model minimises a proxy Lagrangian, the mean
-loss plus ``sum_c lambda_c * (mean loss of class c)``, while the multipliers rise by projected
+loss plus ``sum_c lambda_c * (mean loss of class c)`` (scaled by ``1 / (1 + sum_c
+lambda_c)``, see :func:`proxy_lagrangian`), while the multipliers rise by projected
 gradient ascent on the measured violation once per epoch:
 ``lambda <- max(0, lambda + step * violation)``. The violation is measured on the training
 set, from the confusion counts and per-class losses of the epoch just trained, accumulated
@@ -40,6 +41,7 @@ __all__ = [
     "ConstrainedFinetune",
     "Multipliers",
     "excess_accuracy_drop",
+    "measure",
     "multiplier_step",
     "per_class_mean",
     "proxy_lagrangian",
@@ -77,9 +79,14 @@ def sample_losses(logits: Tensor, targets: Tensor) -> Tensor:
 
 def proxy_lagrangian(losses: Tensor, targets: Tensor, multipliers: Tensor) -> Tensor:
     """The mean of the samples' ``losses`` plus ``sum_c multipliers_c * (mean loss of class
-    c)``: ``losses``, ``targets`` ``[..., b]``, ``multipliers`` ``[..., C]``; returns ``[...]``."""
+    c)``, divided by ``1 + sum_c multipliers_c``: ``losses``, ``targets`` ``[..., b]``,
+    ``multipliers`` ``[..., C]``; returns ``[...]``. The division by a positive factor leaves
+    the model's stationary points as they are, and keeps its effective step size from
+    growing with the multipliers (which, unbounded, made fine-tuning diverge)."""
+    multipliers = multipliers.to(losses.dtype)
     class_losses = per_class_mean(losses, targets, multipliers.shape[-1])
-    return losses.mean(dim=-1) + (multipliers.to(losses.dtype) * class_losses).sum(dim=-1)
+    lagrangian = losses.mean(dim=-1) + (multipliers * class_losses).sum(dim=-1)
+    return lagrangian / (1.0 + multipliers.sum(dim=-1))
 
 
 def recall_accuracy(counts: Tensor) -> tuple[Tensor, Tensor]:
