@@ -393,6 +393,7 @@ def test_the_report_compares_every_arm(mitigated_study, tmp_path):
     assert "## Mitigations" in report and (out / "multipliers.png").stat().st_size > 1000
     assert "4. **Do the mitigations reduce the largest per-class excess accuracy drop" in report
     section = report.split("## Mitigations")[1].split("## Per-class")[0]
+    assert "| - unmitigated [95% CI], adjusted p | - UP [95% CI], adjusted p |" in section
     for arm in ("magnitude+constrained", "undecayed-balanced+loss-gap", "magnitude"):
         assert f"| {arm} | 0.360 |" in section
     ratio = report.split("## Intensification ratio")[1].split("## Mitigations")[0]
