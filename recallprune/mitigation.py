@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .metrics import ConfusionCounter, StackedConfusionCounter
+from .metrics.confusion import recall_and_accuracy
 
 NONE = "none"
 MITIGATIONS = (NONE, "constrained", "loss-gap")
@@ -89,19 +90,11 @@ def proxy_lagrangian(losses: Tensor, targets: Tensor, multipliers: Tensor) -> Te
     return lagrangian / (1.0 + multipliers.sum(dim=-1))
 
 
-def recall_accuracy(counts: Tensor) -> tuple[Tensor, Tensor]:
-    """Recall ``[..., C]`` (NaN without support) and accuracy ``[...]``, float64, from
-    confusion counts ``[..., C, C]``."""
-    counts = counts.double()
-    correct = counts.diagonal(dim1=-2, dim2=-1)
-    return correct / counts.sum(dim=-1), correct.sum(dim=-1) / counts.sum(dim=(-2, -1))
-
-
 def excess_accuracy_drop(dense_counts: Any, counts: Any) -> Tensor:
     """Per class, ``(dense recall - recall) - (dense accuracy - accuracy)``: how much more the
     class lost than the model did, ``[..., C]`` float64 (NaN for a class without support)."""
-    dense_recall, dense_accuracy = recall_accuracy(torch.as_tensor(dense_counts))
-    recall, accuracy = recall_accuracy(torch.as_tensor(counts).to(dense_recall.device))
+    dense_recall, dense_accuracy = recall_and_accuracy(torch.as_tensor(dense_counts))
+    recall, accuracy = recall_and_accuracy(torch.as_tensor(counts).to(dense_recall.device))
     return (dense_recall - recall) - (dense_accuracy - accuracy).unsqueeze(-1)
 
 
