@@ -3,6 +3,7 @@
 from . import distortion
 from .distortion import analyze, intensification_ratio
 from .metrics import ConfusionCounter, StackedConfusionCounter, confusion_matrix
+from .mitigation import ConstrainedFinetune
 from .ops import has_ops, load_error
 from .optim import UndecayedSGD, decay_param_groups
 from .pruning import Gradual, Iterative, OneShot, Pruner
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfusionCounter",
+    "ConstrainedFinetune",
     "Gradual",
     "Iterative",
     "OneShot",

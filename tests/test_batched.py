@@ -342,7 +342,7 @@ def test_gradient_estimate_arms_batched_and_sequential(tmp_path):
 @pytest.mark.parametrize(
     ("arm", "message"),
     [
-        ("magnitude:2", "only gradient and undecayed take a gradient estimate"),
+        ("magnitude:2", "only gradient, undecayed, undecayed-balanced take a gradient estimate"),
         ("undecayed:0", "must be a number of batches"),
         ("undecayed:some", "must be a number of batches"),
         ("lottery", "the criterion must be one of"),

@@ -31,7 +31,9 @@ def test_study_help_shows_defaults_and_choices(capsys):
     text = " ".join(capsys.readouterr().out.split())  # as wrapped for any terminal width
     for shown in (
         "{" + ",".join(DATASETS) + "}",
-        "pruning criteria, of magnitude, gradient, undecayed, random",
+        "pruning criteria, of magnitude, gradient, undecayed, undecayed-balanced, random",
+        "{none,constrained,loss-gap}",
+        "(default: none)",
         "undecayed:full (the whole training set)",
         "{finetune,rewind}",
         "{global,layer}",

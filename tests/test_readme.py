@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,3 +30,19 @@ def test_iterative_up_example(capsys):
         keep = pruner.masks[name]
         assert bool((param[~keep] == 0).all())
         assert bool((opt.state[param]["momentum_buffer"][~keep] == 0).all())
+
+
+def test_constrained_finetune_example(capsys):
+    code = _example("constrained-finetune")
+    namespace = {"__name__": "readme_example"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 1", "epoch 2", "epoch 3"]
+    finetune, pruner = namespace["finetune"], namespace["pruner"]
+    assert len(finetune.history) == 3 and finetune.multipliers.shape == (10,)
+    assert all((m >= 0).all() for m in finetune.history)
+    # The multipliers rose exactly where the first epoch's violation was positive.
+    assert torch.equal(finetune.history[0] > 0, finetune.violations[0] > 0)
+    assert pruner.sparsity() == pytest.approx(0.95, abs=1e-3)
+    for name, param in pruner.params.items():
+        assert bool((param[~pruner.masks[name]] == 0).all())  # still pruned after fine-tuning

@@ -138,6 +138,15 @@ def _gigabytes(size: int) -> str:
     return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
+def recall_and_accuracy(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-class recall ``[..., C]`` (NaN for a class with no support) and accuracy ``[...]``
+    (NaN when empty), float64, from confusion counts ``[..., C, C]`` on any device."""
+    correct = counts.diagonal(dim1=-2, dim2=-1)
+    recall = correct.double() / counts.sum(dim=-1).double()
+    accuracy = correct.sum(dim=-1).double() / counts.sum(dim=(-2, -1)).double()
+    return recall, accuracy
+
+
 class _Counts:
     """What ConfusionCounter and StackedConfusionCounter share: counts ``[*lead, C * C]`` and
     invalid entries ``[*lead, 1]`` on the device (``lead`` is ``()`` for one model, ``(B,)``
@@ -191,14 +200,11 @@ class _Counts:
 
     def recall(self) -> Tensor:
         """Per-class recall, float64 ``[*lead, C]``; NaN for a class with no support."""
-        counts = self.compute()
-        return counts.diagonal(dim1=-2, dim2=-1).double() / counts.sum(dim=-1).double()
+        return recall_and_accuracy(self.compute())[0]
 
     def accuracy(self) -> Tensor:
         """Trace over the total of counted entries, float64 ``[*lead]`` (NaN when empty)."""
-        counts = self.compute()
-        correct = counts.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
-        return correct.double() / counts.sum(dim=(-2, -1)).double()
+        return recall_and_accuracy(self.compute())[1]
 
     def reset(self) -> None:
         """Zero the counts and the invalid-entry counter."""

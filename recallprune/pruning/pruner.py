@@ -97,7 +97,8 @@ class Pruner:
 
     Args:
         model: the network.
-        criterion: ``"magnitude"``, ``"gradient"``, ``"undecayed"`` or ``"random"``.
+        criterion: ``"magnitude"``, ``"gradient"``, ``"undecayed"``, ``"undecayed-balanced"``
+            (UP with the gradient of the class-balanced loss) or ``"random"``.
         scope: ``"global"`` (one threshold across all pruned tensors) or ``"layer"``.
         include: module names or ``fnmatch`` patterns to prune (default: every module of
             ``layer_types``).
@@ -109,7 +110,8 @@ class Pruner:
             :mod:`recallprune.pruning.step_masks`). Its parameter groups give UP's ``lam``
             (their weight decay) unless ``lam`` is given.
         lam: UP's weight-decay coefficient.
-        loss_fn: the data loss for gradient criteria (default: cross-entropy).
+        loss_fn: the data loss for gradient criteria (default: cross-entropy; for
+            ``undecayed-balanced``, the class-balanced cross-entropy).
         seed: seeds the random criterion.
         layer_types: module types whose ``weight`` is prunable.
 
@@ -148,7 +150,12 @@ class Pruner:
         self.scope = scope
         self.optimizer = optimizer
         self.lam = lam
-        self.loss_fn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
+        if loss_fn is None:
+            balanced = criterion in criteria.CLASS_BALANCED
+            loss_fn = (
+                criteria.class_balanced_cross_entropy if balanced else nn.functional.cross_entropy
+            )
+        self.loss_fn = loss_fn
         self.generator = torch.Generator().manual_seed(seed)
         self.params: dict[str, Tensor] = self._select(
             model,
@@ -333,7 +340,7 @@ class Pruner:
                 grads = self.gather_gradients(data, n_batches, loss_fn)
         out = {}
         for name, p in self.params.items():
-            lam = self._lam_for(p) if self.criterion == "undecayed" else None
+            lam = self._lam_for(p) if self.criterion in criteria.UNDECAYED else None
             out[name] = criteria.score(self.criterion, p, grads[name], lam, self.generator)
         return out
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import __version__
 from .. import distortion as D
+from ..mitigation import MITIGATIONS
 from ..pruning.criteria import CRITERIA
 from ..pruning.pruner import SCOPES
 from ..pruning.schedules import RETRAIN_MODES
@@ -48,6 +49,20 @@ _FLAGS: dict[str, tuple[Any, str, Any]] = {
         "added); a gradient criterion may say how its gradient is estimated: gradient:N or "
         "undecayed:N (N training batches), undecayed:full (the whole training set), "
         "undecayed:average (the mean gradient over the last epoch of training before the round)",
+        None,
+    ),
+    "mitigations": (
+        str,
+        "fine-tune every criterion's arm with each of these: none (plain fine-tuning), "
+        "constrained (per class, excess accuracy drop on the training set <= --epsilon, "
+        "Hashemizadeh et al. 2023), loss-gap (per class, loss - dense loss <= --epsilon, after "
+        "Tran et al. 2022); arms are named CRITERION and CRITERION+MITIGATION",
+        MITIGATIONS,
+    ),
+    "epsilon": (float, "the mitigations' bound per class", None),
+    "multiplier_step": (
+        float,
+        "step size of the per-class multipliers, updated once per fine-tuning epoch",
         None,
     ),
     "fraction": (float, "fraction of the remaining weights pruned per round", None),
@@ -86,7 +101,7 @@ _FLAGS: dict[str, tuple[Any, str, Any]] = {
     "max_stack": (int, "at most this many models per stack (bounds memory)", None),
     "data_root": (str, "folder of the torchvision datasets", None),
 }
-_LISTS = ("seeds", "criteria", "exclude")
+_LISTS = ("seeds", "criteria", "mitigations", "exclude")
 _SHOWN_DEFAULTS = {
     "exclude": "the output layer",
     "device": "cuda when available, else cpu",

@@ -35,6 +35,7 @@ import numpy as np
 
 from .. import distortion as D
 from .._extras import study_imports
+from .config import study_arms
 from .files import StudyError, atomic_write_text, read_json
 from .records import CONTROL, DENSE
 
@@ -120,7 +121,8 @@ def load_study(folder: Path, name: str | None = None) -> StudyRows:
                     "ratio": float(ratio),
                 }
             )
-    return StudyRows(study, num_classes, tuple(config["criteria"]), dense_error, params, rows)
+    arms = tuple(study_arms(config["criteria"], config.get("mitigations")))
+    return StudyRows(study, num_classes, arms, dense_error, params, rows)
 
 
 # What compare reads of a results file: the entries below, of these JSON types.

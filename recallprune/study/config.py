@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .._extras import study_imports
+from ..mitigation import DEFAULT_EPSILON, DEFAULT_STEP, MITIGATIONS, NONE
 from ..pruning.criteria import CRITERIA, NEEDS_GRADIENT
 from ..pruning.pruner import SCOPES
 from ..pruning.schedules import RETRAIN_MODES
@@ -20,7 +21,14 @@ from .files import StudyError, os_problem
 # Fields that may differ between a study and its resumption without changing its results.
 NOT_IDENTITY = ("data_root", "download", "out", "max_stack")
 # Settings added after studies were first saved, with the value older studies ran with.
-LEGACY_DEFAULTS: dict[str, Any] = {"execution": "sequential", "width": 1.0, "train_fraction": 1.0}
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "execution": "sequential",
+    "width": 1.0,
+    "train_fraction": 1.0,
+    "mitigations": [NONE],
+    "epsilon": DEFAULT_EPSILON,
+    "multiplier_step": DEFAULT_STEP,
+}
 EXECUTIONS = ("batched", "sequential")
 # How a gradient criterion's arm estimates the data-loss gradient (``undecayed:full``): from
 # N training batches, the whole training set, or the mean gradient over the last epoch of
@@ -28,18 +36,41 @@ EXECUTIONS = ("batched", "sequential")
 GRADIENT_ESTIMATES = ("full", "average")
 
 
+def split_arm(arm: str) -> tuple[str, str]:
+    """An arm's criterion part and its mitigation: ``"undecayed:8+constrained"`` ->
+    ``("undecayed:8", "constrained")``, ``"magnitude"`` -> ``("magnitude", "none")``."""
+    base, plus, mitigation = str(arm).partition("+")
+    if not plus:
+        return base, NONE
+    if mitigation not in MITIGATIONS[1:]:
+        raise ValueError(f"arm {arm!r}: the mitigation after '+' must be one of {MITIGATIONS[1:]}")
+    return base, mitigation
+
+
+def arm_name(criterion: str, mitigation: str) -> str:
+    """The arm of ``criterion`` with ``mitigation``: the criterion itself when none."""
+    return criterion if mitigation == NONE else f"{criterion}+{mitigation}"
+
+
+def study_arms(criteria: list[str], mitigations: list[str] | None = None) -> list[str]:
+    """Every criterion with every mitigation, criterion by criterion (the control apart)."""
+    return [arm_name(c, m) for c in criteria for m in (mitigations or [NONE])]
+
+
 def parse_arm(arm: str) -> tuple[str, int | str | None]:
     """An arm's criterion and gradient estimate: ``"undecayed"`` -> ``("undecayed", None)``
     (``n_batches`` batches), ``"undecayed:8"`` -> 8 batches, ``"undecayed:full"``,
-    ``"undecayed:average"``. Only the gradient criteria take an estimate."""
-    criterion, colon, estimate = str(arm).partition(":")
+    ``"undecayed:average"``. Only the gradient criteria take an estimate. A mitigation after
+    ``+`` (see :func:`split_arm`) does not change either."""
+    base, _ = split_arm(arm)
+    criterion, colon, estimate = base.partition(":")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion {arm!r}: the criterion must be one of {CRITERIA}")
     if not colon:
         return criterion, None
     if criterion not in NEEDS_GRADIENT:
         raise ValueError(
-            f"criterion {arm!r}: only {' and '.join(NEEDS_GRADIENT)} take a gradient estimate"
+            f"criterion {arm!r}: only {', '.join(NEEDS_GRADIENT)} take a gradient estimate"
         )
     if estimate in GRADIENT_ESTIMATES:
         return criterion, estimate
@@ -60,7 +91,9 @@ def rounds_for(sparsity: float, fraction: float) -> int:
 class StudyConfig:
     """Every setting of a study. The defaults run offline in a few minutes on two CPU cores:
     digits, the LeNet-300-100 MLP, ten seeds, four criteria, 20% of the remaining weights
-    pruned per round for 18 rounds (98.2% sparsity), fine-tuning after each round."""
+    pruned per round for 18 rounds (98.2% sparsity), fine-tuning after each round.
+    ``mitigations``: each criterion's arm fine-tunes with each of them (see
+    :mod:`recallprune.mitigation`), bound ``epsilon``, multipliers' step ``multiplier_step``."""
 
     dataset: str = "digits"
     model: str = "mlp"
@@ -77,6 +110,9 @@ class StudyConfig:
     epochs: int = 40
     finetune_epochs: int = 4
     rewind_epoch: int = 1
+    mitigations: list[str] = field(default_factory=lambda: [NONE])
+    epsilon: float = DEFAULT_EPSILON
+    multiplier_step: float = DEFAULT_STEP
     batch_size: int = 64
     lr: float = 0.05
     finetune_lr: float = 0.01
@@ -107,6 +143,12 @@ class StudyConfig:
             raise ValueError(f"criteria must name at least one of {CRITERIA}")
         for arm in self.criteria:
             parse_arm(arm)
+            if "+" in arm:
+                raise ValueError(
+                    f"criteria: {arm!r} names a mitigation; give the criterion alone and the "
+                    f"mitigation with mitigations (--mitigations), one of {MITIGATIONS}"
+                )
+        self._validate_mitigations()
         repeated = sorted({c for c in self.criteria if self.criteria.count(c) > 1})
         if repeated:
             raise ValueError(
@@ -140,6 +182,33 @@ class StudyConfig:
             raise ValueError(f"width applies to the mlp and cnn models only, not {self.model!r}")
         if self.max_stack < 1:
             raise ValueError(f"max_stack must be at least 1, got {self.max_stack}")
+
+    def _validate_mitigations(self) -> None:
+        if not self.mitigations:
+            raise ValueError(f"mitigations must name at least one of {MITIGATIONS}")
+        for mitigation in self.mitigations:
+            if mitigation not in MITIGATIONS:
+                raise ValueError(
+                    f"mitigations must be of {MITIGATIONS}, got {mitigation!r} in "
+                    f"{self.mitigations}"
+                )
+        if len(set(self.mitigations)) != len(self.mitigations):
+            raise ValueError(f"mitigations must be distinct, got {self.mitigations}")
+        if not self.epsilon >= 0:
+            raise ValueError(f"epsilon must be at least 0, got {self.epsilon}")
+        if not self.multiplier_step > 0:
+            raise ValueError(f"multiplier_step must be positive, got {self.multiplier_step}")
+        mitigated = [m for m in self.mitigations if m != NONE]
+        if mitigated and self.retrain != "finetune":
+            raise ValueError(
+                f"mitigations {mitigated} constrain fine-tuning against the dense model, and "
+                f"need retrain 'finetune', got retrain {self.retrain!r}; use --retrain "
+                "finetune or --mitigations none"
+            )
+
+    def arms(self) -> list[str]:
+        """The pruning arms: every criterion with every mitigation."""
+        return study_arms(self.criteria, self.mitigations)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from ..metrics import StackedConfusionCounter
+from ..mitigation import NONE, Multipliers, sample_losses
 from ..optim import UndecayedSGD, decay_param_groups
-from ..pruning.criteria import NEEDS_GRADIENT
+from ..pruning.criteria import CLASS_BALANCED, NEEDS_GRADIENT, class_balanced_weights
 from .config import parse_arm
 from .datasets import Dataset
 from .models import build_model
@@ -63,10 +64,12 @@ def train_stacked(
     generators: Sequence[torch.Generator],
     scheduler: Any = None,
     on_epoch: Any = None,
+    multipliers: Multipliers | None = None,
 ) -> list[float]:
     """Train the stacked models for ``epochs`` epochs, each on its own batches; returns each
     model's mean loss over its last epoch. The loss summed over models has, for each model,
-    the gradient of that model's own mean batch loss."""
+    the gradient of that model's own mean batch loss (with ``multipliers``, of its own proxy
+    Lagrangian; they are updated after each epoch)."""
     model.train()
     x, y = data.x_train.to(device), data.y_train.to(device)
     n = len(x)
@@ -80,17 +83,18 @@ def train_stacked(
             inputs, targets = x[batch], y[batch]
             optimizer.zero_grad(set_to_none=True)
             logits = model(inputs)  # [B, b, C]
-            per_model = (
-                nn.functional.cross_entropy(
-                    logits.flatten(0, 1), targets.flatten(), reduction="none"
-                )
-                .view(targets.shape)
-                .mean(dim=1)
-            )
-            per_model.sum().backward()
+            if multipliers is None:
+                per_model = sample_losses(logits, targets).mean(dim=1)
+                per_model.sum().backward()
+            else:
+                losses = sample_losses(logits, targets)
+                multipliers.objective(logits, targets, losses).sum().backward()
+                per_model = losses.mean(dim=1)
             optimizer.step()
             total += per_model.detach()
             count += 1
+        if multipliers is not None:
+            multipliers.end_epoch()
         if scheduler is not None:
             scheduler.step()
         losses = (total / max(count, 1)).cpu()
@@ -119,6 +123,7 @@ def stacked_gradients(
     batches: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]] | None],
     device: torch.device,
     out: torch.device | str | None = None,
+    balanced: Sequence[bool] | None = None,
 ) -> list[dict[str, torch.Tensor] | None]:
     """Each model's mean data-loss gradient over its own ``(input, target)`` batches, as
     :meth:`~recallprune.pruning.Pruner.gather_gradients` takes it from a single model (the
@@ -126,7 +131,9 @@ def stacked_gradients(
     backward pass of the stack per batch position; ``None`` where a model's entry is ``None``.
     Batches of unequal sizes are padded with samples of weight zero. The parameters'
     ``.grad`` fields are left as they were. ``out``: where the gradients are returned (one
-    copy per stacked parameter); default, where the stack is."""
+    copy per stacked parameter); default, where the stack is. ``balanced``: per model, whether
+    its loss is the class-balanced one (see :func:`~recallprune.pruning.criteria.
+    class_balanced_weights`) rather than the batch mean."""
     wanted = [i for i, own in enumerate(batches) if own]
     if not wanted:
         return [None] * len(batches)
@@ -149,7 +156,11 @@ def stacked_gradients(
                     inputs, targets = batches[i][j]
                     x[i, : len(targets)] = inputs
                     y[i, : len(targets)] = targets
-                    weight[i, : len(targets)] = 1.0 / (len(targets) * len(batches[i]))
+                    if balanced is not None and balanced[i]:
+                        sample = class_balanced_weights(targets).float()
+                    else:
+                        sample = torch.full((len(targets),), 1.0 / len(targets))
+                    weight[i, : len(targets)] = sample / len(batches[i])
                 logits = model(x.to(device))
                 losses = nn.functional.cross_entropy(
                     logits.flatten(0, 1), y.to(device).flatten(), reduction="none"
@@ -280,6 +291,9 @@ class BatchedStudy(Study):
             out.extend(self._dense_stack(seeds, data, bar))
         return out
 
+    def dense_state(self, seed: int) -> dict[str, torch.Tensor]:
+        return self._dense_checkpoint(seed)["model"]
+
     def _dense_stack(self, seeds: list[int], data: Dataset, bar) -> list[dict[str, Any]]:
         config = self.config
         start = time.perf_counter()
@@ -409,6 +423,7 @@ class BatchedStudy(Study):
             ],
             self.device,
             out="cpu",
+            balanced=[arm != CONTROL and parse_arm(arm)[0] in CLASS_BALANCED for _, arm in cells],
         )
         masks: list[dict[str, torch.Tensor]] = []
         sparsities = []
@@ -417,7 +432,9 @@ class BatchedStudy(Study):
             # As in the sequential round: the pruner takes UP's lam from an optimizer's groups
             # (this one only carries the masks; the stack's own optimizer trains).
             view_optimizer = self.optimizer(view, self.retrain_lr())
-            pruner = self.pruner(view, arm, view_optimizer, seed=phase_seed(seed, arm, round_index))
+            pruner = self.pruner(
+                view, arm, view_optimizer, seed=phase_seed(seed, self.base(arm), round_index)
+            )
             if state["masks"]:
                 pruner.masks.update({k: v.cpu() for k, v in state["masks"].items()})
                 pruner.apply()
@@ -444,9 +461,10 @@ class BatchedStudy(Study):
         for name, mask in host_masks.items():
             optimizer.set_mask(parameters[name], mask.to(self.device))
         generators = [
-            torch.Generator().manual_seed(phase_seed(seed, arm, round_index, "train"))
+            torch.Generator().manual_seed(phase_seed(seed, self.base(arm), round_index, "train"))
             for seed, arm in cells
         ]
+        multipliers = self.stacked_multipliers(cells, data, states)
         losses = train_stacked(
             stacked,
             optimizer,
@@ -456,23 +474,37 @@ class BatchedStudy(Study):
             self.device,
             generators,
             on_epoch=last_epoch_average(optimizer, config.finetune_epochs) if track else None,
+            multipliers=multipliers,
         )
         confusions = evaluate_stacked(stacked, data, self.device)
         seconds = (time.perf_counter() - start) / len(cells)
+        mitigated = [self.mitigation(arm) != NONE for _, arm in cells]
         averages = stacked_averages(optimizer, stacked) if track else [{} for _ in cells]
         nominal = self.schedule().sparsity_after(round_index)
         model_states = stacked.model_states()
         self.folder.flush()  # the stage before's files (and their errors) first
         records = []
         for i, (seed, arm) in enumerate(cells):
+            own = multipliers is not None and mitigated[i]
             record = make_record(
-                confusions[i], seed, arm, round_index, nominal, sparsities[i], losses[i], seconds
+                confusions[i],
+                seed,
+                arm,
+                round_index,
+                nominal,
+                sparsities[i],
+                losses[i],
+                seconds,
+                multipliers=[m[i] for m in multipliers.history] if own else None,
+                violations=[v[i] for v in multipliers.violations] if own else None,
             )
             checkpoint = {
                 "model": model_states[i],
                 "masks": {name: mask[i].clone() for name, mask in host_masks.items()},
                 "grad_average": averages[i] if estimates[i] == "average" else {},
             }
+            if own:  # carried to the next round
+                checkpoint["multipliers"] = multipliers.value[i].cpu().clone()
             self.folder.save(
                 record,
                 self.folder.record_path(seed, arm, round_index),

@@ -1,7 +1,8 @@
 """The study's plots, one function per figure. Sparsity is shown as the lottery-ticket papers
 show it: weights remaining, on a log scale, falling from left to right, so that the rounds of
 an iterative schedule are evenly spaced. Each criterion gets its own panel, beside the
-control arm, so that no two confidence bands of criteria overlap."""
+control arm (and its mitigated arms, if any), so that no two confidence bands of criteria
+overlap."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from .files import atomic_write
 from .records import CONTROL
 
 PLOTS = ("intensification.png", "recall_gaps.png", "accuracy.png")
+MITIGATION_PLOTS = ("multipliers.png",)  # only where the study has mitigated arms
+STYLES = ("-", "-.", ":")  # an unmitigated arm, then its mitigated arms
 CONTROL_COLOR = "0.45"
 MAX_TICKS = 7
 DPI = 120
@@ -32,12 +35,17 @@ def _pyplot():
     return plt
 
 
+def plot_names(results: dict[str, Any]) -> list[str]:
+    """The plots a study's results make."""
+    return [*PLOTS, *(MITIGATION_PLOTS if tables.mitigated_arms(results) else ())]
+
+
 def _colors(results: dict[str, Any]) -> dict[str, Any]:
-    """One colour per criterion, the same in every figure; the control grey."""
+    """One colour per arm, the same in every figure; the control grey."""
     plt = _pyplot()
     cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    criteria = results["config"]["criteria"]
-    return {**{c: cycle[i % len(cycle)] for i, c in enumerate(criteria)}, CONTROL: CONTROL_COLOR}
+    arms = tables.arms(results)[:-1]
+    return {**{c: cycle[i % len(cycle)] for i, c in enumerate(arms)}, CONTROL: CONTROL_COLOR}
 
 
 def _grid(count: int, max_columns: int, panel: tuple[float, float], **kwargs):
@@ -119,15 +127,14 @@ def intensification_figure(results: dict[str, Any]):
     summaries = tables.summaries(results)
     sparsities = tables.sparsities(results)
     colors = _colors(results)
-    criteria = config["criteria"]
-    fig, axes, _ = _grid(
-        len(criteria), _columns(len(criteria)), (4.6, 3.2), sharex=True, sharey=True
-    )
+    groups = tables.arm_groups(results)
+    fig, axes, _ = _grid(len(groups), _columns(len(groups)), (4.6, 3.2), sharex=True, sharey=True)
     control = _ratio_series(summaries, CONTROL, sparsities)
-    for ax, criterion in zip(axes, criteria, strict=True):
+    for ax, (criterion, arms) in zip(axes, groups.items(), strict=True):
         if control[0]:
             _band(ax, *control, CONTROL_COLOR, "control (nothing pruned)", "--")
-        _band(ax, *_ratio_series(summaries, criterion, sparsities), colors[criterion], criterion)
+        for arm, style in zip(arms, STYLES * len(arms), strict=False):
+            _band(ax, *_ratio_series(summaries, arm, sparsities), colors[arm], arm, style)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
         weights_remaining_axis(ax, sparsities)
         ax.set_title(criterion)
@@ -149,7 +156,7 @@ def accuracy_figure(results: dict[str, Any]):
     config = results["config"]
     sparsities = tables.sparsities(results)
     colors = _colors(results)
-    criteria = config["criteria"]
+    groups = tables.arm_groups(results)
     dense_mean, _ = tables.mean_half(tables.accuracies(results, CONTROL, 0.0))
 
     def series(arm):
@@ -166,13 +173,12 @@ def accuracy_figure(results: dict[str, Any]):
             highs.append(min(1.0, mean + half))
         return xs, means, lows, highs
 
-    fig, axes, _ = _grid(
-        len(criteria), _columns(len(criteria)), (4.6, 3.2), sharex=True, sharey=True
-    )
+    fig, axes, _ = _grid(len(groups), _columns(len(groups)), (4.6, 3.2), sharex=True, sharey=True)
     control = series(CONTROL)
-    for ax, criterion in zip(axes, criteria, strict=True):
+    for ax, (criterion, arms) in zip(axes, groups.items(), strict=True):
         _band(ax, *control, CONTROL_COLOR, "control (nothing pruned)", "--")
-        _band(ax, *series(criterion), colors[criterion], criterion)
+        for arm, style in zip(arms, STYLES * len(arms), strict=False):
+            _band(ax, *series(arm), colors[arm], arm, style)
         ax.axhline(dense_mean, color="black", linewidth=0.8, linestyle=":", label="dense mean")
         weights_remaining_axis(ax, sparsities)
         ax.set_title(criterion)
@@ -261,17 +267,49 @@ def recall_gap_figure(results: dict[str, Any]):
     return fig
 
 
+def multiplier_figure(results: dict[str, Any]):
+    """The multipliers of each mitigated arm through every fine-tuning epoch of every round:
+    per epoch, the largest and the mean over classes, each averaged over seeds, with the
+    rounds' boundaries marked. A multiplier that stays 0 never met an active constraint."""
+    config = results["config"]
+    colors = _colors(results)
+    arms = tables.mitigated_arms(results)
+    fig, axes, _ = _grid(len(arms), _columns(len(arms)), (4.6, 3.0), sharex=True, sharey=True)
+    epochs_per_round = int(config.get("finetune_epochs", 1))
+    for ax, arm in zip(axes, arms, strict=True):
+        trajectories = list(tables.multiplier_trajectories(results, arm).values())
+        if trajectories:
+            length = min(len(t) for t in trajectories)
+            stacked = np.stack([t[:length] for t in trajectories])  # [seeds, epochs, C]
+            xs = np.arange(1, length + 1)
+            ax.plot(xs, stacked.max(axis=2).mean(axis=0), color=colors[arm], label="largest")
+            ax.plot(xs, stacked.mean(axis=2).mean(axis=0), "--", color=colors[arm], label="mean")
+            for boundary in range(epochs_per_round, length, epochs_per_round):
+                ax.axvline(boundary + 0.5, color="0.85", linewidth=0.6, zorder=0)
+        ax.set_title(arm)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    _label_axes(axes, "fine-tuning epoch (rounds marked)", "multiplier")
+    fig.suptitle(
+        f"{config['dataset']} / {config['model']}: the per-class multipliers through "
+        f"fine-tuning\n(largest and mean over classes, mean over {len(config['seeds'])} seeds)",
+        fontsize=10,
+    )
+    return fig
+
+
 FIGURES = {
     "intensification.png": intensification_figure,
     "recall_gaps.png": recall_gap_figure,
     "accuracy.png": accuracy_figure,
+    "multipliers.png": multiplier_figure,
 }
 
 
 def write_plots(results: dict[str, Any], out: Path) -> None:
     plt = _pyplot()
-    for name, figure in FIGURES.items():
-        fig = figure(results)
+    for name in plot_names(results):
+        fig = FIGURES[name](results)
         try:
             atomic_write(
                 Path(out) / name, lambda handle, fig=fig: fig.savefig(handle, format="png", dpi=DPI)

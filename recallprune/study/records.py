@@ -59,9 +59,13 @@ def make_record(
     sparsity: float,
     train_loss: float,
     seconds: float,
+    multipliers: list[torch.Tensor] | None = None,
+    violations: list[torch.Tensor] | None = None,
 ) -> dict[str, Any]:
+    """A run's record; a mitigated run's also holds its multipliers after each fine-tuning
+    epoch and the violation measured in each (lists of per-class lists)."""
     recall, accuracy = recall_and_accuracy(confusion)
-    return {
+    record = {
         "seed": seed,
         "criterion": criterion,
         "round": round_index,
@@ -74,6 +78,16 @@ def make_record(
         "train_loss": train_loss,
         "seconds": round(seconds, 3),
     }
+    if multipliers is not None:
+        record["multipliers"] = [[float(v) for v in m] for m in multipliers]
+    if violations is not None:
+        record["violations"] = [[_number(v) for v in m] for m in violations]
+    return record
+
+
+def _number(value: Any) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else value
 
 
 def _schema_problem(results: Any) -> str | None:

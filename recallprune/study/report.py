@@ -18,9 +18,10 @@ from scipy import stats
 from .. import distortion as D
 from . import tables
 from .files import StudyError, atomic_write_text, read_json
-from .plots import PLOTS, write_plots
+from .plots import plot_names, write_plots
 from .records import CONTROL, DENSE, RUN_FIELDS, check_results
 
+UP = "undecayed"  # the arm every other is compared with in the mitigations' table
 HIGH_SPARSITY = 0.8  # "high sparsity" in the answers: nominal sparsity at least this
 LOW_SPARSITY = 0.5  # "low sparsity": at most this
 
@@ -289,12 +290,85 @@ def answers(results: dict[str, Any]) -> list[str]:
     level = results["analysis"]["level"]
     summaries = tables.summaries(results)
     criteria = list(results["config"]["criteria"])
+    arms = tables.arms(results)[:-1]
     sparsities = sorted({s for _, s in summaries if s > 0})
-    out = [_answer_trend(results, summaries, criteria, sparsities, level)]
+    out = [_answer_trend(results, summaries, arms, sparsities, level)]
     if "undecayed" in criteria and "magnitude" in criteria:
         out.append(_answer_up_vs_mp(summaries, sparsities, level))
-    out.append(_answer_low_sparsity(summaries, criteria, sparsities, level))
+    out.append(_answer_low_sparsity(summaries, arms, sparsities, level))
+    if tables.mitigated_arms(results) and sparsities:
+        out.append(_answer_mitigations(results, sparsities[-1], level))
     return out
+
+
+def _mitigation_rows(results: dict[str, Any], sparsity: float) -> list[dict[str, Any]]:
+    """Per arm at ``sparsity``: the largest per-class excess drop over seeds, and for a
+    mitigated arm its paired differences from the unmitigated arm of its criterion (excess
+    drop, and accuracy cost: unmitigated minus mitigated accuracy)."""
+    rows = []
+    for arm in tables.arms(results)[:-1]:
+        excess = tables.largest_excess_drops(results, arm, sparsity)
+        accuracy = {s: r["accuracy"] for s, r in tables.runs_at(results, arm, sparsity).items()}
+        row = {
+            "arm": arm,
+            "excess": D.mean_statistics(list(excess.values())),
+            "accuracy": D.mean_statistics([tables.as_float(a) for a in accuracy.values()]),
+            "excess_vs": None,
+            "cost": None,
+            "excess_vs_up": None,
+        }
+        if arm != UP and UP in tables.arms(results):
+            up_excess = tables.largest_excess_drops(results, UP, sparsity)
+            row["excess_vs_up"] = D.mean_statistics(tables.paired(excess, up_excess))
+        base = tables.unmitigated(arm)
+        if base != arm and base in tables.arms(results):
+            base_excess = tables.largest_excess_drops(results, base, sparsity)
+            base_accuracy = {
+                s: r["accuracy"] for s, r in tables.runs_at(results, base, sparsity).items()
+            }
+            row["excess_vs"] = D.mean_statistics(tables.paired(excess, base_excess))
+            row["cost"] = D.mean_statistics(tables.paired(base_accuracy, accuracy))
+        rows.append(row)
+    for key in ("excess_vs", "cost", "excess_vs_up"):
+        tested = [r for r in rows if r[key] is not None]
+        adjusted = D.adjust_p_values([r[key]["p_value"] for r in tested])
+        for row, p in zip(tested, adjusted, strict=True):
+            row[key]["p_adjusted"] = float(p)
+    return rows
+
+
+def _interval(stat: dict[str, float], scale: float = 1.0, digits: int = 3) -> str:
+    return (
+        f"{_fmt(stat['mean'] * scale, digits)} [{_fmt(stat['ci_low'] * scale, digits)}, "
+        f"{_fmt(stat['ci_high'] * scale, digits)}]"
+    )
+
+
+def _answer_mitigations(results: dict[str, Any], sparsity: float, level: float) -> str:
+    """4. Per mitigated arm at the highest sparsity: the largest excess drop and the
+    accuracy against the unmitigated arm of the same criterion, paired by seed, with
+    Benjamini-Hochberg over the mitigated arms."""
+    lines = []
+    for row in _mitigation_rows(results, sparsity):
+        if row["excess_vs"] is None:
+            continue
+        vs, cost = row["excess_vs"], row["cost"]
+        base = tables.unmitigated(row["arm"])
+        change = f"not significantly different from {base}'s"
+        if tables.as_float(vs["p_adjusted"]) < level:
+            change = f"{'smaller' if vs['mean'] < 0 else 'larger'} than {base}'s"
+        lines.append(
+            f"  - {row['arm']}: largest excess drop {change} (difference "
+            f"{_interval(vs, 100, 2)} pts, "
+            f"adjusted p {_p(vs['p_adjusted'])}); accuracy cost {_interval(cost, 100, 2)} pts "
+            f"(adjusted p {_p(cost['p_adjusted'])})"
+        )
+    return (
+        "4. **Do the mitigations reduce the largest per-class excess accuracy drop, and at "
+        f"what cost?** At sparsity {sparsity:.3f}, against the unmitigated arm of the same "
+        "criterion, paired by seed (t-test, Benjamini-Hochberg over the mitigated arms):\n"
+        + "\n".join(lines)
+    )
 
 
 def _environment_text(environment: dict[str, Any] | None) -> str:
@@ -371,8 +445,15 @@ def _ratio_table(summaries, arms, sparsities) -> str:
 
 def _setup_text(config: dict[str, Any]) -> str:
     retrain_lr = config["lr"] if config["retrain"] == "rewind" else config["finetune_lr"]
+    mitigations = [m for m in config.get("mitigations", []) if m != "none"]
+    mitigated = (
+        f", each also fine-tuned with {' and '.join(mitigations)} (arms CRITERION+MITIGATION)"
+        if mitigations
+        else ""
+    )
     return (
-        f"Seeds {config['seeds']}; criteria {', '.join(config['criteria'])} and a control arm "
+        f"Seeds {config['seeds']}; criteria {', '.join(config['criteria'])}{mitigated} and a "
+        "control arm "
         f"(the same retraining, nothing pruned); {config['rounds']} rounds of pruning "
         f"{config['fraction']:.0%} of the remaining weights ({config['scope']} scope, retrain: "
         f"{config['retrain']}). Training: UndecayedSGD, lr {config['lr']}, momentum "
@@ -430,6 +511,71 @@ def _ratio_section(results: dict[str, Any]) -> str:
     )
 
 
+def _mitigation_section(results: dict[str, Any]) -> str:
+    """Per arm, at the highest sparsity and at the one nearest HIGH_SPARSITY: the largest
+    per-class excess drop on the test set, the accuracy, the mitigation's effect on both
+    against the unmitigated arm, and where the multipliers ended."""
+    if not tables.mitigated_arms(results):
+        return ""
+    config = results["config"]
+    pruned = [s for s in tables.sparsities(results) if s > 0]
+    if not pruned:
+        return ""
+    levels = sorted({min(pruned, key=lambda s: abs(s - HIGH_SPARSITY)), pruned[-1]})
+    rows = []
+    for s in levels:
+        for row in _mitigation_rows(results, s):
+            vs, cost = row["excess_vs"], row["cost"]
+            runs = tables.runs_at(results, row["arm"], s).values()
+            last = [r["multipliers"][-1] for r in runs if r.get("multipliers")]
+            rows.append(
+                [
+                    row["arm"],
+                    f"{s:.3f}",
+                    _interval(row["excess"], 100, 2),
+                    "—" if vs is None else f"{_interval(vs, 100, 2)}, p {_p(vs['p_adjusted'])}",
+                    "—"
+                    if row["excess_vs_up"] is None
+                    else f"{_interval(row['excess_vs_up'], 100, 2)}, p "
+                    f"{_p(row['excess_vs_up']['p_adjusted'])}",
+                    _interval(row["accuracy"], 100, 2),
+                    "—"
+                    if cost is None
+                    else f"{_interval(cost, 100, 2)}, p {_p(cost['p_adjusted'])}",
+                    "—" if not last else _fmt(float(np.mean([np.max(m) for m in last]))),
+                ]
+            )
+    table = _table(
+        [
+            "arm",
+            "sparsity",
+            "largest excess drop, pts [95% CI]",
+            "- unmitigated [95% CI], adjusted p",
+            "- UP [95% CI], adjusted p",
+            "accuracy, % [95% CI]",
+            "accuracy cost, pts [95% CI], adjusted p",
+            "final max multiplier",
+        ],
+        rows,
+    )
+    return (
+        "## Mitigations\n\nArms named CRITERION+MITIGATION fine-tune after every round under "
+        "a per-class constraint against their dense model, measured on the training set: "
+        "`constrained`, the excess accuracy drop (dense recall - recall) - (dense accuracy - "
+        "accuracy) <= epsilon; `loss-gap`, the class's mean loss - the dense model's <= "
+        f"epsilon (epsilon {config.get('epsilon')}, multipliers' step "
+        f"{config.get('multiplier_step')}, updated once per fine-tuning epoch and carried "
+        "from round to round). A mitigated arm prunes with the same seeds and data order as "
+        "its criterion's unmitigated arm. Per arm, on the test set: the largest per-class "
+        "excess accuracy drop (what the constraint bounds) over seeds, its difference from "
+        "the unmitigated arm and from UP (plain `undecayed`, where the study has it), the "
+        "accuracy cost (unmitigated minus mitigated accuracy), "
+        "paired by seed with Benjamini-Hochberg over each column's tests of a sparsity; and the "
+        "largest multiplier after that round's last epoch, mean over seeds (`multipliers.png` "
+        "shows their trajectories).\n\n" + table + "\n\n"
+    )
+
+
 def _class_section(results: dict[str, Any]) -> str:
     analysis = results["analysis"]
     level = analysis["level"]
@@ -470,11 +616,13 @@ _CAPTIONS = {
     "recall_gaps.png": "Pruned against dense recall gaps per class at the last round",
     "accuracy.png": "Accuracy against weights remaining, a panel per criterion beside the "
     "control arm (95% bands)",
+    "multipliers.png": "The mitigations' multipliers through the fine-tuning epochs of every "
+    "round, largest and mean over classes (mean over seeds)",
 }
 
 
-def _plots_section() -> str:
-    images = "".join(f"![{_CAPTIONS[name]}]({name})\n\n" for name in PLOTS)
+def _plots_section(results: dict[str, Any]) -> str:
+    images = "".join(f"![{_CAPTIONS[name]}]({name})\n\n" for name in plot_names(results))
     return (
         "## Plots\n\n"
         + images
@@ -499,8 +647,9 @@ def render_report(results: dict[str, Any], out: Path) -> str:
             "## Answers\n\n" + "\n".join(answers(results)) + "\n\n",
             _accuracy_section(results),
             _ratio_section(results),
+            _mitigation_section(results),
             _class_section(results),
-            _plots_section(),
+            _plots_section(results),
         ]
     )
 

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from .._extras import study_imports
+from ..mitigation import NONE, Multipliers
 from ..pruning import Iterative, Pruner
-from .config import StudyConfig, parse_arm
+from .config import StudyConfig, parse_arm, split_arm
 from .datasets import Dataset, load_dataset, subsample_train
 from .distributed import setup_distributed
 from .files import StudyError, load_checkpoint
@@ -24,6 +25,7 @@ from .folder import StudyFolder
 from .models import build_model, output_layer_name
 from .records import CONTROL, DENSE, make_record
 from .training import (
+    dense_reference,
     evaluate,
     grad_averages,
     last_epoch_average,
@@ -94,13 +96,25 @@ class Study:
         self.started = False
         self.reused = 0
         self.computed = 0
+        self._references: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def out(self) -> Path:
         return self.folder.path
 
     def arms(self) -> list[str]:
-        return [CONTROL, *self.config.criteria]
+        return [CONTROL, *self.config.arms()]
+
+    @staticmethod
+    def base(arm: str) -> str:
+        """The arm without its mitigation. A mitigated arm draws its pruning seed, scoring
+        batches and data order from the base arm's, so that it differs from it only by the
+        mitigation."""
+        return arm if arm == CONTROL else split_arm(arm)[0]
+
+    @staticmethod
+    def mitigation(arm: str) -> str:
+        return NONE if arm == CONTROL else split_arm(arm)[1]
 
     def schedule(self) -> Iterative:
         config = self.config
@@ -235,7 +249,8 @@ class Study:
             n_batches = math.ceil(len(data.y_train) / config.batch_size)
         else:
             n_batches = estimate if isinstance(estimate, int) else config.n_batches
-        generator = torch.Generator().manual_seed(phase_seed(seed, arm, round_index, "score"))
+        base = self.base(arm)
+        generator = torch.Generator().manual_seed(phase_seed(seed, base, round_index, "score"))
         return scoring_batches(data, config.batch_size, n_batches, generator)
 
     def optimizer(
@@ -269,6 +284,43 @@ class Study:
         criterion = "magnitude" if arm == CONTROL else parse_arm(arm)[0]
         return Pruner(
             model, criterion, scope=config.scope, exclude=exclude, optimizer=optimizer, seed=seed
+        )
+
+    def dense_state(self, seed: int) -> dict[str, torch.Tensor]:
+        """The dense model's weights of ``seed``, from its checkpoint."""
+        return load_checkpoint(self.folder.checkpoint_path(seed, DENSE, 0))["model"]
+
+    def reference(self, seed: int, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense model's training-set counts and per-class losses of ``seed`` (measured
+        once per process), which the mitigations hold its pruned models to."""
+        if seed not in self._references:
+            model = self.new_model(seed, data)
+            model.load_state_dict(self.dense_state(seed))
+            self._references[seed] = dense_reference(model, data, self.device)
+        return self._references[seed]
+
+    def stacked_multipliers(
+        self, cells: list[tuple[int, str]], data: Dataset, states: list[dict[str, Any]]
+    ) -> Multipliers | None:
+        """The multipliers of these (seed, arm) models, stacked (None when none of them is
+        mitigated), starting from those their checkpoints of the round before hold."""
+        kinds = [self.mitigation(arm) for _, arm in cells]
+        if all(kind == NONE for kind in kinds):
+            return None
+        counts, losses, initial = [], [], []
+        for (seed, _), kind, state in zip(cells, kinds, states, strict=True):
+            reference = self.reference(seed, data)
+            counts.append(reference[0])
+            losses.append(reference[1])
+            saved = state.get("multipliers") if kind != NONE else None  # None at round 1
+            initial.append(saved if saved is not None else torch.zeros_like(reference[1]))
+        return Multipliers(
+            kinds,
+            torch.stack(counts),
+            torch.stack(losses),
+            self.config.epsilon,
+            self.config.multiplier_step,
+            initial=torch.stack(initial).to(self.device),
         )
 
     def train(self, model, optimizer, data, epochs, generator, **kwargs) -> float:
@@ -360,10 +412,13 @@ class Study:
         model.load_state_dict(state["model"])
         masks = {k: v.to(self.device) for k, v in state["masks"].items()}
         average = state.get("grad_average")
+        multipliers = state.get("multipliers") if last else None
         schedule = self.schedule()
         schedule.load_state_dict({"round": last, "snapshot": dense["rewind"] or None})
         while not schedule.done:
-            record, masks, average = self.round(seed, arm, data, model, masks, average, schedule)
+            record, masks, average, multipliers = self.round(
+                seed, arm, data, model, masks, average, schedule, multipliers
+            )
             self.computed += 1
             bar.update()
             records.append(record)
@@ -391,17 +446,20 @@ class Study:
         masks: dict[str, torch.Tensor],
         average: dict[str, torch.Tensor] | None,
         schedule: Iterative,
-    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        multipliers: torch.Tensor | None = None,
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
         """The next round of ``schedule``: prune (or not, in the control arm), retrain,
         evaluate and save. ``average``: the gradient average of the training before, for an
-        ``:average`` arm. Returns the record, and the masks and gradient average the next
-        round starts from."""
+        ``:average`` arm; ``multipliers``: those the round before ended with, for a mitigated
+        arm (they carry from round to round, as the constraint does). Returns the record, and
+        the masks, gradient average and multipliers the next round starts from."""
         config = self.config
         round_index = schedule.round + 1
         start = time.perf_counter()
         track = self.estimate(arm) == "average"
+        base = self.base(arm)
         optimizer = self.optimizer(model, self.retrain_lr(), track_grad_avg=track)
-        pruner = self.pruner(model, arm, optimizer, seed=phase_seed(seed, arm, round_index))
+        pruner = self.pruner(model, arm, optimizer, seed=phase_seed(seed, base, round_index))
         if masks:
             pruner.masks.update(masks)
             pruner.apply()
@@ -413,7 +471,19 @@ class Study:
         else:
             batches = self.scoring_batches(seed, arm, round_index, data)
             schedule.prune_round(pruner, data=batches, n_batches=len(batches))
-        generator = torch.Generator().manual_seed(phase_seed(seed, arm, round_index, "train"))
+        generator = torch.Generator().manual_seed(phase_seed(seed, base, round_index, "train"))
+        mitigation = self.mitigation(arm)
+        state = None
+        if mitigation != NONE:
+            counts, losses = self.reference(seed, data)
+            state = Multipliers(
+                mitigation,
+                counts,
+                losses,
+                config.epsilon,
+                config.multiplier_step,
+                initial=None if multipliers is None else multipliers.to(self.device),
+            )
         loss = self.train(
             model,
             optimizer,
@@ -421,6 +491,7 @@ class Study:
             config.finetune_epochs,
             generator,
             on_epoch=last_epoch_average(optimizer, config.finetune_epochs) if track else None,
+            multipliers=state,
         )
         confusion = evaluate(model, data, self.device, self.dist)
         masks = {k: v.clone() for k, v in pruner.masks.items()}
@@ -433,13 +504,18 @@ class Study:
             pruner.sparsity(),
             loss,
             time.perf_counter() - start,
+            multipliers=None if state is None else state.history,
+            violations=None if state is None else state.violations,
         )
         average = grad_averages(optimizer, dict(model.named_parameters())) if track else {}
+        multipliers = None if state is None else state.value.cpu()
         checkpoint = {
             "model": _cpu_state(model.state_dict()),
             "masks": {k: v.cpu() for k, v in masks.items()},
             "grad_average": average,
         }
+        if multipliers is not None:  # carried to the next round
+            checkpoint["multipliers"] = multipliers
         self.folder.save(
             record,
             self.folder.record_path(seed, arm, round_index),
@@ -456,7 +532,7 @@ class Study:
             record["sparsity"],
             record["accuracy"],
         )
-        return record, masks, average
+        return record, masks, average, multipliers
 
 
 def _cpu_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .._extras import study_imports
 from ..metrics import ConfusionCounter
+from ..mitigation import Multipliers, measure, sample_losses
 from ..optim import UndecayedSGD, decay_param_groups
 from .datasets import Dataset
 from .distributed import Distributed
@@ -121,9 +122,11 @@ def train(
     scheduler: Any = None,
     on_epoch: Callable[[int], None] | None = None,
     progress: bool = False,
+    multipliers: Multipliers | None = None,
 ) -> float:
     """Train for ``epochs`` epochs; returns the mean loss of the last epoch. ``on_epoch(e)``
-    is called after epoch ``e`` (1-based)."""
+    is called after epoch ``e`` (1-based). With ``multipliers``, the model minimises their
+    proxy Lagrangian, and they are updated after each epoch."""
     network = model
     if dist.active:
         network = nn.parallel.DistributedDataParallel(model)
@@ -135,11 +138,20 @@ def train(
         for batch in batches(len(x), batch_size, generator, dist):
             inputs, targets = x[batch].to(device), y[batch].to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(network(inputs), targets)
-            loss.backward()
+            if multipliers is None:
+                loss = nn.functional.cross_entropy(network(inputs), targets)
+                loss.backward()
+            else:
+                logits = network(inputs)
+                losses = sample_losses(logits, targets)
+                multipliers.objective(logits, targets, losses).backward()
+                loss = losses.mean()
             optimizer.step()
             total += loss.detach()
             count += 1
+        if multipliers is not None:
+            multipliers.sync()
+            multipliers.end_epoch()
         if scheduler is not None:
             scheduler.step()
         loss_value = float(total) / max(count, 1)
@@ -157,6 +169,20 @@ def scoring_batches(
         (data.x_train[indices], data.y_train[indices])
         for indices in order.split(batch_size)[:n_batches]
     ]
+
+
+def dense_reference(
+    model: nn.Module, data: Dataset, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense model's confusion counts ``[C, C]`` and mean loss per class ``[C]`` on the
+    training set (eval mode), on ``device``: what the mitigations hold the pruned model to."""
+    training = model.training
+    model.eval()
+    x, y = data.x_train, data.y_train
+    chunks = [(x[i : i + EVAL_BATCH], y[i : i + EVAL_BATCH]) for i in range(0, len(y), EVAL_BATCH)]
+    reference = measure(model, chunks, data.num_classes, device=device)
+    model.train(training)
+    return reference.counts(), reference.class_losses()
 
 
 @torch.no_grad()
