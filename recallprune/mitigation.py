@@ -20,6 +20,7 @@ each keep their own multipliers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -111,34 +112,37 @@ class ClassMeasurements:
             self.counter: Any = ConfusionCounter(num_classes, device=device)
         else:
             self.counter = StackedConfusionCounter(models, num_classes, device=device)
-        self.loss_sums = torch.zeros(*lead, num_classes, dtype=torch.float64, device=device)
-        self.samples = torch.zeros(*lead, num_classes, dtype=torch.float64, device=device)
+        # Summed losses and sample counts per class: [0] those of every rank up to the last
+        # sync, [1] this rank's since then (so that a second sync adds nothing twice).
+        self._sums = torch.zeros(2, 2, *lead, num_classes, dtype=torch.float64, device=device)
 
     def update(self, logits: Tensor, targets: Tensor, losses: Tensor) -> None:
         """One batch: ``logits`` ``[..., b, C]``, ``targets`` and ``losses`` ``[..., b]``."""
         logits, losses = logits.detach(), losses.detach().double()
         self.counter.update(logits, targets)
-        self.loss_sums.scatter_add_(-1, targets, losses)
-        self.samples.scatter_add_(-1, targets, torch.ones_like(losses))
+        self._sums[1, 0].scatter_add_(-1, targets, losses)
+        self._sums[1, 1].scatter_add_(-1, targets, torch.ones_like(losses))
 
     def counts(self) -> Tensor:
         return self.counter.compute()
 
     def class_losses(self) -> Tensor:
         """Each class's mean loss, ``[..., C]`` (NaN for a class not seen)."""
-        return self.loss_sums / self.samples
+        loss_sums, samples = self._sums.sum(dim=0)
+        return loss_sums / samples
 
     def sync(self) -> None:
-        """Sum the measurements over ``torch.distributed`` ranks; no-op otherwise."""
+        """Sum the measurements over ``torch.distributed`` ranks; no-op otherwise, and for
+        what an earlier sync summed already."""
         self.counter.sync()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.loss_sums)
-            torch.distributed.all_reduce(self.samples)
+            torch.distributed.all_reduce(self._sums[1])
+            self._sums[0] += self._sums[1]
+            self._sums[1].zero_()
 
     def reset(self) -> None:
         self.counter.reset()
-        self.loss_sums.zero_()
-        self.samples.zero_()
+        self._sums.zero_()
 
 
 @torch.no_grad()
@@ -191,9 +195,24 @@ class Multipliers:
         initial: Tensor | None = None,
     ) -> None:
         for name, value in (("epsilon", epsilon), ("step", step)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 <= value < math.inf
+            ):
+                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
         lead = tuple(dense_losses.shape[:-1])
+        num_classes = dense_losses.shape[-1] if dense_losses.dim() else 0
+        if dense_losses.dim() == 0 or tuple(dense_counts.shape) != (
+            *lead,
+            num_classes,
+            num_classes,
+        ):
+            raise ValueError(
+                "dense_losses must be [..., C] and dense_counts [..., C, C] with the same "
+                f"leading dimensions, got {tuple(dense_losses.shape)} and "
+                f"{tuple(dense_counts.shape)}"
+            )
         names = [kinds] if isinstance(kinds, str) else list(kinds)
         for kind in names:
             check_mitigation(kind, "kinds")
@@ -212,9 +231,18 @@ class Multipliers:
         self.dense_losses = dense_losses.double()
         self.epsilon = float(epsilon)
         self.step = float(step)
-        num_classes = dense_losses.shape[-1]
         self.value = torch.zeros(*lead, num_classes, dtype=torch.float64, device=device)
         if initial is not None:
+            if not isinstance(initial, Tensor) or tuple(initial.shape) != self.value.shape:
+                got = tuple(initial.shape) if isinstance(initial, Tensor) else type(initial)
+                raise ValueError(
+                    f"initial must be a tensor of the multipliers' shape "
+                    f"{tuple(self.value.shape)}, got {got}"
+                )
+            # Once per round, before training: a host read here costs nothing per step (and a
+            # meta tensor has no values to check).
+            if not initial.is_meta and not bool(((initial >= 0) & initial.isfinite()).all()):
+                raise ValueError("initial multipliers must be finite and non-negative")
             self.value.copy_(initial)
         self.measurements = ClassMeasurements(num_classes, lead[0] if lead else None, device)
         self.history: list[Tensor] = []  # the multipliers after each epoch's update
@@ -295,6 +323,11 @@ class ConstrainedFinetune:
             dense_counts, dense_losses = reference.counts(), reference.class_losses()
         if dense_counts is None or dense_losses is None:
             raise ValueError("give the dense model, or both dense_counts and dense_losses")
+        if dense_losses.dim() != 1 or dense_losses.shape[0] != num_classes:
+            raise ValueError(
+                f"dense_losses must be [num_classes] = [{num_classes}], got "
+                f"{tuple(dense_losses.shape)}"
+            )
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.num_classes = num_classes
         self.state = Multipliers(
@@ -327,6 +360,7 @@ class ConstrainedFinetune:
             self.optimizer.step()
             total += losses.detach().mean()
             count += 1
+        self.state.sync()  # data-parallel: every rank steps its multipliers alike
         self.state.end_epoch()
         return total / max(count, 1)
 

@@ -94,12 +94,22 @@ def test_one_epoch_update_from_the_counts_by_hand():
 
 
 def test_multipliers_refuse_bad_settings():
-    with pytest.raises(ValueError, match="epsilon must be a non-negative number, got -1"):
+    with pytest.raises(ValueError, match="epsilon must be a finite non-negative number, got -1"):
         Multipliers("constrained", torch.eye(2), torch.zeros(2), epsilon=-1)
     with pytest.raises(ValueError, match="kinds must be one of"):
         Multipliers("balanced", torch.eye(2), torch.zeros(2))
     with pytest.raises(ValueError, match="one per stacked model"):
         Multipliers(["none"], torch.eye(2).expand(2, 2, 2), torch.zeros(2, 2))
+    # An infinite step would make the multipliers of unmitigated models in a stack NaN.
+    with pytest.raises(ValueError, match="step must be a finite non-negative number, got inf"):
+        Multipliers("constrained", torch.eye(2), torch.zeros(2), step=float("inf"))
+    with pytest.raises(ValueError, match=r"dense_counts \[\.\.\., C, C\] with the same leading"):
+        Multipliers("constrained", torch.eye(3), torch.zeros(5))
+    with pytest.raises(ValueError, match=r"initial must be a tensor of the multipliers' shape"):
+        Multipliers("constrained", torch.eye(2), torch.zeros(2), initial=torch.zeros(1))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="initial multipliers must be finite and non-neg"):
+            Multipliers("loss-gap", torch.eye(2), torch.zeros(2), initial=torch.tensor([0, bad]))
 
 
 # -- the constraint on a small task --------------------------------------------------------
@@ -196,6 +206,18 @@ def test_constrained_finetune_refuses_what_it_cannot_use(dense_model):
         ConstrainedFinetune(model, optimizer, loader, 4, dense, mitigation="none")
     with pytest.raises(ValueError, match="give the dense model, or both"):
         ConstrainedFinetune(model, optimizer, loader, 4)
+    reference = measure(dense.eval(), loader, 4)
+    counts, losses = reference.counts(), reference.class_losses()
+    with pytest.raises(
+        ValueError, match=r"dense_losses must be \[num_classes\] = \[7\], got \(4,\)"
+    ):
+        ConstrainedFinetune(model, optimizer, loader, 7, dense_counts=counts, dense_losses=losses)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"dense_counts \[\.\.\., C, C\]"):
+        ConstrainedFinetune(
+            model, optimizer, loader, 4, dense_counts=counts[:3, :3], dense_losses=losses
+        )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 # -- class-balanced UP ---------------------------------------------------------------------
@@ -229,6 +251,19 @@ def test_class_balanced_up_is_up_on_a_balanced_batch_and_differs_otherwise():
         data=[skewed], loss_fn=criteria.class_balanced_cross_entropy
     )
     torch.testing.assert_close(balanced_up["0.weight"], explicit["0.weight"])
+
+
+def test_class_balanced_up_refuses_the_running_average():
+    """The optimizer averages the gradient of the training loss, not the class-balanced
+    one: an average would silently score as plain UP."""
+    with pytest.raises(ValueError, match="not of the class-balanced loss"):
+        parse_arm("undecayed-balanced:average")
+    assert parse_arm("undecayed:average") == ("undecayed", "average")
+    model = nn.Sequential(nn.Linear(6, 3))
+    optimizer = UndecayedSGD(model.parameters(), lr=0.1, track_grad_avg=True)
+    pruner = Pruner(model, "undecayed-balanced", optimizer=optimizer, lam=5e-4)
+    with pytest.raises(ValueError, match="grad_source='average' does not suit the undecayed-b"):
+        pruner.scores(grad_source="average")
 
 
 def test_stacked_gradients_take_the_class_balanced_loss_per_model():
@@ -348,14 +383,61 @@ def test_a_mitigated_study_runs_every_arm_and_records_the_multipliers(mitigated_
     assert max(max(m) for r in results["runs"] for m in r.get("multipliers", [[0]])) > 0
 
 
-def test_a_mitigated_arm_starts_from_the_unmitigated_arms_pruning(mitigated_study):
+@pytest.mark.parametrize("execution", ["sequential", "batched"])
+def test_an_inactive_mitigation_changes_nothing(execution, tmp_path):
+    """A bound no class can break keeps the multipliers at 0: every mitigated arm then
+    trains, prunes (class-balanced UP from its scoring batches) and counts exactly as the
+    unmitigated arm of its criterion, round after round."""
+    results = _study(tmp_path / execution, execution, "--epsilon", "1000")
+    runs = {(r["seed"], r["criterion"], r["round"]): r for r in results["runs"]}
+    mitigated = [key for key in runs if "+" in key[1]]
+    assert len(mitigated) == 2 * 4 * 2  # seeds x mitigated arms x rounds
+    for seed, arm, round_ in mitigated:
+        run, plain = runs[(seed, arm, round_)], runs[(seed, arm.split("+")[0], round_)]
+        assert max(max(m) for m in run["multipliers"]) == 0
+        assert run["confusion"] == plain["confusion"], (seed, arm, round_)
+        assert run["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-6)
+
+
+def test_the_multipliers_carry_from_round_to_round(mitigated_study):
+    """Round 2 starts from the multipliers round 1 ended with: its first epoch's multipliers
+    are those plus one step on the violation it measured."""
     _, results = mitigated_study
-    first = {
-        (r["seed"], r["criterion"]): r for r in results["runs"] if r["round"] == 1
-    }  # same seeds, so the same pruned weights count and sparsity
-    for seed in (0, 1):
-        for arm in ("magnitude+constrained", "magnitude+loss-gap"):
-            assert first[(seed, arm)]["sparsity"] == first[(seed, "magnitude")]["sparsity"]
+    step = results["config"]["multiplier_step"]
+    runs = {(r["seed"], r["criterion"], r["round"]): r for r in results["runs"]}
+    carried = 0
+    for (seed, arm, round_), run in runs.items():
+        if "+" not in arm or round_ != 2:
+            continue
+        before = torch.tensor(runs[(seed, arm, 1)]["multipliers"][-1], dtype=torch.float64)
+        violation = torch.tensor(
+            [float("nan") if v is None else v for v in run["violations"][0]], dtype=torch.float64
+        )
+        expected = multiplier_step(before, violation, step)
+        torch.testing.assert_close(
+            torch.tensor(run["multipliers"][0], dtype=torch.float64), expected
+        )
+        carried += int(bool((before > 0).any()))
+    assert carried > 0  # some model ended round 1 with a multiplier above zero
+
+
+def test_saved_multipliers_join_the_stack_on_the_training_device(tmp_path):
+    """A checkpoint's multipliers (saved on the CPU) and the zeros of unmitigated models
+    join one stack on the training device ("meta" standing in for a GPU here)."""
+    config = StudyConfig(
+        seeds=[0], criteria=["magnitude"], mitigations=["none", "constrained"], device="cpu"
+    )
+    study = grid.BatchedStudy(config, tmp_path / "study", progress=False)
+    study.device = torch.device("meta")
+    classes = 10
+    study._references[0] = (
+        torch.zeros(classes, classes, dtype=torch.int64, device="meta"),
+        torch.zeros(classes, dtype=torch.float64, device="meta"),
+    )
+    cells = [(0, "control"), (0, "magnitude"), (0, "magnitude+constrained")]
+    states = [{}, {}, {"multipliers": torch.ones(classes, dtype=torch.float64)}]
+    multipliers = study.stacked_multipliers(cells, None, states)
+    assert multipliers.value.device.type == "meta" and multipliers.value.shape == (3, classes)
 
 
 def test_a_batched_mitigated_study_agrees_with_the_sequential_one(mitigated_study, tmp_path):
@@ -410,5 +492,19 @@ def test_the_report_compares_every_arm(mitigated_study, tmp_path):
     (old / "multipliers.png").unlink()
     rebuilt = rebuild(old)
     assert "## Mitigations" not in (old / "report.md").read_text()
+    # Mitigated arms without their unmitigated arms: answer 4 says there is nothing to pair.
+    only = tmp_path / "only-mitigated"
+    shutil.copytree(out, only)
+    full = json.loads((out / "results.json").read_text())
+    plain = {"magnitude", "undecayed-balanced"}
+    full["runs"] = [r for r in full["runs"] if r["criterion"] not in plain]
+    full["config"]["mitigations"] = ["constrained", "loss-gap"]
+    (only / "results.json").write_text(json.dumps(full))
+    rebuild(only)
+    answer = (only / "report.md").read_text().split("4. **Do the mitigations")[1]
+    assert answer.split("\n")[0].endswith(
+        "Not measured: no mitigated arm has its unmitigated arm in this study (run with "
+        "`--mitigations none ...` to compare them)."
+    )
     assert not (old / "multipliers.png").exists()
     assert {r["criterion"] for r in rebuilt["runs"]} >= {"magnitude", "control"}

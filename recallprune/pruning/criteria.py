@@ -59,12 +59,14 @@ def undecayed_score(weight: Tensor, grad: Tensor, lam: float) -> Tensor:
     return (-w * grad.float() + lam * w**2).abs()
 
 
-def class_balanced_weights(targets: Tensor) -> Tensor:
+def class_balanced_weights(targets: Tensor, num_classes: int | None = None) -> Tensor:
     """Each sample's weight in the class-balanced loss, over the last dimension of
     ``targets`` (leading dimensions: separate batches): ``1 / (K * n_c)`` for a sample of
-    class ``c``; each batch's weights sum to 1."""
+    class ``c``; each batch's weights sum to 1. ``num_classes`` (at least the largest label
+    plus one) spares reading the largest label on the host."""
     targets = targets.long()
-    num_classes = int(targets.max()) + 1 if targets.numel() else 1
+    if num_classes is None:
+        num_classes = int(targets.max()) + 1 if targets.numel() else 1
     counts = torch.zeros(*targets.shape[:-1], num_classes, device=targets.device)
     counts.scatter_add_(-1, targets, torch.ones(targets.shape, device=targets.device))
     present = (counts > 0).sum(dim=-1, keepdim=True)
@@ -74,7 +76,7 @@ def class_balanced_weights(targets: Tensor) -> Tensor:
 def class_balanced_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     """The cross-entropy of a batch with every class present weighing the same."""
     losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-    return (losses * class_balanced_weights(targets)).sum()
+    return (losses * class_balanced_weights(targets, logits.shape[-1])).sum()
 
 
 def random_score(weight: Tensor, generator: torch.Generator) -> Tensor:

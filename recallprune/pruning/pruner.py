@@ -329,6 +329,12 @@ class Pruner:
             if gradients is not None:
                 grads = self._given_gradients(gradients)
             elif grad_source == "average":
+                if self.criterion in criteria.CLASS_BALANCED:
+                    raise ValueError(
+                        f"grad_source='average' does not suit the {self.criterion} criterion: "
+                        "the optimizer averages the gradient of the training loss, not of the "
+                        "class-balanced loss; pass data= (or gradients=)"
+                    )
                 grads = self._average_gradients()
             elif data is None:
                 raise ValueError(

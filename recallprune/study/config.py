@@ -12,7 +12,7 @@ from typing import Any
 
 from .._extras import study_imports
 from ..mitigation import DEFAULT_EPSILON, DEFAULT_STEP, MITIGATIONS, NONE
-from ..pruning.criteria import CRITERIA, NEEDS_GRADIENT
+from ..pruning.criteria import CLASS_BALANCED, CRITERIA, NEEDS_GRADIENT
 from ..pruning.pruner import SCOPES
 from ..pruning.schedules import RETRAIN_MODES
 from .datasets import DATASETS
@@ -71,6 +71,12 @@ def parse_arm(arm: str) -> tuple[str, int | str | None]:
     if criterion not in NEEDS_GRADIENT:
         raise ValueError(
             f"criterion {arm!r}: only {', '.join(NEEDS_GRADIENT)} take a gradient estimate"
+        )
+    if estimate == "average" and criterion in CLASS_BALANCED:
+        raise ValueError(
+            f"criterion {arm!r}: the running average is the gradient of the training loss, "
+            f"not of the class-balanced loss {criterion} scores with; give a number of batches "
+            "or 'full'"
         )
     if estimate in GRADIENT_ESTIMATES:
         return criterion, estimate

@@ -363,9 +363,17 @@ def _answer_mitigations(results: dict[str, Any], sparsity: float, level: float) 
             f"adjusted p {_p(vs['p_adjusted'])}); accuracy cost {_interval(cost, 100, 2)} pts "
             f"(adjusted p {_p(cost['p_adjusted'])})"
         )
-    return (
+    question = (
         "4. **Do the mitigations reduce the largest per-class excess accuracy drop, and at "
-        f"what cost?** At sparsity {sparsity:.3f}, against the unmitigated arm of the same "
+        "what cost?**"
+    )
+    if not lines:
+        return (
+            f"{question} Not measured: no mitigated arm has its unmitigated arm in this study "
+            "(run with `--mitigations none ...` to compare them)."
+        )
+    return (
+        f"{question} At sparsity {sparsity:.3f}, against the unmitigated arm of the same "
         "criterion, paired by seed (t-test, Benjamini-Hochberg over the mitigated arms):\n"
         + "\n".join(lines)
     )

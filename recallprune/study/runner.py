@@ -313,7 +313,9 @@ class Study:
             counts.append(reference[0])
             losses.append(reference[1])
             saved = state.get("multipliers") if kind != NONE else None  # None at round 1
-            initial.append(saved if saved is not None else torch.zeros_like(reference[1]))
+            # Saved on the CPU; the references (and the stack) live on the training device.
+            zeros = torch.zeros_like(reference[1])
+            initial.append(zeros if saved is None else saved.to(zeros.device, zeros.dtype))
         return Multipliers(
             kinds,
             torch.stack(counts),
