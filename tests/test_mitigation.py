@@ -14,6 +14,7 @@ from torch import nn
 
 from recallprune import ConstrainedFinetune, Pruner, UndecayedSGD
 from recallprune.mitigation import (
+    ClassMeasurements,
     Multipliers,
     excess_accuracy_drop,
     measure,
@@ -508,3 +509,35 @@ def test_the_report_compares_every_arm(mitigated_study, tmp_path):
     )
     assert not (old / "multipliers.png").exists()
     assert {r["criterion"] for r in rebuilt["runs"]} >= {"magnitude", "control"}
+
+
+def test_measurements_sum_over_ranks_once(monkeypatch):
+    """Data-parallel: the epoch's per-class losses are those of both ranks' samples, however
+    often sync() is called (every call takes part in the collective)."""
+    from torch import distributed
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    targets = torch.tensor([0, 1, 1])
+    losses = torch.tensor([0.5, 1.0, 3.0])
+    other = torch.tensor([[1.5, 2.0], [1.0, 1.0]], dtype=torch.float64)  # sums, samples
+    calls = []
+
+    def all_reduce(tensor, op=None):
+        calls.append(tuple(tensor.shape))
+        if tensor.dtype == torch.float64:
+            tensor.add_(other if bool(tensor.any()) else torch.zeros_like(tensor))
+        else:
+            tensor.mul_(2)  # the confusion counts: an identical second rank
+
+    monkeypatch.setattr(distributed, "is_available", lambda: True)
+    monkeypatch.setattr(distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "all_reduce", all_reduce)
+    measurements = ClassMeasurements(2)
+    measurements.update(logits, targets, losses)
+    expected = torch.tensor(
+        [(0.5 + 1.5) / (1 + 1), (1.0 + 3.0 + 2.0) / (2 + 1)], dtype=torch.float64
+    )
+    for _ in range(3):
+        measurements.sync()
+        torch.testing.assert_close(measurements.class_losses(), expected)
+    assert sum(shape == (2, 2) for shape in calls) == 3
