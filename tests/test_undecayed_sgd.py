@@ -1490,3 +1490,36 @@ def test_cuda_step_does_not_sync(case, backend):
         optimizers[1].step()
     for p, q in zip(*(m.parameters() for m in models), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_cpu_kernel_results_do_not_depend_on_the_number_of_threads(dtype):
+    """The CPU kernel splits the work into chunks and runs each thread's consecutive chunks
+    of a tensor as one range: every element takes the same path (vector or scalar tail)
+    with one thread as with two, so the results are bit-identical."""
+    pytest.importorskip("recallprune._C")
+    sizes = [3 * 32768 + 5, 7, 65536, 40001, 1]
+    generator = torch.Generator().manual_seed(12)
+    start = [torch.randn(n, generator=generator).to(dtype) for n in sizes]
+    grads = [torch.randn(n, generator=generator).to(dtype) for n in sizes]
+    keeps = [torch.rand(n, generator=generator) < 0.6 for n in sizes]
+    hyper = dict(
+        lr=0.05, momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False
+    )
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            params = [p.clone() for p in start]
+            bufs = [
+                torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype) for n in sizes
+            ]
+            torch.ops.recallprune.undecayed_sgd_(
+                params, grads, bufs, keeps, [], [], is_first_step=False, **hyper
+            )
+            results.append(params + bufs)
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
