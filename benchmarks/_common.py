@@ -30,6 +30,15 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The CPU instruction sets torch's kernels (and recallprune's) are compiled for, as
 # ATEN_CPU_CAPABILITY names them.
 CPU_CAPABILITIES = ("default", "avx2", "avx512")
+# torch's switch for transparent huge pages under its large CPU allocations (--huge-pages).
+_HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
+
+
+def huge_pages() -> bool:
+    """Whether torch backs large CPU tensors with transparent huge pages in this process."""
+    return os.environ.get(_HUGE_PAGES, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 # Set in the processes that --capability starts: the capability they were started for.
 _CAPABILITY_CHILD = "RECALLPRUNE_BENCH_CAPABILITY"
 
@@ -341,6 +350,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
         "num_threads": torch.get_num_threads(),
+        "huge_pages": huge_pages(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -525,6 +535,13 @@ def add_timing_arguments(parser, unit: str, name: str, defaults: dict[str, float
         "with each one the CPU has ('all'), each in a fresh process of this script; other "
         "devices are measured once (default: the set torch picks, in this process)",
     )
+    parser.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help=f"back torch's large CPU tensors with transparent huge pages ({_HUGE_PAGES}=1, "
+        "in a fresh process): fewer TLB misses, and ratios that do not move with where the "
+        "pages of each method's tensors fall; results go to files ending in -thp",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -572,6 +589,10 @@ def run_devices(
     ``argv``), one per instruction set, with ATEN_CPU_CAPABILITY set; other devices are
     measured here, once. File names: see ``result_path``.
     """
+    if getattr(args, "huge_pages", False) and not huge_pages():
+        # torch reads the switch once, at its first large allocation: start afresh with it.
+        os.environ[_HUGE_PAGES] = "1"
+        os.execv(sys.executable, [sys.executable, str(script), *argv])
     child_capability = os.environ.get(_CAPABILITY_CHILD)
     written: list[Path] = []
     if child_capability is not None:
@@ -617,6 +638,8 @@ def result_path(
     parts = [name, slugify(device_name(device))]
     if device.type == "cpu" and capability is not None:
         parts.append(slugify(capability))
+    if device.type == "cpu" and huge_pages():
+        parts.append("thp")
     if quick:
         parts.append("quick")
     return RESULTS_DIR / ("-".join(parts) + ".json")
