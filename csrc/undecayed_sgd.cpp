@@ -9,14 +9,17 @@ namespace recallprune {
 
 TORCH_LIBRARY_FRAGMENT(recallprune, m) {
   // One fused UndecayedSGD step over lists of tensors (see recallprune/optim/functional.py).
-  // keep_masks / decay_masks: empty, or one optional bool/uint8 mask per parameter.
+  // keep_masks / decay_masks: empty, or one optional bool/uint8 mask per parameter; with
+  // keep_masks_packed (the CPU kernel only), each keep mask holds one bit per element instead
+  // of a byte: bit e % 8 of byte e / 8 for element e in memory order.
   // momentum_buffers: empty when momentum == 0. grad_sums: empty unless the undecayed
   // gradient is being accumulated.
   m.def(
       "undecayed_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor?[] keep_masks, Tensor?[] decay_masks, Tensor(c!)[] grad_sums, *, float lr, "
       "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool is_first_step, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "bool keep_masks_packed=False) -> ()");
   // The same with the learning rate and the weight decay as one-element float32/float64
   // tensors (as torch's _fused_sgd_.tensor_lr takes lr): each is read on the host when it is
   // on the CPU, and by the kernel when it is on the parameters' GPU (no host synchronisation).
@@ -25,7 +28,7 @@ TORCH_LIBRARY_FRAGMENT(recallprune, m) {
       "Tensor(b!)[] momentum_buffers, Tensor?[] keep_masks, Tensor?[] decay_masks, "
       "Tensor(c!)[] grad_sums, *, Tensor lr, float momentum, float dampening, "
       "Tensor weight_decay, bool nesterov, bool maximize, bool is_first_step, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "Tensor? grad_scale=None, Tensor? found_inf=None, bool keep_masks_packed=False) -> ()");
 }
 
 namespace {
@@ -58,13 +61,23 @@ void check_same_tensor(const at::Tensor& param, const at::Tensor& other, const c
 }
 
 void check_masks(const c10::List<std::optional<at::Tensor>>& masks, at::TensorList params,
-                 const char* what) {
+                 const char* what, bool packed = false) {
   TORCH_CHECK(masks.size() == 0 || masks.size() == params.size(), "undecayed_sgd_: ", what,
               " must be empty or hold one entry per parameter (", params.size(), "), got ",
               masks.size());
   for (size_t i = 0; i < masks.size(); ++i) {
     const std::optional<at::Tensor> mask = masks.get(i);
     if (!mask.has_value()) {
+      continue;
+    }
+    if (packed) {
+      const int64_t bytes = (params[i].numel() + 7) / 8;
+      TORCH_CHECK(mask->scalar_type() == at::kByte && mask->dim() == 1 &&
+                      mask->numel() == bytes && mask->is_contiguous() &&
+                      mask->device() == params[i].device(),
+                  "undecayed_sgd_: packed ", what, "[", i, "] must be a contiguous uint8 [",
+                  bytes, "] on ", params[i].device(), " (one bit per element), got ",
+                  mask->scalar_type(), " ", mask->sizes(), " on ", mask->device());
       continue;
     }
     TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == at::kByte,
@@ -82,7 +95,8 @@ void check_undecayed_sgd_args(at::TensorList params, at::TensorList grads,
                               const c10::List<std::optional<at::Tensor>>& decay_masks,
                               at::TensorList grad_sums, double momentum,
                               const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf) {
+                              const std::optional<at::Tensor>& found_inf,
+                              bool keep_masks_packed) {
   TORCH_CHECK(grads.size() == params.size(), "undecayed_sgd_: expected one gradient per parameter (",
               params.size(), "), got ", grads.size());
   TORCH_CHECK(momentum == 0.0 ? momentum_buffers.empty()
@@ -94,7 +108,7 @@ void check_undecayed_sgd_args(at::TensorList params, at::TensorList grads,
   TORCH_CHECK(grad_sums.empty() || grad_sums.size() == params.size(),
               "undecayed_sgd_: grad_sums must be empty or hold one tensor per parameter (",
               params.size(), "), got ", grad_sums.size());
-  check_masks(keep_masks, params, "keep_masks");
+  check_masks(keep_masks, params, "keep_masks", keep_masks_packed);
   check_masks(decay_masks, params, "decay_masks");
 
   for (size_t i = 0; i < params.size(); ++i) {

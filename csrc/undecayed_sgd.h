@@ -21,7 +21,8 @@ void check_undecayed_sgd_args(at::TensorList params, at::TensorList grads,
                               const c10::List<std::optional<at::Tensor>>& decay_masks,
                               at::TensorList grad_sums, double momentum,
                               const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf);
+                              const std::optional<at::Tensor>& found_inf,
+                              bool keep_masks_packed);
 
 // Checks of a tensor hyper-parameter of undecayed_sgd_.tensor (`name`: "lr" or
 // "weight_decay"): one float32 or float64 element, on the CPU or on the parameters' device.

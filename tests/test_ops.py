@@ -15,7 +15,7 @@ import recallprune
 from recallprune import ConfusionCounter, UndecayedSGD, confusion_matrix
 from recallprune.ops import extension
 from recallprune.ops.confusion import kernel_batch
-from recallprune.ops.undecayed_sgd import choose_backend, kernel_call
+from recallprune.ops.undecayed_sgd import choose_backend, kernel_call, pack_keep_mask
 
 from .conftest import requires_ops
 
@@ -46,6 +46,13 @@ def _sgd_calls(device):
     decays = [None, rand(17) > 0, None]
     sums = [torch.zeros(shape, device=device) for shape in shapes]
     yield kernel_call(params, grads, bufs, keeps, decays, sums, **hyper)
+    if torch.device(device).type == "cpu":  # packed keep masks: the CPU kernel's
+        packed = [
+            None if k is None else pack_keep_mask(p, k) for p, k in zip(params, keeps, strict=True)
+        ]
+        yield kernel_call(
+            params, grads, bufs, packed, decays, sums, keep_masks_packed=True, **hyper
+        )
     no_momentum = dict(hyper, momentum=0.0, nesterov=False)
     yield kernel_call(params, grads, [], [], [], [], **no_momentum)
     half = [p.half() for p in params]

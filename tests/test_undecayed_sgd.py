@@ -1523,3 +1523,152 @@ def test_cpu_kernel_results_do_not_depend_on_the_number_of_threads(dtype):
         torch.set_num_threads(threads)
     for one, two in zip(*results, strict=True):
         assert torch.equal(one, two)
+
+
+# -- packed keep masks (the CPU kernel) -------------------------------------------------------
+
+
+def test_pack_keep_mask_holds_a_bit_per_element_in_memory_order():
+    from recallprune.ops.undecayed_sgd import pack_keep_mask
+
+    mask = torch.tensor([1, 0, 0, 1, 1, 1, 0, 0, 1, 1], dtype=torch.bool)
+    packed = pack_keep_mask(torch.empty(10), mask)
+    assert packed.dtype == torch.uint8 and packed.tolist() == [0b00111001, 0b00000011]
+    # A channels_last weight: the bits follow the memory order (channels fastest).
+    weight = torch.empty(1, 2, 1, 3).contiguous(memory_format=torch.channels_last)
+    keep = torch.tensor([[[[1, 0, 1]], [[0, 0, 1]]]], dtype=torch.bool)
+    keep = keep.contiguous(memory_format=torch.channels_last)
+    # Memory order: (c0,w0) (c1,w0) (c0,w1) (c1,w1) (c0,w2) (c1,w2) = 1 0 0 0 1 1.
+    assert pack_keep_mask(weight, keep).tolist() == [0b110001]
+    assert pack_keep_mask(torch.empty(0), torch.ones(0, dtype=torch.bool)).numel() == 0
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_kernel_with_packed_keep_masks_equals_byte_masks(dtype, momentum):
+    """The CPU kernel reads packed keep masks (bits) and byte masks alike: bit-identical
+    weights, momentum and gradient sums, for sizes about a byte of bits, a vector and a
+    chunk, with decay masks and without."""
+    pytest.importorskip("recallprune._C")
+    from recallprune.ops.undecayed_sgd import pack_keep_mask
+
+    sizes = [1, 7, 8, 9, 63, 64, 65, 2 * 32768 + 13, 1000]
+    generator = torch.Generator().manual_seed(21)
+    start = [torch.randn(n, generator=generator).to(dtype) for n in sizes]
+    keeps = [torch.rand(n, generator=generator) < 0.6 for n in sizes]
+    keeps[1] = None  # a parameter without a mask among masked ones
+    decays = [
+        torch.rand(n, generator=generator) < 0.5 if i % 2 else None for i, n in enumerate(sizes)
+    ]
+    sum_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    hyper = dict(
+        lr=0.05, momentum=momentum, dampening=0.0, weight_decay=1e-2, nesterov=False, maximize=False
+    )
+    results = []
+    for packed in (False, True):
+        params = [p.clone() for p in start]
+        for p, k in zip(params, keeps, strict=True):
+            if k is not None:
+                p.masked_fill_(~k, 0)
+        bufs = [torch.zeros_like(p) for p in params] if momentum else []
+        sums = [torch.zeros(n, dtype=sum_dtype) for n in sizes]
+        masks = [
+            None if k is None else (pack_keep_mask(p, k) if packed else k)
+            for p, k in zip(params, keeps, strict=True)
+        ]
+        step_generator = torch.Generator().manual_seed(5)
+        for step in range(2):
+            grads = [torch.randn(n, generator=step_generator).to(dtype) for n in sizes]
+            torch.ops.recallprune.undecayed_sgd_(
+                params,
+                grads,
+                bufs,
+                masks,
+                decays,
+                sums,
+                is_first_step=step == 0,
+                keep_masks_packed=packed,
+                **hyper,
+            )
+        results.append(params + bufs + sums)
+    for with_bytes, with_bits in zip(*results, strict=True):
+        assert torch.equal(with_bytes, with_bits)
+
+
+def test_the_cpu_step_packs_its_keep_masks():
+    model = _conv_model().to(memory_format=torch.channels_last)
+    opt = UndecayedSGD(model.parameters(), lr=0.1, momentum=0.9, backend="kernel")
+    keep = torch.rand(model[0].weight.shape) > 0.5
+    opt.set_mask(model[0].weight, keep)
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    opt.step()
+    (lists,) = opt._step_lists
+    (launch,) = lists.plan.launches
+    assert launch.keep_masks_packed
+    packed = launch.keep_masks[0]
+    assert packed.dtype == torch.uint8 and packed.numel() == (keep.numel() + 7) // 8
+    assert torch.equal(model[0].weight[~keep], torch.zeros_like(model[0].weight[~keep]))
+
+
+def test_packed_keep_masks_are_checked():
+    pytest.importorskip("recallprune._C")
+    op = torch.ops.recallprune.undecayed_sgd_
+    hyper = dict(
+        lr=0.1,
+        momentum=0.0,
+        dampening=0.0,
+        weight_decay=0.0,
+        nesterov=False,
+        maximize=False,
+        is_first_step=False,
+    )
+    w = torch.zeros(20)
+    with pytest.raises(
+        RuntimeError, match=r"packed keep_masks\[0\] must be a contiguous uint8 \[3\]"
+    ):
+        op(
+            [w],
+            [torch.zeros(20)],
+            [],
+            [torch.zeros(20, dtype=torch.uint8)],
+            [],
+            [],
+            keep_masks_packed=True,
+            **hyper,
+        )
+    with pytest.raises(RuntimeError, match=r"packed keep_masks\[0\] must be a contiguous uint8"):
+        op(
+            [w],
+            [torch.zeros(20)],
+            [],
+            [torch.zeros(3, dtype=torch.bool)],
+            [],
+            [],
+            keep_masks_packed=True,
+            **hyper,
+        )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_cuda_kernel_refuses_packed_keep_masks():
+    pytest.importorskip("recallprune._C")
+    w = torch.zeros(20, device="cuda")
+    with pytest.raises(RuntimeError, match="keep_masks_packed is taken by the CPU kernel only"):
+        torch.ops.recallprune.undecayed_sgd_(
+            [w],
+            [torch.zeros_like(w)],
+            [],
+            [torch.zeros(3, dtype=torch.uint8, device="cuda")],
+            [],
+            [],
+            lr=0.1,
+            momentum=0.0,
+            dampening=0.0,
+            weight_decay=0.0,
+            nesterov=False,
+            maximize=False,
+            is_first_step=False,
+            keep_masks_packed=True,
+        )

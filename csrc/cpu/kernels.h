@@ -15,13 +15,16 @@
 namespace recallprune::cpu {
 
 // Elements [begin, end) of one parameter and its lists; absent lists are nullptr.
-// fp16 and bf16 tensors travel as their bits (uint16_t), with float sums.
+// fp16 and bf16 tensors travel as their bits (uint16_t), with float sums. The keep mask holds
+// a byte per element, or with keep_bits a bit (bit e % 8 of byte e / 8); begin is then a
+// multiple of 64.
 template <typename scalar_t, typename opmath_t>
 struct SgdRange {
   scalar_t* param;
   const scalar_t* grad;
   scalar_t* momentum_buffer;
   const uint8_t* keep_mask;
+  bool keep_bits;
   const uint8_t* decay_mask;
   opmath_t* grad_sum;
   int64_t begin;

@@ -70,6 +70,49 @@ inline at::vec::Vectorized<double> load_mask<double>(const uint8_t* mask) {
 }
 #endif
 
+// Bits of a packed keep mask (bit e % 8 of byte e / 8 for element e) -> the lane mask of
+// elements [i, i + size), i a multiple of the vector's size: its bits lie in one byte, or in
+// whole bytes.
+template <typename T>
+inline at::vec::Vectorized<T> load_mask_bits(const uint8_t* bits, int64_t i) {
+  using Vec = at::vec::Vectorized<T>;
+  alignas(64) T lanes[Vec::size()];
+  for (int j = 0; j < Vec::size(); ++j) {
+    const int64_t e = i + j;
+    lanes[j] = static_cast<T>((bits[e >> 3] >> (e & 7)) & 1);
+  }
+  return Vec::loadu(lanes) != Vec(T(0));
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Sixteen or eight bits are an AVX-512 mask register as they are.
+template <>
+inline at::vec::Vectorized<float> load_mask_bits<float>(const uint8_t* bits, int64_t i) {
+  uint16_t word;
+  std::memcpy(&word, bits + (i >> 3), sizeof(word));
+  return _mm512_castsi512_ps(_mm512_movm_epi32(_cvtu32_mask16(word)));
+}
+template <>
+inline at::vec::Vectorized<double> load_mask_bits<double>(const uint8_t* bits, int64_t i) {
+  return _mm512_castsi512_pd(_mm512_movm_epi64(_cvtu32_mask8(bits[i >> 3])));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+// The byte (or half byte) in every lane, each lane testing its own bit.
+template <>
+inline at::vec::Vectorized<float> load_mask_bits<float>(const uint8_t* bits, int64_t i) {
+  const __m256i select = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i set = _mm256_and_si256(_mm256_set1_epi32(bits[i >> 3]), select);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, select));
+}
+template <>
+inline at::vec::Vectorized<double> load_mask_bits<double>(const uint8_t* bits, int64_t i) {
+  const __m256i select = _mm256_setr_epi64x(1, 2, 4, 8);
+  const int64_t nibble = (bits[i >> 3] >> (i & 4)) & 15;
+  const __m256i set = _mm256_and_si256(_mm256_set1_epi64x(nibble), select);
+  return _mm256_castsi256_pd(_mm256_cmpeq_epi64(set, select));
+}
+#endif
+
 // The vector type of the update loop. at::vec's DEFAULT Vectorized is an array the compiler
 // walks lane by lane (with a branch per lane in its blendv), so on x86-64 without AVX2 the
 // loop takes SSE2 registers of its own instead: the same operations, four floats or two
@@ -86,6 +129,11 @@ inline SgdVec<T> mul_add(const SgdVec<T>& a, const SgdVec<T>& b, const SgdVec<T>
 template <typename T>
 inline SgdVec<T> load_keep(const uint8_t* mask) {
   return load_mask<T>(mask);
+}
+
+template <typename T>
+inline SgdVec<T> load_keep_bits(const uint8_t* bits, int64_t i) {
+  return load_mask_bits<T>(bits, i);
 }
 #else
 template <typename T>
@@ -115,6 +163,13 @@ struct Sse2Ops<float> {
     const __m128i words = _mm_unpacklo_epi16(_mm_unpacklo_epi8(bytes, zero), zero);
     return _mm_castsi128_ps(_mm_cmpgt_epi32(words, zero));
   }
+  // The half byte of packed bits of elements [i, i + 4), each lane testing its own bit.
+  static Reg lane_bits(const uint8_t* bits, int64_t i) {
+    const __m128i select = _mm_setr_epi32(1, 2, 4, 8);
+    const int nibble = (bits[i >> 3] >> (i & 4)) & 15;
+    const __m128i set = _mm_and_si128(_mm_set1_epi32(nibble), select);
+    return _mm_castsi128_ps(_mm_cmpeq_epi32(set, select));
+  }
 };
 
 template <>
@@ -141,6 +196,13 @@ struct Sse2Ops<double> {
     const __m128i words = _mm_unpacklo_epi16(_mm_unpacklo_epi8(bytes, zero), zero);
     const __m128i set = _mm_cmpgt_epi32(words, zero);
     return _mm_castsi128_pd(_mm_shuffle_epi32(set, _MM_SHUFFLE(1, 1, 0, 0)));
+  }
+  // Two packed bits of elements [i, i + 2) -> two 64-bit lanes.
+  static Reg lane_bits(const uint8_t* bits, int64_t i) {
+    const int pair = (bits[i >> 3] >> (i & 6)) & 3;
+    const int low = -(pair & 1);
+    const int high = -((pair >> 1) & 1);
+    return _mm_castsi128_pd(_mm_set_epi32(high, high, low, low));
   }
 };
 
@@ -177,13 +239,18 @@ template <typename T>
 inline SgdVec<T> load_keep(const uint8_t* mask) {
   return SgdVec<T>(Sse2Ops<T>::lanes(mask));
 }
+
+template <typename T>
+inline SgdVec<T> load_keep_bits(const uint8_t* bits, int64_t i) {
+  return SgdVec<T>(Sse2Ops<T>::lane_bits(bits, i));
+}
 #endif
 
 // Vectorised body for float and double: the same steps as undecayed_sgd_element, with
 // fused multiply-adds where torch's CPU kernels use them. The common switches (a keep mask,
 // momentum, weight decay) are template parameters, so the hot loop carries no test of them.
 // Returns where it stopped.
-template <typename T, bool kMasked, bool kMomentum, bool kDecay>
+template <typename T, bool kMasked, bool kBits, bool kMomentum, bool kDecay>
 int64_t sgd_vectorized(T* param, const T* grad, T* momentum_buffer, const uint8_t* keep_mask,
                        const uint8_t* decay_mask, T* grad_sum, int64_t begin, int64_t end,
                        const SgdScalars<T>& s, const T* grad_scale) {
@@ -198,7 +265,9 @@ int64_t sgd_vectorized(T* param, const T* grad, T* momentum_buffer, const uint8_
     }
     const Vec w = Vec::loadu(param + i);
     Vec keep;
-    if constexpr (kMasked) {
+    if constexpr (kMasked && kBits) {
+      keep = load_keep_bits<T>(keep_mask, i);
+    } else if constexpr (kMasked) {
       keep = load_keep<T>(keep_mask + i);
     }
     if (grad_sum != nullptr) {
@@ -239,24 +308,28 @@ int64_t sgd_vectorized(T* param, const T* grad, T* momentum_buffer, const uint8_
 // Picks the instantiation of sgd_vectorized for the switches of this step.
 template <typename T>
 int64_t sgd_vectorized_dispatch(T* param, const T* grad, T* momentum_buffer,
-                                const uint8_t* keep_mask, const uint8_t* decay_mask, T* grad_sum,
-                                int64_t begin, int64_t end, const SgdScalars<T>& s,
-                                const T* grad_scale) {
-  const auto run = [&](auto masked, auto with_momentum, auto decay) {
-    return sgd_vectorized<T, decltype(masked)::value, decltype(with_momentum)::value,
-                          decltype(decay)::value>(param, grad, momentum_buffer, keep_mask,
-                                                  decay_mask, grad_sum, begin, end, s,
-                                                  grad_scale);
+                                const uint8_t* keep_mask, bool keep_bits,
+                                const uint8_t* decay_mask, T* grad_sum, int64_t begin,
+                                int64_t end, const SgdScalars<T>& s, const T* grad_scale) {
+  const auto run = [&](auto masked, auto bits, auto with_momentum, auto decay) {
+    return sgd_vectorized<T, decltype(masked)::value, decltype(bits)::value,
+                          decltype(with_momentum)::value, decltype(decay)::value>(
+        param, grad, momentum_buffer, keep_mask, decay_mask, grad_sum, begin, end, s,
+        grad_scale);
   };
-  const auto with_decay = [&](auto masked, auto with_momentum) {
-    return s.has_weight_decay ? run(masked, with_momentum, std::true_type{})
-                              : run(masked, with_momentum, std::false_type{});
+  const auto with_decay = [&](auto masked, auto bits, auto with_momentum) {
+    return s.has_weight_decay ? run(masked, bits, with_momentum, std::true_type{})
+                              : run(masked, bits, with_momentum, std::false_type{});
   };
-  const auto with_momentum = [&](auto masked) {
-    return s.has_momentum ? with_decay(masked, std::true_type{})
-                          : with_decay(masked, std::false_type{});
+  const auto with_momentum = [&](auto masked, auto bits) {
+    return s.has_momentum ? with_decay(masked, bits, std::true_type{})
+                          : with_decay(masked, bits, std::false_type{});
   };
-  return keep_mask != nullptr ? with_momentum(std::true_type{}) : with_momentum(std::false_type{});
+  if (keep_mask == nullptr) {
+    return with_momentum(std::false_type{}, std::false_type{});
+  }
+  return keep_bits ? with_momentum(std::true_type{}, std::true_type{})
+                   : with_momentum(std::true_type{}, std::false_type{});
 }
 
 // The element type of the table's pointers for a dtype: fp16 and bf16 travel as their bits,
@@ -289,14 +362,18 @@ void sgd(const SgdRange<typename TableElement<scalar_t>::type, opmath_t>& r, con
     s.has_grad_scale = true;
   }
   int64_t i = r.begin;
+  // Packed bits are read a vector at a time from a whole byte: the range starts on one.
   if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-    i = sgd_vectorized_dispatch<scalar_t>(param, grad, momentum_buffer, r.keep_mask,
-                                          r.decay_mask, grad_sum, r.begin, r.end, s,
-                                          s.has_grad_scale ? &s.grad_scale : nullptr);
+    if (!r.keep_bits || r.begin % 64 == 0) {
+      i = sgd_vectorized_dispatch<scalar_t>(param, grad, momentum_buffer, r.keep_mask,
+                                            r.keep_bits, r.decay_mask, grad_sum, r.begin, r.end,
+                                            s, s.has_grad_scale ? &s.grad_scale : nullptr);
+    }
   }
   for (; i < r.end; ++i) {
-    undecayed_sgd_update<scalar_t, opmath_t>(i, param, grad, momentum_buffer, grad_sum,
-                                             r.keep_mask == nullptr || r.keep_mask[i],
+    const bool keep = r.keep_mask == nullptr ||
+                      (r.keep_bits ? (r.keep_mask[i >> 3] >> (i & 7)) & 1 : r.keep_mask[i]);
+    undecayed_sgd_update<scalar_t, opmath_t>(i, param, grad, momentum_buffer, grad_sum, keep,
                                              r.decay_mask == nullptr || r.decay_mask[i], s);
   }
 }

@@ -30,6 +30,7 @@ struct Lists {
   at::TensorList grads;
   at::TensorList momentum_buffers;
   std::vector<const uint8_t*> keep_masks;
+  bool keep_bits;  // the keep masks hold a bit per element (keep_masks_packed)
   std::vector<const uint8_t*> decay_masks;
   at::TensorList grad_sums;
 
@@ -43,6 +44,7 @@ struct Lists {
             momentum_buffers.empty() ? nullptr
                                      : static_cast<scalar_t*>(momentum_buffers[t].data_ptr()),
             keep_masks[t],
+            keep_bits,
             decay_masks[t],
             grad_sums.empty() ? nullptr : static_cast<opmath_t*>(grad_sums[t].data_ptr()),
             item.begin,
@@ -75,9 +77,9 @@ void undecayed_sgd_cpu_(at::TensorList params, at::TensorList grads,
                         at::TensorList grad_sums, double lr, double momentum, double dampening,
                         double weight_decay, bool nesterov, bool maximize, bool is_first_step,
                         const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
+                        const std::optional<at::Tensor>& found_inf, bool keep_masks_packed) {
   check_undecayed_sgd_args(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums,
-                           momentum, grad_scale, found_inf);
+                           momentum, grad_scale, found_inf, keep_masks_packed);
   for (const auto& param : params) {
     TORCH_CHECK(param.device().is_cpu(), "undecayed_sgd_ (CPU kernel): expected CPU tensors, got ",
                 param.device());
@@ -89,7 +91,7 @@ void undecayed_sgd_cpu_(at::TensorList params, at::TensorList grads,
   const std::optional<float> scale =
       grad_scale.has_value() ? std::optional<float>(grad_scale->item<float>()) : std::nullopt;
 
-  Lists lists{params, grads, momentum_buffers, {}, {}, grad_sums};
+  Lists lists{params, grads, momentum_buffers, {}, keep_masks_packed, {}, grad_sums};
   std::vector<WorkItem> work;
   for (size_t t = 0; t < params.size(); ++t) {
     lists.keep_masks.push_back(mask_data(keep_masks, t));
@@ -127,12 +129,14 @@ void undecayed_sgd_cpu_tensor_(at::TensorList params, at::TensorList grads,
                                double dampening, const at::Tensor& weight_decay, bool nesterov,
                                bool maximize, bool is_first_step,
                                const std::optional<at::Tensor>& grad_scale,
-                               const std::optional<at::Tensor>& found_inf) {
+                               const std::optional<at::Tensor>& found_inf,
+                               bool keep_masks_packed) {
   check_scalar_tensor(lr, "lr", params);
   check_scalar_tensor(weight_decay, "weight_decay", params);
   undecayed_sgd_cpu_(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums,
                      lr.item<double>(), momentum, dampening, weight_decay.item<double>(),
-                     nesterov, maximize, is_first_step, grad_scale, found_inf);
+                     nesterov, maximize, is_first_step, grad_scale, found_inf,
+                     keep_masks_packed);
 }
 
 }  // namespace

@@ -153,9 +153,14 @@ void launch_undecayed_sgd(at::TensorList params, at::TensorList grads,
                           double momentum, double dampening, double weight_decay,
                           const at::Tensor* device_weight_decay, bool nesterov, bool maximize,
                           bool is_first_step, const std::optional<at::Tensor>& grad_scale,
-                          const std::optional<at::Tensor>& found_inf) {
+                          const std::optional<at::Tensor>& found_inf, bool keep_masks_packed) {
+  // Bit-packed keep masks save the CPU's single core a stream of bytes; on a GPU the byte
+  // masks cost 5% of the traffic, and the kernel reads bytes.
+  TORCH_CHECK(!keep_masks_packed,
+              "undecayed_sgd_ (CUDA kernel): keep_masks_packed is taken by the CPU kernel only; "
+              "pass one bool/uint8 byte per element");
   check_undecayed_sgd_args(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums,
-                           momentum, grad_scale, found_inf);
+                           momentum, grad_scale, found_inf, keep_masks_packed);
   if (params.empty()) {
     return;
   }
@@ -204,10 +209,10 @@ void undecayed_sgd_cuda_(at::TensorList params, at::TensorList grads,
                          at::TensorList grad_sums, double lr, double momentum, double dampening,
                          double weight_decay, bool nesterov, bool maximize, bool is_first_step,
                          const std::optional<at::Tensor>& grad_scale,
-                         const std::optional<at::Tensor>& found_inf) {
+                         const std::optional<at::Tensor>& found_inf, bool keep_masks_packed) {
   launch_undecayed_sgd(params, grads, momentum_buffers, keep_masks, decay_masks, grad_sums, lr,
                        nullptr, momentum, dampening, weight_decay, nullptr, nesterov, maximize,
-                       is_first_step, grad_scale, found_inf);
+                       is_first_step, grad_scale, found_inf, keep_masks_packed);
 }
 
 void undecayed_sgd_cuda_tensor_(at::TensorList params, at::TensorList grads,
@@ -218,7 +223,8 @@ void undecayed_sgd_cuda_tensor_(at::TensorList params, at::TensorList grads,
                                 double dampening, const at::Tensor& weight_decay, bool nesterov,
                                 bool maximize, bool is_first_step,
                                 const std::optional<at::Tensor>& grad_scale,
-                                const std::optional<at::Tensor>& found_inf) {
+                                const std::optional<at::Tensor>& found_inf,
+                                bool keep_masks_packed) {
   check_scalar_tensor(lr, "lr", params);
   check_scalar_tensor(weight_decay, "weight_decay", params);
   // A CPU tensor is read on the host at no cost, as torch's fused SGD reads its lr.
@@ -228,7 +234,7 @@ void undecayed_sgd_cuda_tensor_(at::TensorList params, at::TensorList grads,
                        lr.is_cpu() ? lr.item<double>() : 0.0, device_lr, momentum, dampening,
                        weight_decay.is_cpu() ? weight_decay.item<double>() : 0.0,
                        device_weight_decay, nesterov, maximize, is_first_step, grad_scale,
-                       found_inf);
+                       found_inf, keep_masks_packed);
 }
 
 // recallprune::cuda_kernel_image_problem: "" when this build holds code that runs on device

@@ -96,6 +96,7 @@ def kernel_call(
     is_first_step: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    keep_masks_packed: bool = False,
 ) -> tuple[torch._ops.OpOverload, tuple, dict]:
     """The overload and arguments of one call of the op on ``params`` (all of one device):
     :func:`undecayed_sgd_` runs it, the tests hand it to ``torch.library.opcheck``.
@@ -123,6 +124,7 @@ def kernel_call(
         is_first_step=is_first_step,
         grad_scale=None if grad_scale is None else _as_float_scalar(grad_scale, device),
         found_inf=None if found_inf is None else _as_float_scalar(found_inf, device),
+        keep_masks_packed=keep_masks_packed,
     )
     return op, args, kwargs
 
@@ -144,6 +146,7 @@ def undecayed_sgd_(
     is_first_step: bool,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    keep_masks_packed: bool = False,
 ) -> None:
     """One fused UndecayedSGD step over ``params`` (one device; at least one tensor), in place.
 
@@ -151,7 +154,8 @@ def undecayed_sgd_(
     contiguous buffer per parameter (filled from the gradient when ``is_first_step``);
     ``keep_masks`` / ``decay_masks`` empty or one bool/uint8 mask or ``None`` per parameter;
     ``grad_sums`` empty or one sum per parameter (float32, float64 for float64 weights).
-    Every parameter must pass :func:`kernel_takes`.
+    ``keep_masks_packed`` (the CPU kernel only): the keep masks are :func:`pack_keep_mask`'s
+    bits, one per element. Every parameter must pass :func:`kernel_takes`.
     """
     op, args, kwargs = kernel_call(
         params,
@@ -169,8 +173,26 @@ def undecayed_sgd_(
         is_first_step=is_first_step,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        keep_masks_packed=keep_masks_packed,
     )
     op(*args, **kwargs)
+
+
+_BIT_WEIGHTS: dict[torch.device, Tensor] = {}
+
+
+def pack_keep_mask(param: Tensor, mask: Tensor) -> Tensor:
+    """``mask`` (bool, in ``param``'s memory layout) as the CPU kernel's packed keep mask:
+    uint8 ``[ceil(numel / 8)]``, bit ``e % 8`` of byte ``e // 8`` for element ``e`` in memory
+    order. A pruned step reads an eighth of a byte per weight instead of a byte."""
+    numel = mask.numel()
+    # The dense mask's elements in memory order (its layout is the weight's).
+    flat = mask.as_strided((numel,), (1,), mask.storage_offset()).to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, -numel % 8)).view(-1, 8)
+    weights = _BIT_WEIGHTS.get(mask.device)
+    if weights is None:
+        weights = _BIT_WEIGHTS[mask.device] = 2 ** torch.arange(8, device=mask.device)
+    return (flat * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
 
 
 def _scalar_tensor(value: float | Tensor, device: torch.device) -> Tensor:

@@ -258,7 +258,8 @@ class UndecayedSGD(SGD):
         self.state[param]["decay_mask"] = self._check_mask(param, decay_mask, "set_decay_mask")
 
     def get_mask(self, param: Tensor) -> Tensor | None:
-        """The keep mask of ``param``, or ``None``."""
+        """The keep mask of ``param``, or ``None``. Change it with :meth:`set_mask`, not in
+        place: a step on the CPU reads a packed copy, made when the masks were set."""
         return self.state.get(param, {}).get("keep_mask")
 
     def get_decay_mask(self, param: Tensor) -> Tensor | None:
