@@ -14,6 +14,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <cstring>
@@ -97,12 +98,26 @@ inline at::vec::Vectorized<double> load_mask_bits<double>(const uint8_t* bits, i
   return _mm512_castsi512_pd(_mm512_movm_epi64(_cvtu32_mask8(bits[i >> 3])));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-// The byte (or half byte) in every lane, each lane testing its own bit.
+// Eight bits -> eight 32-bit lanes through a table (8 KiB): one load, as cheap as widening
+// eight bytes, where spreading the bits over the lanes takes four instructions.
+struct alignas(32) BitLanes {
+  int32_t lane[8];
+};
+constexpr std::array<BitLanes, 256> make_bit_lanes() {
+  std::array<BitLanes, 256> table{};
+  for (int byte = 0; byte < 256; ++byte) {
+    for (int j = 0; j < 8; ++j) {
+      table[byte].lane[j] = (byte >> j) & 1 ? -1 : 0;
+    }
+  }
+  return table;
+}
+alignas(64) constexpr std::array<BitLanes, 256> kBitLanes = make_bit_lanes();
+
 template <>
 inline at::vec::Vectorized<float> load_mask_bits<float>(const uint8_t* bits, int64_t i) {
-  const __m256i select = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i set = _mm256_and_si256(_mm256_set1_epi32(bits[i >> 3]), select);
-  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, select));
+  const auto* lanes = reinterpret_cast<const __m256i*>(kBitLanes[bits[i >> 3]].lane);
+  return _mm256_castsi256_ps(_mm256_load_si256(lanes));
 }
 template <>
 inline at::vec::Vectorized<double> load_mask_bits<double>(const uint8_t* bits, int64_t i) {
