@@ -45,10 +45,14 @@ format: $(DEPS_STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The CPU once per instruction set it has (default, AVX2, AVX-512), the GPU once when present.
+# The CPU once per instruction set it has (default, AVX2, AVX-512), with torch's default pages
+# and again with huge pages (-thp files: ratios that page placement does not move), the GPU
+# once when present.
 bench: setup
 	$(PY) benchmarks/bench_optimizer.py --capability all
 	$(PY) benchmarks/bench_confusion.py --capability all
+	$(PY) benchmarks/bench_optimizer.py --capability all --device cpu --huge-pages
+	$(PY) benchmarks/bench_confusion.py --capability all --device cpu --huge-pages
 
 # On a machine with an NVIDIA GPU (not part of `make test`): build for that GPU with the
 # Python that holds torch, run the CUDA tests, compute-sanitizer and both benchmarks on CUDA,
