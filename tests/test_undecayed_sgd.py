@@ -848,6 +848,16 @@ class TestErrors:
             op([torch.zeros(1).expand(4)], [torch.zeros(4)], [], [], [], [], **kwargs)
         with pytest.raises(RuntimeError, match=r"grad_sums\[0\] must be Float for a Half"):
             op([w.half()], [w.half()], [], [], [], [torch.zeros(8).half()], **kwargs)
+        # Packed keep masks: one uint8 byte per eight elements.
+        packed = dict(kwargs, keep_masks_packed=True)
+        with pytest.raises(
+            RuntimeError, match=r"packed keep_masks\[0\] must be a contiguous uint8 \[1\]"
+        ):
+            op([w], [torch.zeros(8)], [], [torch.zeros(8, dtype=torch.uint8)], [], [], **packed)
+        with pytest.raises(
+            RuntimeError, match=r"packed keep_masks\[0\] must be a contiguous uint8"
+        ):
+            op([w], [torch.zeros(8)], [], [torch.zeros(1, dtype=torch.bool)], [], [], **packed)
 
     def test_corrupt_checkpoint_mask(self):
         w = nn.Parameter(torch.zeros(4, 5))
@@ -1610,45 +1620,6 @@ def test_the_cpu_step_packs_its_keep_masks():
     packed = launch.keep_masks[0]
     assert packed.dtype == torch.uint8 and packed.numel() == (keep.numel() + 7) // 8
     assert torch.equal(model[0].weight[~keep], torch.zeros_like(model[0].weight[~keep]))
-
-
-def test_packed_keep_masks_are_checked():
-    pytest.importorskip("recallprune._C")
-    op = torch.ops.recallprune.undecayed_sgd_
-    hyper = dict(
-        lr=0.1,
-        momentum=0.0,
-        dampening=0.0,
-        weight_decay=0.0,
-        nesterov=False,
-        maximize=False,
-        is_first_step=False,
-    )
-    w = torch.zeros(20)
-    with pytest.raises(
-        RuntimeError, match=r"packed keep_masks\[0\] must be a contiguous uint8 \[3\]"
-    ):
-        op(
-            [w],
-            [torch.zeros(20)],
-            [],
-            [torch.zeros(20, dtype=torch.uint8)],
-            [],
-            [],
-            keep_masks_packed=True,
-            **hyper,
-        )
-    with pytest.raises(RuntimeError, match=r"packed keep_masks\[0\] must be a contiguous uint8"):
-        op(
-            [w],
-            [torch.zeros(20)],
-            [],
-            [torch.zeros(3, dtype=torch.bool)],
-            [],
-            [],
-            keep_masks_packed=True,
-            **hyper,
-        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -80,9 +80,11 @@ def has_ops(device: torch.device | str | None = None) -> bool:
 def kernel_image_problem(device: torch.device | str) -> str | None:
     """Why the CUDA kernels, although built, cannot run on the GPU ``device`` (a GPU whose
     architecture the build left out), or ``None`` when they can. Checked once per GPU."""
-    device = torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _kernel_image_problem(index)
+    return _kernel_image_problem(_gpu_index(torch.device(device)))
+
+
+def _gpu_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
@@ -158,7 +160,7 @@ def _warn_if_built_for_other_gpus(device: torch.device | str) -> None:
     if device.type != "cuda" or not _loaded or not _has_kernels_for("cuda"):
         return
     problem = kernel_image_problem(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _gpu_index(device)
     if problem is not None and index not in _warned_gpus:
         _warned_gpus.add(index)
         warnings.warn(

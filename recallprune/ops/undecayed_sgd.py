@@ -70,11 +70,15 @@ def same_layout(param: Tensor, tensor: Tensor) -> bool:
     )
 
 
-def in_layout_of(param: Tensor, tensor: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+def in_layout_of(
+    param: Tensor, tensor: Tensor, dtype: torch.dtype | None = None, *, copy: bool = False
+) -> Tensor:
     """``tensor`` (of ``param``'s shape), on ``param``'s device and in its memory layout:
-    itself where it is already, else a copy (``dtype``: the copy's dtype, else the tensor's)."""
+    itself where it is already (unless ``copy``), else a copy (``dtype``: the copy's dtype,
+    else the tensor's)."""
     dtype = tensor.dtype if dtype is None else dtype
-    if tensor.device == param.device and tensor.dtype == dtype and same_layout(param, tensor):
+    same = tensor.device == param.device and tensor.dtype == dtype
+    if not copy and same and same_layout(param, tensor):
         return tensor
     return torch.empty_like(param, dtype=dtype).copy_(tensor)
 
@@ -178,9 +182,6 @@ def undecayed_sgd_(
     op(*args, **kwargs)
 
 
-_BIT_WEIGHTS: dict[torch.device, Tensor] = {}
-
-
 def pack_keep_mask(param: Tensor, mask: Tensor) -> Tensor:
     """``mask`` (bool, in ``param``'s memory layout) as the CPU kernel's packed keep mask:
     uint8 ``[ceil(numel / 8)]``, bit ``e % 8`` of byte ``e // 8`` for element ``e`` in memory
@@ -189,9 +190,7 @@ def pack_keep_mask(param: Tensor, mask: Tensor) -> Tensor:
     # The dense mask's elements in memory order (its layout is the weight's).
     flat = mask.as_strided((numel,), (1,), mask.storage_offset()).to(torch.uint8)
     flat = torch.nn.functional.pad(flat, (0, -numel % 8)).view(-1, 8)
-    weights = _BIT_WEIGHTS.get(mask.device)
-    if weights is None:
-        weights = _BIT_WEIGHTS[mask.device] = 2 ** torch.arange(8, device=mask.device)
+    weights = 2 ** torch.arange(8, device=mask.device)
     return (flat * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..ops.undecayed_sgd import in_layout_of
+
 # State keys of UndecayedSGD beyond torch.optim.SGD's "momentum_buffer".
 MASK_KEYS = ("keep_mask", "decay_mask")
 AVERAGE_KEYS = ("grad_sum", "grad_count")
@@ -57,7 +59,7 @@ def checked_param_state(param_id: Any, param: Tensor, saved: dict[str, Any]) -> 
         _check_tensor(where, "grad_sum", grad_sum, param)
         if not grad_sum.is_floating_point():
             raise TypeError(f"{where}: grad_sum must be a float tensor, got {grad_sum.dtype}")
-        checked["grad_sum"] = _copy_like(param, grad_sum, opmath_dtype(param.dtype))
+        checked["grad_sum"] = in_layout_of(param, grad_sum, opmath_dtype(param.dtype), copy=True)
         checked["grad_count"] = _checked_count(where, saved["grad_count"], param.device)
     return checked
 
@@ -85,13 +87,8 @@ def _checked_mask(where: str, key: str, mask: Any, param: Tensor) -> Tensor:
                 "torch.optim.SGD saves it"
             )
         mask = mask != 0
-    return _copy_like(param, mask, torch.bool)
-
-
-def _copy_like(param: Tensor, value: Tensor, dtype: torch.dtype) -> Tensor:
-    """A copy of ``value`` on the parameter's device, in its memory layout (which the kernels
-    take, e.g. channels_last)."""
-    return torch.empty_like(param, dtype=dtype).copy_(value)
+    # A copy in the parameter's memory layout, which the kernels take (e.g. channels_last).
+    return in_layout_of(param, mask, torch.bool, copy=True)
 
 
 def _checked_count(where: str, count: Any, device: torch.device) -> Tensor:

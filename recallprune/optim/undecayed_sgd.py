@@ -18,6 +18,7 @@ from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ..ops import check_backend
 from ..ops.reference import where_kept
+from ..ops.undecayed_sgd import in_layout_of
 from ._state import EXTRA_KEYS, OptimizerState, checked_param_state, opmath_dtype
 from .functional import StepPlan
 
@@ -231,7 +232,7 @@ class UndecayedSGD(SGD):
                 f"{param.device} (move it with mask.to(param.device))"
             )
         # A copy, in the parameter's memory layout (the kernels' need; e.g. channels_last).
-        return torch.empty_like(param, dtype=torch.bool).copy_(mask.detach())
+        return in_layout_of(param, mask.detach(), copy=True)
 
     @torch.no_grad()
     def set_mask(self, param: Tensor, keep_mask: Tensor | None) -> None:
