@@ -16,6 +16,8 @@ from recallprune.study.cli import main
 from recallprune.study.models import build_model
 from recallprune.study.stacked import stack_models
 
+from .conftest import requires_cuda
+
 TINY = [
     "--seeds",
     "0",
@@ -370,3 +372,79 @@ def test_the_last_epochs_gradient_average():
         restart(epoch + 1)
     average = grad_averages(optimizer, {"weight": weight})["weight"]
     torch.testing.assert_close(average, torch.stack(seen[-2:]).mean(0))
+
+
+def _graph_training_twins(name, device):
+    """Two identical stacks with masks, each with its optimizer (gradient average tracked),
+    cosine schedule and last-epoch restart of the average; and the data."""
+    from recallprune.study.datasets import Dataset
+    from recallprune.study.training import last_epoch_average
+
+    torch.manual_seed(5)
+    models = [build_model(name, (1, 8, 8), 10) for _ in range(4)]
+    x = torch.randn(200, 1, 8, 8)
+    y = torch.randint(0, 10, (200,))
+    data = Dataset("toy", x, y, x[:10], y[:10], 10, "toy")
+    twins = []
+    for _ in range(2):
+        stacked = stack_models(models).to(device)
+        optimizer = UndecayedSGD(
+            decay_param_groups(stacked, 5e-4), lr=0.05, momentum=0.9, track_grad_avg=True
+        )
+        generator = torch.Generator().manual_seed(0)
+        for p in stacked.parameters():
+            optimizer.set_mask(p, (torch.rand(p.shape, generator=generator) > 0.3).to(device))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 4)
+        twins.append((stacked, optimizer, scheduler, last_epoch_average(optimizer, 4)))
+    return twins, data
+
+
+def _train(twin, data, device, graphs):
+    stacked, optimizer, scheduler, restart = twin
+    generators = [torch.Generator().manual_seed(s) for s in range(4)]
+    return grid.train_stacked(
+        stacked, optimizer, data, 4, 32, device, generators, scheduler, restart, graphs=graphs
+    )
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_cuda_graph_training_equals_eager_training(name, monkeypatch):
+    device = torch.device("cuda")
+    (eager, graphed), data = _graph_training_twins(name, device)
+    eager_losses = _train(eager, data, device, graphs=False)
+    calls = []
+    step = grid.stacked_step
+    monkeypatch.setattr(grid, "stacked_step", lambda *a, **k: calls.append(1) or step(*a, **k))
+    graphed_losses = _train(graphed, data, device, graphs=True)
+    # 4 epochs of 6 full steps and a tail of 8 samples: 3 warm-up steps, 1 capture, 4 tails
+    # run eagerly, and 20 full steps replayed.
+    assert len(calls) == 3 + 1 + 4
+    assert graphed_losses == eager_losses
+    (a, a_opt, a_sched, _), (b, b_opt, b_sched, _) = eager, graphed
+    assert a_sched.get_last_lr() == b_sched.get_last_lr() and a_opt.param_groups[0]["lr"] < 0.05
+    for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), n
+        assert torch.equal(a_opt.state[p]["momentum_buffer"], b_opt.state[q]["momentum_buffer"]), n
+        assert torch.equal(a_opt.grad_average(p), b_opt.grad_average(q)), n
+        assert torch.equal(a_opt.state[p]["grad_count"], b_opt.state[q]["grad_count"]), n
+        assert torch.all(q[~b_opt.get_mask(q)] == 0), n
+
+
+def test_cuda_graphs_refused_where_they_cannot_run():
+    from recallprune.study.graphs import CapturedStep
+
+    (twin, _), data = _graph_training_twins("mlp", torch.device("cpu"))
+    with pytest.raises(ValueError, match="graphs=True needs a CUDA device.*got device cpu"):
+        _train(twin, data, torch.device("cpu"), graphs=True)
+    stacked, optimizer, _, _ = twin
+    with pytest.raises(ValueError, match="and multipliers"):  # checked before any use
+        grid.train_stacked(
+            stacked, optimizer, data, 1, 32, "cpu", [], multipliers=object(), graphs=True
+        )
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, got cpu"):
+        CapturedStep(lambda b: b, optimizer, (4, 32), torch.device("cpu"))
+    if torch.cuda.is_available():
+        optimizer.param_groups[0]["lr"] = torch.tensor(0.1)
+        with pytest.raises(ValueError, match="lr must be a float"):
+            CapturedStep(lambda b: b, optimizer, (4, 32), torch.device("cuda"))

@@ -34,6 +34,7 @@ from ..optim import UndecayedSGD, decay_param_groups
 from ..pruning.criteria import CLASS_BALANCED, NEEDS_GRADIENT, class_balanced_weights
 from .config import parse_arm
 from .datasets import Dataset
+from .graphs import CapturedStep
 from .models import build_model
 from .records import CONTROL, DENSE, make_record
 from .runner import Study, _cpu_state
@@ -54,6 +55,32 @@ def stacked_batches(n: int, batch_size: int, generators: Sequence[torch.Generato
     return torch.stack([torch.randperm(n, generator=g) for g in generators])
 
 
+def stacked_step(
+    model: StackedModel,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch: torch.Tensor,
+    multipliers: Multipliers | None = None,
+) -> torch.Tensor:
+    """One training step of the stack on each model's own samples ``batch`` ``[B, b]`` (rows
+    of ``x`` and ``y``): returns each model's mean batch loss, ``[B]``. The loss summed over
+    models has, for each model, the gradient of that model's own mean batch loss (with
+    ``multipliers``, of its own proxy Lagrangian)."""
+    inputs, targets = x[batch], y[batch]
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(inputs)  # [B, b, C]
+    losses = sample_losses(logits, targets)
+    if multipliers is None:
+        per_model = losses.mean(dim=1)
+        per_model.sum().backward()
+    else:
+        multipliers.objective(logits, targets, losses).sum().backward()
+        per_model = losses.mean(dim=1)
+    optimizer.step()
+    return per_model.detach()
+
+
 def train_stacked(
     model: StackedModel,
     optimizer: torch.optim.Optimizer,
@@ -65,14 +92,32 @@ def train_stacked(
     scheduler: Any = None,
     on_epoch: Any = None,
     multipliers: Multipliers | None = None,
+    graphs: bool | None = None,
 ) -> list[float]:
     """Train the stacked models for ``epochs`` epochs, each on its own batches; returns each
-    model's mean loss over its last epoch. The loss summed over models has, for each model,
-    the gradient of that model's own mean batch loss (with ``multipliers``, of its own proxy
-    Lagrangian; they are updated after each epoch)."""
+    model's mean loss over its last epoch (see :func:`stacked_step`; ``multipliers`` are
+    updated after each epoch).
+
+    ``graphs``: replay the full-size steps from a CUDA graph (:class:`~recallprune.study.
+    graphs.CapturedStep`), the same kernels launched at once instead of one by one; default,
+    on a CUDA device without ``multipliers`` (whose step reads values set between epochs)."""
+    device = torch.device(device)
+    if graphs is None:
+        graphs = device.type == "cuda" and multipliers is None
+    elif graphs and (device.type != "cuda" or multipliers is not None):
+        raise ValueError(
+            "train_stacked: graphs=True needs a CUDA device and no multipliers, got device "
+            f"{device}" + (" and multipliers" if multipliers is not None else "")
+        )
     model.train()
     x, y = data.x_train.to(device), data.y_train.to(device)
     n = len(x)
+
+    def step(batch: torch.Tensor) -> torch.Tensor:
+        return stacked_step(model, optimizer, x, y, batch, multipliers)
+
+    full = (model.num_models, batch_size)
+    captured = CapturedStep(step, optimizer, full, device) if graphs and n >= batch_size else None
     losses = torch.full((model.num_models,), float("nan"))
     for epoch in range(epochs):
         orders = stacked_batches(n, batch_size, generators).to(device)
@@ -80,26 +125,19 @@ def train_stacked(
         count = 0
         for start in range(0, n, batch_size):
             batch = orders[:, start : start + batch_size]  # [B, b]
-            inputs, targets = x[batch], y[batch]
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(inputs)  # [B, b, C]
-            if multipliers is None:
-                per_model = sample_losses(logits, targets).mean(dim=1)
-                per_model.sum().backward()
+            if captured is not None and tuple(batch.shape) == full:
+                total += captured(batch)
             else:
-                losses = sample_losses(logits, targets)
-                multipliers.objective(logits, targets, losses).sum().backward()
-                per_model = losses.mean(dim=1)
-            optimizer.step()
-            total += per_model.detach()
+                total += step(batch)
             count += 1
         if multipliers is not None:
             multipliers.end_epoch()
         if scheduler is not None:
             scheduler.step()
-        losses = (total / max(count, 1)).cpu()
         if on_epoch is not None:
             on_epoch(epoch + 1)
+        if epoch == epochs - 1:  # read once, at the end: the host runs ahead of the device
+            losses = (total / max(count, 1)).cpu()
     return losses.tolist()
 
 
@@ -429,11 +467,14 @@ class BatchedStudy(Study):
         sparsities = []
         for i, ((seed, arm), state, rewind) in enumerate(zip(cells, states, rewinds, strict=True)):
             view = model_view(host, i, template)
-            # As in the sequential round: the pruner takes UP's lam from an optimizer's groups
-            # (this one only carries the masks; the stack's own optimizer trains).
-            view_optimizer = self.optimizer(view, self.retrain_lr())
+            # No optimizer: the stack's own trains, with the masks stacked below. UP's lam is
+            # the weight decay that the sequential round's optimizer gives every pruned weight.
             pruner = self.pruner(
-                view, arm, view_optimizer, seed=phase_seed(seed, self.base(arm), round_index)
+                view,
+                arm,
+                None,
+                seed=phase_seed(seed, self.base(arm), round_index),
+                lam=config.weight_decay,
             )
             if state["masks"]:
                 pruner.masks.update({k: v.cpu() for k, v in state["masks"].items()})

@@ -277,13 +277,22 @@ class Study:
             raise StudyError(f"{where} holds no gradient average to score with")
         return {name: average[name].to(pruner.params[name].device) for name in pruner.params}
 
-    def pruner(self, model: nn.Module, arm: str, optimizer, seed: int) -> Pruner:
-        """The pruner of one round of ``arm`` (the control's never prunes)."""
+    def pruner(
+        self, model: nn.Module, arm: str, optimizer, seed: int, lam: float | None = None
+    ) -> Pruner:
+        """The pruner of one round of ``arm`` (the control's never prunes); UP's ``lam`` from
+        ``optimizer``'s groups unless given."""
         config = self.config
         exclude = config.exclude if config.exclude is not None else [output_layer_name(model)]
         criterion = "magnitude" if arm == CONTROL else parse_arm(arm)[0]
         return Pruner(
-            model, criterion, scope=config.scope, exclude=exclude, optimizer=optimizer, seed=seed
+            model,
+            criterion,
+            scope=config.scope,
+            exclude=exclude,
+            optimizer=optimizer,
+            lam=lam,
+            seed=seed,
         )
 
     def dense_state(self, seed: int) -> dict[str, torch.Tensor]:
