@@ -683,3 +683,105 @@ def test_optimizer_errors():
     ):
         Pruner(model, "magnitude", optimizer=opt)
     assert set(Pruner(model, "magnitude", include=["0"], optimizer=opt).params) == {"0.weight"}
+
+
+def _stacked_case(seed):
+    """Scores with many ties, some NaN and infinite ones, random candidates and counts
+    (none, some, all, more than there are)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, n = 7, 60
+    scores = torch.randint(0, 6, (rows, n), generator=generator).float()
+    scores[torch.rand(rows, n, generator=generator) < 0.1] = float("nan")
+    scores[torch.rand(rows, n, generator=generator) < 0.05] = float("inf")
+    scores[torch.rand(rows, n, generator=generator) < 0.05] = -float("inf")
+    kept = torch.rand(rows, n, generator=generator) < 0.7
+    kept[0] = False  # no candidate at all
+    counts = torch.randint(0, n + 5, (rows,), generator=generator).tolist()
+    candidates = kept.sum(dim=1).tolist()
+    counts[1] = 0
+    counts[2] = max(candidates[2] - 1, 1)  # the threshold among the NaN and inf scores
+    counts[3] = candidates[3]
+    counts[4] = 3
+    counts[5] = 3  # two rows of one count: one kthvalue for both
+    return scores, kept, counts
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_stacked_selection_is_each_rows_own(seed):
+    from recallprune.pruning import select_lowest_stacked
+
+    scores, kept, counts = _stacked_case(seed)
+    selected = select_lowest_stacked(scores, kept, counts)
+    assert not (selected & ~kept).any()
+    for row in range(len(counts)):
+        expected = torch.zeros_like(kept[row])
+        expected[kept[row]] = select_lowest(scores[row][kept[row]], counts[row])
+        assert torch.equal(selected[row], expected), row
+        assert int(selected[row].sum()) == min(counts[row], int(kept[row].sum()))
+
+
+def test_stacked_selection_refuses_bad_input():
+    from recallprune.pruning import select_lowest_stacked
+
+    scores = torch.zeros(2, 5)
+    with pytest.raises(
+        ValueError, match=r"bool kept mask of its shape, got \[2, 5\] and torch.float32"
+    ):
+        select_lowest_stacked(scores, torch.ones(2, 5), [1, 1])
+    with pytest.raises(ValueError, match=r"scores \[B, N\].*got \[5\]"):
+        select_lowest_stacked(torch.zeros(5), torch.ones(5, dtype=torch.bool), [1])
+    with pytest.raises(ValueError, match="one count per row, got 1 for 2"):
+        select_lowest_stacked(scores, torch.ones(2, 5, dtype=torch.bool), [1])
+
+
+def _pruners(criteria_names, scope, seed=0):
+    torch.manual_seed(seed)
+    models = [nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 4)) for _ in criteria_names]
+    for model in models:  # ties across and within layers
+        model[0].weight.data = (model[0].weight.data * 8).round() / 8
+    return [
+        Pruner(m, c, scope=scope, lam=1e-2, seed=i)
+        for i, (m, c) in enumerate(zip(models, criteria_names, strict=True))
+    ]
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_pruning_together_equals_pruning_one_by_one(scope):
+    from recallprune.pruning import prune_together
+
+    names = ["magnitude", "random", "gradient", "undecayed", "magnitude"]
+    together, alone = _pruners(names, scope), _pruners(names, scope)
+    generator = torch.Generator().manual_seed(1)
+    for round_index in range(4):
+        gradients = [
+            {n: torch.randn(p.shape, generator=generator) for n, p in pruner.params.items()}
+            if pruner.criterion in ("gradient", "undecayed")
+            else None
+            for pruner in together
+        ]
+        counts = prune_together(together, 0.3, gradients)
+        for i, pruner in enumerate(alone):
+            assert pruner.prune(amount=0.3, gradients=gradients[i]) == counts[i]
+        for a, b in zip(together, alone, strict=True):
+            assert a.masks.keys() == b.masks.keys()
+            for name in a.masks:
+                assert torch.equal(a.masks[name], b.masks[name]), (round_index, name)
+                assert torch.equal(a.params[name], b.params[name]), (round_index, name)
+    assert together[0].sparsity() > 0.7
+
+
+def test_pruning_together_refuses_pruners_that_differ():
+    from recallprune.pruning import prune_together
+
+    pruners = _pruners(["magnitude", "magnitude"], "global")
+    with pytest.raises(ValueError, match="amount must be a number in"):
+        prune_together(pruners, 1.5)
+    with pytest.raises(ValueError, match="one entry per pruner, got 1 for 2"):
+        prune_together(pruners, 0.5, [None])
+    other = Pruner(nn.Sequential(nn.Linear(12, 21)), "magnitude")
+    with pytest.raises(ValueError, match="same names and shapes with the same scope"):
+        prune_together([pruners[0], other], 0.5)
+    layer = _pruners(["magnitude"], "layer")[0]
+    with pytest.raises(ValueError, match="same names and shapes with the same scope"):
+        prune_together([pruners[0], layer], 0.5)
+    assert prune_together([], 0.5) == []

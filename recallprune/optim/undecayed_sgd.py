@@ -330,9 +330,11 @@ class UndecayedSGD(SGD):
                 if found_inf is None:
                     torch._foreach_add_(counts, 1)
                 else:
-                    # Count the step only where it was taken, without a host sync.
+                    # Count the step only where it was taken, without a host sync (on CUDA,
+                    # _foreach_add_ with a tensor scalar reads it on the host).
                     taken = (found_inf.to(device) == 0).to(torch.int64).reshape(())
-                    torch._foreach_add_(counts, taken)
+                    for count in counts:
+                        count.add_(taken)
         # The state changed only by this step's own writes (new buffers and gradient sums),
         # which the kept lists hold already.
         revision = self.state.revision.count

@@ -92,6 +92,97 @@ def select_lowest(scores: Tensor, count: int) -> Tensor:
     return selected
 
 
+def select_lowest_stacked(scores: Tensor, kept: Tensor, counts: Sequence[int]) -> Tensor:
+    """Row by row, what :func:`select_lowest` selects among the kept entries: a bool
+    ``[B, N]`` mask of row ``i``'s ``counts[i]`` lowest ``scores`` where ``kept`` (each row's
+    candidates), exact counts, ties broken by position, NaN ranked last; never an entry
+    outside ``kept``. ``scores``, ``kept``: ``[B, N]``. The rows with as many candidates and
+    the same count (the models of a round, usually all of them) take one ``kthvalue`` over
+    their candidates side by side."""
+    if scores.dim() != 2 or kept.shape != scores.shape or kept.dtype != torch.bool:
+        raise ValueError(
+            f"select_lowest_stacked: scores [B, N] and a bool kept mask of its shape, got "
+            f"{list(scores.shape)} and {kept.dtype} {list(kept.shape)}"
+        )
+    if len(counts) != scores.shape[0]:
+        raise ValueError(
+            f"select_lowest_stacked: one count per row, got {len(counts)} for {scores.shape[0]}"
+        )
+    selected = torch.zeros_like(kept)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row, (count, n) in enumerate(zip(counts, kept.sum(dim=1).tolist(), strict=True)):
+        if count >= n:
+            selected[row] = kept[row]
+        elif count > 0:
+            groups.setdefault((n, count), []).append(row)
+    for (n, count), rows in groups.items():
+        index = torch.tensor(rows)
+        among = kept[index]
+        # The candidates of each row, in position order: [rows, n].
+        candidates = torch.nan_to_num(scores[index][among].float(), nan=math.inf).view(-1, n)
+        threshold = torch.kthvalue(candidates, count, dim=1).values.unsqueeze(1)
+        less = candidates < threshold
+        ties = candidates == threshold
+        missing = count - less.sum(dim=1, keepdim=True)
+        chosen = less | (ties & (ties.cumsum(dim=1) <= missing))
+        rows_selected = torch.zeros_like(among)
+        rows_selected[among] = chosen.flatten()
+        selected[index] = rows_selected
+    return selected
+
+
+def prune_together(
+    pruners: Sequence[Pruner],
+    amount: float,
+    gradients: Sequence[Mapping[str, Tensor] | None] | None = None,
+) -> list[int]:
+    """Prune ``amount`` of the remaining weights of each pruner's model, exactly as
+    ``pruner.prune(amount=amount, gradients=gradients[i])`` would one pruner at a time (the
+    same masks), with one selection for all: each pruner's scores (its own criterion and
+    gradients), then per threshold group (the whole model, or each layer) the models'
+    candidates stacked and selected by :func:`select_lowest_stacked`. The pruners must prune
+    parameters of the same names and shapes, with the same scope (the models of one stack).
+    Returns how many weights each pruner newly pruned."""
+    pruners = list(pruners)
+    if not pruners:
+        return []
+    if not (isinstance(amount, numbers.Real) and not isinstance(amount, bool) and 0 <= amount <= 1):
+        raise ValueError(f"amount must be a number in [0, 1], got {amount!r}")
+    gradients = [None] * len(pruners) if gradients is None else list(gradients)
+    if len(gradients) != len(pruners):
+        raise ValueError(
+            f"gradients: one entry per pruner, got {len(gradients)} for {len(pruners)} pruners"
+        )
+    first = pruners[0]
+    shapes = {name: m.shape for name, m in first.masks.items()}
+    for pruner in pruners[1:]:
+        if pruner.scope != first.scope or {n: m.shape for n, m in pruner.masks.items()} != shapes:
+            raise ValueError(
+                "prune_together: the pruners must prune tensors of the same names and shapes "
+                "with the same scope"
+            )
+    scores = [p.scores(gradients=g) for p, g in zip(pruners, gradients, strict=True)]
+    newly = torch.zeros(len(pruners), dtype=torch.int64)
+    names = list(shapes)
+    groups = [names] if first.scope == "global" else [[name] for name in names]
+    for group in groups:
+        kept = torch.stack([torch.cat([p.masks[n].flatten() for n in group]) for p in pruners])
+        stacked = torch.stack([torch.cat([s[n].flatten() for n in group]) for s in scores])
+        counts = [round(amount * n) for n in kept.sum(dim=1).tolist()]
+        selected = select_lowest_stacked(stacked, kept.to(stacked.device), counts)
+        newly += selected.sum(dim=1).cpu()
+        remaining = kept & ~selected.to(kept.device)
+        offset = 0
+        for name in group:
+            numel = shapes[name].numel()
+            for i, pruner in enumerate(pruners):
+                pruner.masks[name] = remaining[i, offset : offset + numel].view(shapes[name])
+            offset += numel
+    for pruner in pruners:
+        pruner.apply()
+    return newly.tolist()
+
+
 class Pruner:
     """Prunes the weights of a model's layers by a criterion, globally or per layer.
 

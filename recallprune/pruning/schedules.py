@@ -81,6 +81,12 @@ class Iterative:
     def control_round(self, pruner: Pruner) -> None:
         """Run the next round without pruning: a control arm's round, rewound (or not) as
         the pruned arms' rounds are, so that it differs from them in the pruning alone."""
+        self.finish_round(pruner)
+
+    def finish_round(self, pruner: Pruner) -> None:
+        """The rest of a round whose pruning was done apart (by
+        :func:`~recallprune.pruning.prune_together` with ``amount=fraction``, for the models
+        of a stack): count the round and, when rewinding, reset the survivors."""
         self._check_not_done()
         self._end_round(pruner)
 

@@ -31,6 +31,7 @@ from torch import nn
 from ..metrics import StackedConfusionCounter
 from ..mitigation import NONE, Multipliers, sample_losses
 from ..optim import UndecayedSGD, decay_param_groups
+from ..pruning import prune_together
 from ..pruning.criteria import CLASS_BALANCED, NEEDS_GRADIENT, class_balanced_weights
 from .config import parse_arm
 from .datasets import Dataset
@@ -463,8 +464,7 @@ class BatchedStudy(Study):
             out="cpu",
             balanced=[arm != CONTROL and parse_arm(arm)[0] in CLASS_BALANCED for _, arm in cells],
         )
-        masks: list[dict[str, torch.Tensor]] = []
-        sparsities = []
+        pruners, schedules = [], []
         for i, ((seed, arm), state, rewind) in enumerate(zip(cells, states, rewinds, strict=True)):
             view = model_view(host, i, template)
             # No optimizer: the stack's own trains, with the masks stacked below. UP's lam is
@@ -481,17 +481,25 @@ class BatchedStudy(Study):
                 pruner.apply()
             schedule = self.schedule()
             schedule.load_state_dict({"round": round_index - 1, "snapshot": rewind})
-            if arm == CONTROL:
-                schedule.control_round(pruner)
-            else:
-                given = gradients[i]
-                if estimates[i] == "average":
-                    where = f"the checkpoint before round {round_index} of seed {seed}, {arm}"
-                    given = self.average_gradients(state.get("grad_average"), pruner, where)
-                schedule.prune_round(
-                    pruner,
-                    gradients=None if given is None else {n: given[n] for n in pruner.params},
-                )
+            pruners.append(pruner)
+            schedules.append(schedule)
+        # Every pruned model of the stack by one selection (each with its own criterion and
+        # exact count), as each would be by its schedule's prune_round.
+        pruned = [i for i, (_, arm) in enumerate(cells) if arm != CONTROL]
+        given = []
+        for i in pruned:
+            seed, arm = cells[i]
+            own = gradients[i]
+            if estimates[i] == "average":
+                where = f"the checkpoint before round {round_index} of seed {seed}, {arm}"
+                own = self.average_gradients(states[i].get("grad_average"), pruners[i], where)
+            given.append(None if own is None else {n: own[n] for n in pruners[i].params})
+        prune_together([pruners[i] for i in pruned], self.schedule().fraction, given)
+        masks: list[dict[str, torch.Tensor]] = []
+        sparsities = []
+        for i, (pruner, schedule) in enumerate(zip(pruners, schedules, strict=True)):
+            model_view(host, i, template)  # the template on model i again, to rewind it
+            schedule.finish_round(pruner)
             masks.append({k: v.clone() for k, v in pruner.masks.items()})
             sparsities.append(pruner.sparsity())
         stacked.load_state_dict(host.state_dict())
