@@ -110,6 +110,37 @@ def test_files_written_behind_keep_their_order_and_stop_at_the_first_failure(tmp
     assert folder.load_record(tmp_path / "study" / "now.json") == {"seed": 9}
 
 
+def test_checkpoints_handed_over_are_serialised_by_the_writing_thread(tmp_path, monkeypatch):
+    import threading
+
+    folder = StudyFolder(tmp_path / "study")
+    real_save = torch.save
+    threads = []
+
+    def spying_save(obj, f, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", spying_save)
+    kept, given = (torch.arange(4.0), torch.arange(4.0))
+    with folder.writing_behind():
+        # Not handed over: serialised at once, so a change right after does not reach the file.
+        folder.save({}, tmp_path / "a.json", {"w": kept}, folder.checkpoint_path(0, "m", 1))
+        kept.fill_(-1.0)
+        folder.save(
+            {}, tmp_path / "b.json", {"w": given}, folder.checkpoint_path(1, "m", 1), owned=True
+        )
+    assert threads[0] == threading.current_thread().name
+    assert threads[1].startswith("recallprune-writer")
+    assert torch.equal(study_files.load_checkpoint(folder.checkpoint_path(0, "m", 1))["w"], given)
+    assert torch.equal(study_files.load_checkpoint(folder.checkpoint_path(1, "m", 1))["w"], given)
+    # Outside writing_behind, an owned checkpoint is written at once.
+    folder.save(
+        {}, tmp_path / "c.json", {"w": given}, folder.checkpoint_path(2, "m", 1), owned=True
+    )
+    assert threads[2] == threading.current_thread().name
+
+
 def test_a_batched_study_whose_disk_fills_resumes(tmp_path, capsys, monkeypatch):
     args = ["--seeds", "0", "1", "--rounds", "3", "--epochs", "2", "--finetune-epochs", "1"]
     args += ["--criteria", "magnitude", "random", "--device", "cpu"]

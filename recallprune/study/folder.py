@@ -206,14 +206,21 @@ class StudyFolder:
         path: Path,
         checkpoint: dict | None = None,
         checkpoint_path: Path | None = None,
+        owned: bool = False,
     ) -> None:
         """Save a finished run: its checkpoint first, then its record (a record on disk
-        means the run is done)."""
+        means the run is done). ``owned``: the checkpoint's tensors are the caller's own
+        copies, which it hands over and changes no more (they may still be read)."""
         if self.dist.is_main:
-            # Serialised now (the bytes torch.save writes to a file), so that the caller may
-            # change the tensors at once when the files are written behind.
             text = json.dumps(record) + "\n"
-            if checkpoint is not None:
+            if checkpoint is not None and owned and self._writer is not None:
+                # Serialised by the writing thread too, while the caller goes on.
+                self._write(
+                    lambda: atomic_write(checkpoint_path, lambda h: torch.save(checkpoint, h))
+                )
+            elif checkpoint is not None:
+                # Serialised now (the bytes torch.save writes to a file), so that the caller
+                # may change the tensors at once when the files are written behind.
                 buffer = io.BytesIO()
                 torch.save(checkpoint, buffer)
                 data = buffer.getbuffer()

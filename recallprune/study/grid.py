@@ -383,6 +383,7 @@ class BatchedStudy(Study):
                 self.folder.record_path(seed, DENSE, 0),
                 checkpoint,
                 self.folder.checkpoint_path(seed, DENSE, 0),
+                owned=True,  # fresh copies, only read from here on
             )
             if hold:
                 self._dense_held[seed] = checkpoint
@@ -559,6 +560,7 @@ class BatchedStudy(Study):
                 self.folder.record_path(seed, arm, round_index),
                 checkpoint,
                 self.folder.checkpoint_path(seed, arm, round_index),
+                owned=True,  # fresh copies, only read from here on
             )
             if round_index > 1:
                 self.folder.drop_checkpoint(self.folder.checkpoint_path(seed, arm, round_index - 1))
