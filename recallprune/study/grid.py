@@ -9,12 +9,13 @@ then, round by round, every (seed, arm) model of that round trains as one stacke
 Each model keeps everything it has in the sequential study: its initialisation, its data
 order (its own seeded generator, drawn exactly as the sequential loop draws it), its
 pruning (its own :class:`~recallprune.pruning.Pruner`, criterion, scores and exact counts,
-run on a view of its slice of the stack, on the CPU: a model's pruning is a few small
-operations and host reads, which a GPU would only wait on), its rewinding, and its records
-and checkpoints, saved per model as each stacked round finishes, in the same files. So a
-batched study resumes a sequential one and the other way round, and the two differ only by
-floating-point rounding (of batched matrix products; on a GPU, of scores computed on the
-CPU).
+on a view of its slice of the stack, on the CPU, where a round's models are selected
+together by :func:`~recallprune.pruning.prune_together`: the same masks as one by one), its
+rewinding, and its records and checkpoints, saved per model as each stacked round finishes,
+in the same files. So a batched study resumes a sequential one and the other way round, and
+the two differ only by floating-point rounding (of batched matrix products; on a GPU, of
+scores computed on the CPU). On a GPU the training steps replay a CUDA graph
+(:mod:`recallprune.study.graphs`): the same kernels as the eager step.
 """
 
 from __future__ import annotations
