@@ -483,6 +483,40 @@ def test_stacked_counter_syncs_saves_and_moves_as_a_counter_per_model(two_identi
     assert int(loaded.invalid_count.sum()) == 0 and int(loaded.compute().sum()) == 0
 
 
+def test_the_cpu_memory_limit_reads_the_control_group(tmp_path, monkeypatch):
+    from recallprune.metrics import confusion
+
+    def tree(files, membership):
+        root = tmp_path / f"cg{len(list(tmp_path.iterdir()))}"
+        for path, text in files.items():
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text(text)
+        (root / "self").write_text(membership)
+        return confusion._cgroup_memory_limit(root, root / "self")
+
+    # v2: the group's own limit, a tighter parent's, "max" (none), a container's root view.
+    v2 = "0::/jobs/job1\n"
+    assert tree({"jobs/job1/memory.max": "3000000000\n"}, v2) == 3_000_000_000
+    assert tree({"jobs/job1/memory.max": "max\n", "jobs/memory.max": "2000\n"}, v2) == 2000
+    assert tree({"jobs/job1/memory.max": "max\n"}, v2) is None
+    assert tree({"memory.max": "5000\n"}, v2) == 5000
+    # v1: the memory controller's hierarchy; its "unlimited" is a number near 2**63.
+    v1 = "4:memory:/process/abc\n3:cpuset:/\n"
+    assert tree({"memory/process/abc/memory.limit_in_bytes": "7000\n"}, v1) == 7000
+    unlimited = {"memory/process/abc/memory.limit_in_bytes": "9223372036854771712\n"}
+    assert tree(unlimited, v1) is None
+    assert confusion._cgroup_memory_limit(tmp_path, tmp_path / "missing") is None
+    # The CPU's memory is the lesser of physical memory and the group's limit.
+    monkeypatch.setattr(confusion, "_cgroup_memory_limit", lambda: 1000)
+    assert confusion._device_memory(torch.device("cpu")) == 1000
+    monkeypatch.setattr(confusion, "_cgroup_memory_limit", lambda: 10**18)
+    physical = confusion._device_memory(torch.device("cpu"))
+    assert 10**8 < physical < 10**18
+    monkeypatch.setattr(confusion, "_cgroup_memory_limit", lambda: 2 * 1000 * 1000 * 8 - 1)
+    with pytest.raises(ValueError, match="num_classes=1000 needs a 1000 x 1000 int64 matrix"):
+        ConfusionCounter(1000)
+
+
 def test_a_matrix_too_large_is_refused_up_front(monkeypatch):
     from recallprune.metrics import confusion
 

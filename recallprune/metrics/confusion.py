@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -100,14 +101,53 @@ def _raise_if_invalid(invalid: Tensor, num_classes: int, ignore_index: int | Non
         )
 
 
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")
+
+
+def _cgroup_memory_limit(
+    root: Path = _CGROUP_ROOT, membership: Path = _CGROUP_MEMBERSHIP
+) -> int | None:
+    """The memory limit of this process's control group in bytes (cgroup v2 ``memory.max``,
+    v1 ``memory.limit_in_bytes``; the tightest of the group's and its parents'), or None
+    where there is none or none can be read. A container's own view of the hierarchy is its
+    group's: the files at the root then hold its limit."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, group = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            base, name = root, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = root / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        parts = PurePosixPath(group).parts[1:]
+        for depth in range(len(parts), -1, -1):
+            try:
+                text = base.joinpath(*parts[:depth], name).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < 2**60:  # "max", or v1's "unlimited" near 2**63
+                limits.append(int(text))
+    return min(limits) if limits else None
+
+
 def _device_memory(device: torch.device) -> int | None:
-    """The memory of ``device`` in bytes: physical memory for the CPU, the GPU's for CUDA;
-    ``None`` where unknown (``meta`` holds no data)."""
+    """The memory of ``device`` in bytes: for the CPU, physical memory or the process's
+    control-group limit, whichever is less; the GPU's for CUDA; ``None`` where unknown
+    (``meta`` holds no data)."""
     if device.type == "cpu":
         try:
-            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (AttributeError, ValueError, OSError):
-            return None
+            physical = None
+        known = [m for m in (physical, _cgroup_memory_limit()) if m is not None]
+        return min(known) if known else None
     if device.type == "cuda" and torch.cuda.is_available():
         index = device.index if device.index is not None else torch.cuda.current_device()
         return torch.cuda.get_device_properties(index).total_memory
