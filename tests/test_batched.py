@@ -409,8 +409,11 @@ def _train(twin, data, device, graphs):
 
 @requires_cuda
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_cuda_graph_training_equals_eager_training(name, monkeypatch):
-    device = torch.device("cuda")
+@pytest.mark.parametrize("where", ["cuda", "cuda:last"])
+def test_cuda_graph_training_equals_eager_training(name, where, monkeypatch):
+    # "cuda:last": the last GPU by its index, which the capture must use whichever is current.
+    last = f"cuda:{torch.cuda.device_count() - 1}" if torch.cuda.is_available() else "cuda"
+    device = torch.device(last if where == "cuda:last" else where)
     (eager, graphed), data = _graph_training_twins(name, device)
     eager_losses = _train(eager, data, device, graphs=False)
     calls = []

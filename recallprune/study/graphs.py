@@ -99,8 +99,10 @@ class CapturedStep:
         try:
             for group, lr in zip(groups, self.lrs, strict=True):
                 group["lr"] = lr
-            # "thread_local": the study's file-writing thread may run meanwhile.
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            # A capture stream of the stack's GPU (torch's default is made once, on the GPU
+            # current then); "thread_local": the study's file-writing thread may run meanwhile.
+            stream = torch.cuda.Stream(self.device)
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 self.output = self.step(self.index)
         finally:
             for group, lr in zip(groups, floats, strict=True):
