@@ -45,6 +45,7 @@ def test_kernels_under_each_instruction_set(capability):
             "no:cacheprovider",
             "tests/test_undecayed_sgd.py",
             "tests/test_confusion.py",
+            "tests/test_stacked_linear.py",
             "-k",
             "kernel or property or pruned or decay or average",
         ],

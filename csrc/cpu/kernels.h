@@ -54,6 +54,78 @@ struct ArgmaxBlock {
   int64_t* pred;
 };
 
+// Stacked linear layers (float32), one model's slice, samples last ("feature-major": an
+// activation is [features, n], row f holding feature f of the n samples). A layer's weights
+// are dense ([out, in]) or compact: the kept weights' values alone, row by row, with index
+// lists (row o's values are weight[ptr[o] .. ptr[o + 1]), at the columns cols[ptr[o]] < ... <
+// cols[ptr[o + 1] - 1]; ptr holds offsets into the values of every model). A block of rows
+// whose kept fraction is at least dense_above is computed with every weight of the rows (the
+// pruned ones 0: read in place where the rows are whole, i.e. keep all in weights, whose lists
+// are then not read; else copied to a scratch block);
+// other rows visit only their kept weights. Both give the same sums (each output a fused
+// multiply-add chain over the kept inputs in ascending order), so the choice changes the
+// speed only (the weight gradient's dot products excepted: see LinearWeightGrad). A kernel
+// returns false where an index list it reads is out of range or out of order, having
+// written nothing outside its rows.
+
+// output[o, :] = relu?(bias[o] + sum over kept i of weight[o, i] * input[i, :]), o in [begin, end).
+struct LinearForward {
+  const float* input;   // [in, n]
+  const float* weight;  // dense: this model's [out, in]; compact: every model's values
+  const float* bias;    // [out] or nullptr
+  const int64_t* ptr;   // compact: this model's [out + 1]; dense: nullptr
+  const int32_t* cols;
+  int64_t in, out, n;
+  double dense_above;
+  bool relu;
+  int64_t begin, end;
+  float* output;  // [out, n]
+};
+
+// grad_input[i, :] = sum over o keeping i of weight[o, i] * grad[o, :], i in [begin, end).
+// Compact: the kept weights by column (ptr [in + 1] offsets into rows and vals: column i is
+// kept by the rows rows[ptr[i]] < ..., its values at weight[vals[...]]), and row_ptr, the
+// model's row offsets (a model whose rows are all whole is read in place).
+struct LinearInputGrad {
+  const float* grad;    // [out, n]
+  const float* weight;  // as LinearForward's
+  const int64_t* row_ptr;
+  const int64_t* ptr;  // compact: [in + 1]; dense: nullptr
+  const int32_t* rows;
+  const int64_t* vals;
+  int64_t in, out, n;
+  double dense_above;
+  int64_t begin, end;
+  float* grad_input;  // [in, n]
+};
+
+// grad_weight[o, i] = sum over the samples of grad[o, :] * input[i, :] at the kept weights, in
+// the weight's form (dense: [out, in]; compact: every model's values), o in [begin, end).
+// Dense blocks sum the samples in order, from input_t (the input transposed, [n, in]); other
+// rows as a dot product of vectors.
+struct LinearWeightGrad {
+  const float* grad;     // [out, n]
+  const float* input;    // [in, n]
+  const float* input_t;  // [n, in]; needed only where a block can go dense
+  const int64_t* ptr;
+  const int32_t* cols;
+  int64_t in, out, n;
+  double dense_above;
+  int64_t begin, end;
+  float* grad_weight;
+};
+
+// Rows [begin, end) of [rows, n]: grad_pre = grad * (output > 0) where output is given (the
+// gradient through a relu), else grad itself; grad_bias[r] = the sum of row r of grad_pre.
+struct LinearBiasGrad {
+  const float* grad;
+  const float* output;  // or nullptr
+  int64_t n;
+  int64_t begin, end;
+  float* grad_pre;   // written where output is given
+  float* grad_bias;  // or nullptr
+};
+
 template <typename scalar_t, typename opmath_t = scalar_t>
 using SgdKernel = void (*)(const SgdRange<scalar_t, opmath_t>&, const SgdHyper&);
 template <typename scalar_t>
@@ -70,6 +142,13 @@ struct KernelTable {
   ArgmaxKernel<double> argmax_double;
   ArgmaxKernel<uint16_t> argmax_half;
   ArgmaxKernel<uint16_t> argmax_bfloat16;
+  int linear_block_rows;  // the rows of a dense block of linear_forward and linear_weight_grad
+  bool (*linear_forward)(const LinearForward&);
+  bool (*linear_input_grad)(const LinearInputGrad&);
+  bool (*linear_weight_grad)(const LinearWeightGrad&);
+  void (*linear_bias_grad)(const LinearBiasGrad&);
+  // dst [cols, rows] = src [rows, cols] transposed.
+  void (*linear_transpose)(const float* src, int64_t rows, int64_t cols, float* dst);
 };
 
 // The table for this CPU.

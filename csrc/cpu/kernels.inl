@@ -11,6 +11,7 @@
 #include "kernels.h"
 #include "undecayed_sgd_element.h"
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -18,6 +19,8 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <cstdlib>
+#include <new>
 #include <type_traits>
 
 #if defined(__SSE2__)
@@ -922,6 +925,8 @@ void argmax(const ArgmaxBlock<typename TableElement<scalar_t>::type>& b) {
   }
 }
 
+#include "linear_kernels.inl"
+
 }  // namespace
 
 constexpr KernelTable kTable{C10_STRINGIZE(CPU_CAPABILITY),
@@ -932,7 +937,13 @@ constexpr KernelTable kTable{C10_STRINGIZE(CPU_CAPABILITY),
                              &argmax<float>,
                              &argmax<double>,
                              &argmax<c10::Half>,
-                             &argmax<c10::BFloat16>};
+                             &argmax<c10::BFloat16>,
+                             kLinearRows,
+                             &linear_forward,
+                             &linear_input_grad,
+                             &linear_weight_grad,
+                             &linear_bias_grad,
+                             &linear_transpose};
 
 const KernelTable* table() { return &kTable; }
 

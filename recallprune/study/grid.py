@@ -45,6 +45,10 @@ from .training import EVAL_BATCH, grad_averages, last_epoch_average, phase_seed
 
 log = logging.getLogger("recallprune.study")
 
+# A round's linear layers go compact on the CPU where its pruned models keep less than this
+# fraction of their weights: above it, the dense kernels are faster (benchmarks/bench_study.py).
+COMPACT_BELOW = 0.6
+
 
 def can_stack(model: nn.Module) -> bool:
     """Whether the study's batched path can stack this kind of model."""
@@ -222,8 +226,9 @@ def stacked_gradients(
 def stacked_averages(
     optimizer: UndecayedSGD, stacked: StackedModel
 ) -> list[dict[str, torch.Tensor]]:
-    """Each model's tracked gradient average, by the single model's parameter names."""
-    averages = grad_averages(optimizer, dict(stacked.named_parameters()))
+    """Each model's tracked gradient average, by the single model's parameter names (dense,
+    0 at the weights a compact layer dropped: a masked optimizer's average there)."""
+    averages = stacked.dense_named(grad_averages(optimizer, dict(stacked.named_parameters())))
     return [
         {name: average[i].clone() for name, average in averages.items()}
         for i in range(stacked.num_models)
@@ -506,11 +511,18 @@ class BatchedStudy(Study):
             sparsities.append(pruner.sparsity())
         stacked.load_state_dict(host.state_dict())
         track = "average" in estimates
+        host_masks = {name: torch.stack([m[name] for m in masks]) for name in masks[0]}
+        device_masks = {name: mask.to(self.device) for name, mask in host_masks.items()}
+        if self.device.type == "cpu":
+            # The linear layers hold, compute with and step their kept weights alone (the CPU
+            # kernels skip the pruned ones), as a masked optimizer would keep them: the same
+            # updates of the same weights.
+            stacked.compact(device_masks, below=COMPACT_BELOW)
         optimizer = self._optimizer(stacked, self.retrain_lr(), track)
         parameters = dict(stacked.named_parameters())
-        host_masks = {name: torch.stack([m[name] for m in masks]) for name in masks[0]}
-        for name, mask in host_masks.items():
-            optimizer.set_mask(parameters[name], mask.to(self.device))
+        for name, mask in device_masks.items():
+            if name in parameters:  # not compact
+                optimizer.set_mask(parameters[name], mask)
         generators = [
             torch.Generator().manual_seed(phase_seed(seed, self.base(arm), round_index, "train"))
             for seed, arm in cells
@@ -532,6 +544,7 @@ class BatchedStudy(Study):
         mitigated = [self.mitigation(arm) != NONE for _, arm in cells]
         averages = stacked_averages(optimizer, stacked) if track else [{} for _ in cells]
         nominal = self.schedule().sparsity_after(round_index)
+        stacked.expand()
         model_states = stacked.model_states()
         self.folder.flush()  # the stage before's files (and their errors) first
         records = []

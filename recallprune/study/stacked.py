@@ -3,10 +3,13 @@ along a leading model dimension ``B``.
 
 A study's grid (seeds x arms) is made of small models trained the same way, and for the
 models the paper is about a training step is almost all per-operation overhead. Stacked, the
-``B`` models share every operation: one batched matrix product per layer (``baddbmm``), one
+``B`` models share every operation: one batched product per layer, one
 grouped convolution (``groups=B``), one backward, one optimizer step over a handful of
 tensors. Each model keeps its own parameters, data order, masks and criterion; nothing is
-shared between them but the kernels.
+shared between them but the kernels. The linear layers take their activations samples last
+(``[B, features, N]``, :func:`~recallprune.ops.stacked_linear`); made compact with the models'
+masks (:meth:`StackedModel.compact`), they hold, compute with and train their kept weights
+alone.
 
 A stacked module's parameter ``name`` has shape ``[B, *shape]`` where the single model's
 parameter of the same name has ``shape``, so masks, state dicts and pruning scores carry over
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..ops.stacked_linear import KeptWeights, stacked_linear
 from .models import MLP, SmallCNN
 
 
@@ -27,35 +31,43 @@ def _stack(tensors: Sequence[Tensor]) -> nn.Parameter:
     return nn.Parameter(torch.stack([t.detach() for t in tensors]).contiguous())
 
 
-class _StackedLinearFunction(torch.autograd.Function):
-    """``baddbmm(bias, x, weight^T)`` with the weight's gradient computed in the weight's own
-    layout (``dy^T @ x``, ``[B, out, in]``): autograd's ``x^T @ dy`` is its transpose, which
-    gradient accumulation would copy to the parameter's layout on every step."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, weight = ctx.saved_tensors
-        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(dim=1) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
-
-
 class StackedLinear(nn.Module):
-    """``B`` linear layers: ``x [B, N, in] -> [B, N, out]``."""
+    """``B`` linear layers, samples last: ``x [B, in, n] -> [B, out, n]`` (see
+    :func:`~recallprune.ops.stacked_linear`). Its weight is the parameter ``weight``
+    ``[B, out, in]``, or once :meth:`compact`, ``kept_weight``: the kept weights' values alone,
+    which the CPU kernels visit alone and an optimizer steps alone."""
 
     def __init__(self, layers: Sequence[nn.Linear]) -> None:
         super().__init__()
         self.weight = _stack([layer.weight for layer in layers])  # [B, out, in]
         self.bias = _stack([layer.bias for layer in layers])  # [B, out]
+        self.kept: KeptWeights | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        return _StackedLinearFunction.apply(x, self.weight, self.bias)
+    def compact(self, mask: Tensor) -> None:
+        """Keep only the weights where ``mask`` (bool ``[B, out, in]``) is True: ``weight``
+        becomes ``kept_weight``, their values (the others, which must be 0 to change nothing,
+        are dropped)."""
+        if self.kept is not None:
+            raise RuntimeError("StackedLinear.compact: the layer is compact already")
+        kept = KeptWeights.from_mask(mask.to(self.weight.device))
+        values = kept.compact(self.weight.detach())
+        del self.weight
+        self.kept_weight = nn.Parameter(values)
+        self.kept = kept
+
+    def expand(self) -> None:
+        """Back to a dense ``weight``, 0 at the weights :meth:`compact` dropped."""
+        if self.kept is None:
+            return
+        dense = self.kept.expand(self.kept_weight.detach())
+        del self.kept_weight
+        self.weight = nn.Parameter(dense)
+        self.kept = None
+
+    def forward(self, x: Tensor, relu: bool = False) -> Tensor:
+        if self.kept is None:
+            return stacked_linear(x, self.weight, self.bias, None, relu)
+        return stacked_linear(x, self.kept_weight, self.bias, self.kept, relu)
 
 
 class StackedConv2d(nn.Module):
@@ -99,6 +111,41 @@ class StackedModel(nn.Module):
             for index in range(self.num_models)
         ]
 
+    def compact(self, masks: dict[str, Tensor], below: float = 1.0) -> None:
+        """Make each linear layer whose weight has a mask in ``masks`` (by parameter name, bool
+        of the stacked weight's shape, True: kept) compact (:meth:`StackedLinear.compact`): its
+        pruned weights, 0 as a masked optimizer keeps them, no longer exist, so neither the
+        kernels nor an optimizer built afterwards touch them. ``below``: only the layers whose
+        pruned models (those with a weight pruned) keep less than this fraction of their
+        weights, on average. :meth:`expand` undoes it; the state-dict methods below need the
+        dense weights."""
+        for name, module in self.named_modules():
+            mask = masks.get(f"{name}.weight")
+            if not isinstance(module, StackedLinear) or mask is None:
+                continue
+            kept = mask.flatten(1).float().mean(dim=1)
+            pruned = kept < 1
+            if pruned.any() and kept[pruned].mean().item() < below:
+                module.compact(mask)
+
+    def expand(self) -> None:
+        """Every compact linear layer's weight dense again."""
+        for module in self.modules():
+            if isinstance(module, StackedLinear):
+                module.expand()
+
+    def dense_named(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Tensors by parameter name (say, an optimizer's per-parameter state), each compact
+        layer's ``kept_weight`` entry given as the dense ``weight`` entry (0 where pruned)."""
+        out = dict(tensors)
+        for name, module in self.named_modules():
+            key = f"{name}.kept_weight"
+            if isinstance(module, StackedLinear) and module.kept is not None and key in out:
+                values = out.pop(key)
+                mask = module.kept.mask.to(values.device)
+                out[f"{name}.weight"] = values.new_zeros(mask.shape).masked_scatter(mask, values)
+        return out
+
     @torch.no_grad()
     def load_model_state(self, index: int, state: dict[str, Tensor]) -> None:
         """Set model ``index`` from a single model's state dict."""
@@ -117,8 +164,9 @@ class StackedMLP(StackedModel):
         self.fc3 = StackedLinear([m.fc3 for m in models])
 
     def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu(self.fc1(x.flatten(2)))
-        return self.fc3(torch.relu(self.fc2(x)))
+        x = x.flatten(2).transpose(1, 2)  # [B, in, N]: samples last
+        x = self.fc2(self.fc1(x, relu=True), relu=True)
+        return self.fc3(x).transpose(1, 2)
 
 
 class StackedCNN(StackedModel):
@@ -138,8 +186,8 @@ class StackedCNN(StackedModel):
         x = x.transpose(0, 1).flatten(1, 2)  # [N, B * in, H, W]
         x = torch.relu(self.conv1(x))
         x = self.pool(torch.relu(self.conv2(x)))  # [N, B * c2, 2, 2]
-        x = x.view(n, b, -1).transpose(0, 1)  # [B, N, c2 * 4], each model's flatten(1)
-        return self.fc2(torch.relu(self.fc1(x)))
+        x = x.view(n, b, -1).permute(1, 2, 0)  # [B, c2 * 4, N], each model's flatten(1)
+        return self.fc2(self.fc1(x, relu=True)).transpose(1, 2)
 
 
 def stack_models(models: Sequence[nn.Module]) -> StackedModel | None:

@@ -1,0 +1,36 @@
+// Device-independent parts of the stacked linear ops (stacked_linear.cpp): the argument checks.
+// The layout is samples last: input [B, in, n], output [B, out, n]; the weight dense
+// [B, out, in] or compact (the kept weights' values, with their index lists).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace recallprune {
+
+struct LinearShape {
+  int64_t models, in, out, n;
+  bool compact;
+};
+
+// Checks stacked_linear's arguments (op names the op in the messages): float32 contiguous
+// input [B, in, n]; without row lists a float32 contiguous weight [B, out, in]; with them
+// (row_ptr int64 [B * out + 1] offsets, row_cols int32, both well formed, B >= 1) the weight
+// the kept values, float32 contiguous [nnz] with nnz = row_cols' length; bias [B, out] if
+// given; all on one device; dense_above not negative.
+LinearShape check_stacked_linear_args(const char* op, const at::Tensor& input,
+                                      const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& row_ptr,
+                                      const std::optional<at::Tensor>& row_cols,
+                                      double dense_above);
+
+// Checks one pair of index lists: ptr contiguous int64 [rows + 1] of offsets into idx,
+// starting at 0, never decreasing, ending at idx's length; idx contiguous int32 [nnz]. The
+// entries of idx are checked by the kernels as they read them.
+void check_kept_lists(const char* op, const char* ptr_name, const char* idx_name,
+                      const at::Tensor& ptr, const at::Tensor& idx, int64_t rows);
+
+}  // namespace recallprune

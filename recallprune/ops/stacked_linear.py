@@ -1,0 +1,224 @@
+"""``B`` linear layers of one shape at once, each with its own weights, dense or compact (its
+kept weights alone, the others pruned): ``torch.ops.recallprune.stacked_linear`` and its
+backward, which backend runs, the index lists of the kept weights (:class:`KeptWeights`) and
+the autograd wrapper.
+
+The layout is samples last: an activation is ``[B, features, n]``, so that each model's
+feature is a contiguous row of its ``n`` samples. The output is ``relu?(weight @ input +
+bias[..., None])`` per model. A compact weight is the values of the kept weights alone
+(``KeptWeights.compact``): a pruned weight does not exist, so it takes no part in the sums and
+has no gradient, and the memory the layer and its optimizer touch shrinks with the weights.
+
+The CPU kernels visit only the kept weights of sparse rows and compute blocks of mostly kept
+rows densely, with the same sums in the same order (one fused multiply-add chain per output,
+over the kept inputs in ascending order), so which rows go dense (``dense_above``, the kept
+fraction from which a block does) changes the speed and not the output or the input's
+gradient; the weight gradient's sums are ordered differently in the two (dense: sample by
+sample; sparse: a dot product of vectors) and agree to rounding. Elsewhere (CUDA, other dtypes,
+``backend="reference"``) the same math runs as torch's batched products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .extension import register_fakes, require_ops, resolve_backend
+
+
+@dataclass(frozen=True, eq=False)
+class KeptWeights:
+    """The kept weights of ``B`` layers with weights ``[B, out, in]``: the boolean ``mask`` and,
+    for the CPU kernels, its index lists by row (row ``b * out + o`` keeps the columns
+    ``row_cols[row_ptr[r] : row_ptr[r + 1]]``, ascending, whose values are the compact
+    weight's same entries) and by column (column ``b * in + i`` is kept by the rows
+    ``col_rows[col_ptr[c] : col_ptr[c + 1]]``, ascending, whose values are at ``col_vals``).
+    Build it with :meth:`from_mask`."""
+
+    mask: Tensor
+    row_ptr: Tensor
+    row_cols: Tensor
+    col_ptr: Tensor
+    col_rows: Tensor
+    col_vals: Tensor
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> KeptWeights:
+        """The lists of a boolean ``mask`` ``[B, out, in]`` (True: kept), on its device."""
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 3:
+            got = (
+                f"{mask.dtype} of shape {tuple(mask.shape)}"
+                if isinstance(mask, Tensor)
+                else type(mask).__name__
+            )
+            raise ValueError(f"KeptWeights: mask must be a bool [B, out, in] tensor, got {got}")
+        models, out, inputs = mask.shape
+        if max(out, inputs) >= 2**31:
+            raise ValueError(
+                f"KeptWeights: a layer of {out} x {inputs} weights is too large for int32 indices"
+            )
+        mask = mask.contiguous()
+        row_ptr, row_cols = _lists(mask.reshape(models * out, inputs))
+        by_column = mask.transpose(1, 2)
+        col_ptr, col_rows = _lists(by_column.reshape(models * inputs, out))
+        # Each kept weight's position among the values (row-major order), read by column.
+        position = torch.cumsum(mask.reshape(-1), dim=0).reshape(mask.shape) - 1
+        col_vals = position.transpose(1, 2)[by_column].contiguous()
+        return cls(mask, row_ptr, row_cols, col_ptr, col_rows, col_vals)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.mask.shape
+
+    def compact(self, weight: Tensor) -> Tensor:
+        """The kept entries of a dense ``weight`` ``[B, out, in]``: the compact weight."""
+        return weight[self.mask]
+
+    def expand(self, values: Tensor) -> Tensor:
+        """The dense weight ``[B, out, in]`` of compact ``values``, 0 at the pruned weights
+        (differentiable)."""
+        return values.new_zeros(self.mask.shape).masked_scatter(self.mask, values)
+
+
+def _lists(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Offsets (int64 ``[R + 1]``) and column indices (int32) of the True entries of ``rows``
+    ``[R, C]``, row by row, ascending."""
+    ptr = torch.zeros(rows.shape[0] + 1, dtype=torch.int64, device=rows.device)
+    torch.cumsum(rows.sum(dim=1), dim=0, out=ptr[1:])
+    return ptr, rows.nonzero()[:, 1].to(torch.int32)
+
+
+def stacked_linear_reference(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    kept: KeptWeights | None = None,
+    relu: bool = False,
+) -> Tensor:
+    """:func:`stacked_linear` in torch's batched products (differentiable by autograd)."""
+    if kept is not None:
+        weight = kept.expand(weight)
+    out = (
+        torch.bmm(weight, input)
+        if bias is None
+        else torch.baddbmm(bias.unsqueeze(-1), weight, input)
+    )
+    return torch.relu(out) if relu else out
+
+
+class _StackedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, kept, relu, dense_above):
+        lists = (None, None) if kept is None else (kept.row_ptr, kept.row_cols)
+        output = torch.ops.recallprune.stacked_linear(
+            input, weight, bias, *lists, relu, dense_above
+        )
+        ctx.save_for_backward(input, weight, output if relu else None)
+        ctx.kept, ctx.dense_above, ctx.has_bias = kept, dense_above, bias is not None
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight, output = ctx.saved_tensors
+        kept = ctx.kept
+        lists = (
+            (None,) * 5
+            if kept is None
+            else (
+                kept.row_ptr,
+                kept.row_cols,
+                kept.col_ptr,
+                kept.col_rows,
+                kept.col_vals,
+            )
+        )
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_input, grad_weight, grad_bias = torch.ops.recallprune.stacked_linear_backward(
+            grad.contiguous(), input, weight, output, *lists, wanted, ctx.dense_above
+        )
+        return (
+            grad_input if wanted[0] else None,
+            grad_weight if wanted[1] else None,
+            grad_bias if wanted[2] and ctx.has_bias else None,
+            None,
+            None,
+            None,
+        )
+
+
+def stacked_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    kept: KeptWeights | None = None,
+    relu: bool = False,
+    *,
+    dense_above: float = 0.5,
+    backend: str = "auto",
+) -> Tensor:
+    """``relu?(weight @ input + bias[..., None])`` for ``B`` models: ``input`` ``[B, in, n]``,
+    ``weight`` ``[B, out, in]`` (with ``kept``: compact, the kept weights' values, as
+    :meth:`KeptWeights.compact` gives them), ``bias`` ``[B, out]``, output ``[B, out, n]``.
+    Differentiable.
+
+    ``backend``: ``"auto"`` runs the CPU kernels on float32 CPU tensors and torch's batched
+    products elsewhere; ``"kernel"`` insists on the CPU kernels; ``"reference"`` is torch's.
+    ``dense_above``: the kept fraction from which the CPU kernels compute a block of rows
+    densely (speed only)."""
+    if kept is not None and (weight.dim() != 1 or weight.numel() != kept.row_cols.numel()):
+        raise ValueError(
+            f"stacked_linear: with kept, weight must be the {kept.row_cols.numel()} kept "
+            f"weights' values (KeptWeights.compact), got shape {tuple(weight.shape)}"
+        )
+    runs_kernel = (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and input.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+    )
+    if backend == "kernel" and not runs_kernel:
+        require_ops(weight.device, "stacked_linear")
+        raise RuntimeError(
+            "stacked_linear: backend='kernel' runs float32 CPU tensors only, got weight "
+            f"{weight.dtype} on {weight.device}. Use backend='auto' (torch's batched products "
+            "there) or 'reference'."
+        )
+    if runs_kernel and resolve_backend(backend, weight.device, "stacked_linear") == "kernel":
+        if bias is not None:
+            bias = bias.contiguous()
+        return _StackedLinear.apply(
+            input.contiguous(), weight.contiguous(), bias, kept, relu, float(dense_above)
+        )
+    return stacked_linear_reference(input, weight, bias, kept, relu)
+
+
+@register_fakes
+def _register_fakes() -> None:
+    @torch.library.register_fake("recallprune::stacked_linear")
+    def _(input, weight, bias, row_ptr, row_cols, relu=False, dense_above=0.5):
+        models = input.shape[0]
+        out = weight.shape[1] if row_ptr is None else (row_ptr.shape[0] - 1) // models
+        return input.new_empty((models, out, input.shape[2]))
+
+    @torch.library.register_fake("recallprune::stacked_linear_backward")
+    def _(
+        grad,
+        input,
+        weight,
+        output,
+        row_ptr,
+        row_cols,
+        col_ptr,
+        col_rows,
+        col_vals,
+        output_mask,
+        dense_above=0.5,
+    ):
+        empty = grad.new_empty((0,))
+        return (
+            input.new_empty(input.shape) if output_mask[0] else empty,
+            weight.new_empty(weight.shape) if output_mask[1] else empty,
+            grad.new_empty((grad.shape[0], grad.shape[1])) if output_mask[2] else empty,
+        )
