@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..metrics import StackedConfusionCounter
-from ..mitigation import NONE, Multipliers, sample_losses
+from ..mitigation import NONE, Multipliers
 from ..optim import UndecayedSGD, decay_param_groups
 from ..pruning import prune_together
 from ..pruning.criteria import CLASS_BALANCED, NEEDS_GRADIENT, class_balanced_weights
@@ -76,7 +76,9 @@ def stacked_step(
     inputs, targets = x[batch], y[batch]
     optimizer.zero_grad(set_to_none=True)
     logits = model(inputs)  # [B, b, C]
-    losses = sample_losses(logits, targets)
+    # Each sample's cross-entropy (sample_losses), the classes along dim 1: the stacked
+    # models' logits are [B, C, b] in memory (samples last), so no copy.
+    losses = nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     if multipliers is None:
         per_model = losses.mean(dim=1)
         per_model.sum().backward()
