@@ -1,6 +1,6 @@
 // CPU kernels of recallprune::stacked_linear and recallprune::stacked_linear_backward: one
-// at::parallel_for over (model, block of rows) per product; the loops over a block, for this
-// CPU's instruction set, are in linear_kernels.inl.
+// at::parallel_for per call, each thread running every product for its share of the models;
+// the loops over a model's rows, for this CPU's instruction set, are in linear_kernels.inl.
 #include "kernels.h"
 #include "stacked_linear.h"
 
@@ -18,26 +18,43 @@
 namespace recallprune {
 namespace {
 
-// Rows per unit of parallel work: a multiple of every instruction set's dense block (rows: 6
-// or 2; the input gradient's strips: 16 or 8).
-constexpr int64_t kTaskRows = 48;
-
 template <typename T>
 const T* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
-// body(b, begin, end) over every model b and block [begin, end) of its rows rows;
-// false where any call returned false.
+// The models split into one contiguous range per thread, of about equal cost (a model's kept
+// weights, dense ones all of theirs): each thread runs the whole product for its models, so
+// that a model's weights and activations stay in its core's cache from one pass to the next,
+// and a call is one parallel region.
 template <typename Body>
-bool for_each_block(int64_t models, int64_t rows, const Body& body) {
-  const int64_t blocks = (rows + kTaskRows - 1) / kTaskRows;
+bool for_each_model(const LinearShape& s, const int64_t* ptr, const Body& body) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.models));
+  std::vector<int64_t> bounds(parts + 1, s.models);
+  bounds[0] = 0;
+  if (parts > 1) {
+    std::vector<double> cost(s.models);
+    double total = 0;
+    for (int64_t b = 0; b < s.models; ++b) {
+      const int64_t kept = ptr != nullptr ? ptr[(b + 1) * s.out] - ptr[b * s.out] : s.out * s.in;
+      cost[b] = static_cast<double>(kept + s.out + s.in);  // and per row and column
+      total += cost[b];
+    }
+    double sum = 0;
+    int64_t part = 1;
+    for (int64_t b = 0; b < s.models && part < parts; ++b) {
+      sum += cost[b];
+      if (sum >= total * static_cast<double>(part) / static_cast<double>(parts)) {
+        bounds[part++] = b + 1;
+      }
+    }
+  }
   std::atomic<bool> ok{true};
-  at::parallel_for(0, models * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / blocks;
-      const int64_t r0 = (t % blocks) * kTaskRows;
-      if (!body(b, r0, std::min(r0 + kTaskRows, rows))) ok.store(false);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t part = begin; part < end; ++part) {
+      for (int64_t b = bounds[part]; b < bounds[part + 1]; ++b) {
+        if (!body(b)) ok.store(false);
+      }
     }
   });
   return ok.load();
@@ -81,7 +98,7 @@ at::Tensor stacked_linear_cpu(const at::Tensor& input, const at::Tensor& weight,
   const int64_t* ptr = data_or_null<int64_t>(row_ptr);
   const int32_t* cols = data_or_null<int32_t>(row_cols);
   float* y = output.data_ptr<float>();
-  const bool ok = for_each_block(s.models, s.out, [&](int64_t b, int64_t begin, int64_t end) {
+  const bool ok = for_each_model(s, ptr, [&](int64_t b) {
     const cpu::LinearForward task{x + b * s.in * s.n,
                                   ptr != nullptr ? w : w + b * s.out * s.in,
                                   bias_data != nullptr ? bias_data + b * s.out : nullptr,
@@ -92,8 +109,8 @@ at::Tensor stacked_linear_cpu(const at::Tensor& input, const at::Tensor& weight,
                                   s.n,
                                   dense_above,
                                   relu,
-                                  begin,
-                                  end,
+                                  0,
+                                  s.out,
                                   y + b * s.out * s.n};
     return kernels.linear_forward(task);
   });
@@ -143,94 +160,76 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stacked_linear_backward_cpu(
   const float* w = weight.const_data_ptr<float>();
   const float* x = input.const_data_ptr<float>();
   const int64_t* ptr = data_or_null<int64_t>(row_ptr);
+  const int32_t* cols = data_or_null<int32_t>(row_cols);
+  const int64_t* cptr = data_or_null<int64_t>(col_ptr);
+  const int32_t* rows = data_or_null<int32_t>(col_rows);
+  const int64_t* vals = data_or_null<int64_t>(col_vals);
+  const float* g = grad.const_data_ptr<float>();
+  const float* y = data_or_null<float>(output);
 
-  // The gradient through the relu (where output is given) and the bias gradient.
-  at::Tensor pre = grad;
-  at::Tensor grad_bias;
+  // The outputs, and the buffers: the gradient through the relu (where output is given) and
+  // the transposed input of the models whose weight gradient can go dense.
+  at::Tensor grad_input, grad_weight, grad_bias, pre, input_t;
+  if (output_mask[0]) grad_input = at::empty({s.models, s.in, s.n}, grad.options());
+  if (output_mask[1]) grad_weight = at::empty(weight.sizes(), grad.options());
   if (output_mask[2]) grad_bias = at::empty({s.models, s.out}, grad.options());
-  if ((output.has_value() || output_mask[2]) && grad.numel() > 0) {
-    if (output.has_value()) pre = at::empty_like(grad);
-    const float* g = grad.const_data_ptr<float>();
-    const float* y = data_or_null<float>(output);
-    float* pre_data = output.has_value() ? pre.data_ptr<float>() : nullptr;
-    float* gb = output_mask[2] ? grad_bias.data_ptr<float>() : nullptr;
-    at::parallel_for(0, s.models * s.out, kTaskRows, [&](int64_t begin, int64_t end) {
-      kernels.linear_bias_grad({g, y, s.n, begin, end, pre_data, gb});
-    });
-  } else if (output_mask[2]) {
-    grad_bias.zero_();  // no samples
-  }
-  const float* dz = pre.const_data_ptr<float>();
-
-  at::Tensor grad_weight;
-  if (output_mask[1]) {
-    grad_weight = at::empty(weight.sizes(), grad.options());
-    if (s.n == 0) {
-      grad_weight.zero_();
-    } else if (grad_weight.numel() > 0) {
-      // The transposed input of the models whose blocks can go dense, empty for the others.
-      at::Tensor input_t = at::empty({s.models, s.n, s.in}, input.options());
-      std::vector<uint8_t> transposed(s.models);
-      float* xt = input_t.data_ptr<float>();
-      at::parallel_for(0, s.models, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          transposed[b] = dense_somewhere(s, ptr, b, dense_above, kernels.linear_block_rows);
-          if (transposed[b]) {
-            kernels.linear_transpose(x + b * s.in * s.n, s.in, s.n, xt + b * s.n * s.in);
-          }
-        }
-      });
-      const int32_t* cols = data_or_null<int32_t>(row_cols);
-      float* gw = grad_weight.data_ptr<float>();
-      const bool ok = for_each_block(s.models, s.out, [&](int64_t b, int64_t begin, int64_t end) {
-        const cpu::LinearWeightGrad task{dz + b * s.out * s.n,
-                                         x + b * s.in * s.n,
-                                         transposed[b] ? xt + b * s.n * s.in : nullptr,
-                                         ptr != nullptr ? ptr + b * s.out : nullptr,
-                                         cols,
-                                         s.in,
-                                         s.out,
-                                         s.n,
-                                         dense_above,
-                                         begin,
-                                         end,
-                                         ptr != nullptr ? gw : gw + b * s.out * s.in};
-        return kernels.linear_weight_grad(task);
-      });
-      check_lists_read(ok, op, kBadRows);
+  if (output.has_value()) pre = at::empty_like(grad);
+  if (output_mask[1]) input_t = at::empty({s.models, s.n, s.in}, input.options());
+  float* gi = output_mask[0] ? grad_input.data_ptr<float>() : nullptr;
+  float* gw = output_mask[1] ? grad_weight.data_ptr<float>() : nullptr;
+  float* gb = output_mask[2] ? grad_bias.data_ptr<float>() : nullptr;
+  float* pre_data = output.has_value() ? pre.data_ptr<float>() : nullptr;
+  float* xt = output_mask[1] ? input_t.data_ptr<float>() : nullptr;
+  const float* dz = output.has_value() ? pre_data : g;
+  std::atomic<bool> rows_bad{false}, cols_bad{false};
+  for_each_model(s, ptr, [&](int64_t b) {
+    const int64_t out_n = b * s.out * s.n;
+    if ((output.has_value() || output_mask[2]) && s.out > 0) {
+      kernels.linear_bias_grad({g + out_n, y != nullptr ? y + out_n : nullptr, s.n, 0, s.out,
+                                pre_data != nullptr ? pre_data + out_n : nullptr,
+                                gb != nullptr ? gb + b * s.out : nullptr});
     }
-  }
-
-  at::Tensor grad_input;
-  if (output_mask[0]) {
-    grad_input = at::empty({s.models, s.in, s.n}, grad.options());
-    if (grad_input.numel() > 0) {
-      const int64_t* cptr = data_or_null<int64_t>(col_ptr);
-      const int32_t* rows = data_or_null<int32_t>(col_rows);
-      const int64_t* vals = data_or_null<int64_t>(col_vals);
-      float* gi = grad_input.data_ptr<float>();
-      const bool ok = for_each_block(s.models, s.in, [&](int64_t b, int64_t begin, int64_t end) {
-        const cpu::LinearInputGrad task{dz + b * s.out * s.n,
-                                        ptr != nullptr ? w : w + b * s.out * s.in,
-                                        ptr != nullptr ? ptr + b * s.out : nullptr,
-                                        cptr != nullptr ? cptr + b * s.in : nullptr,
-                                        rows,
-                                        vals,
-                                        s.in,
-                                        s.out,
-                                        s.n,
-                                        dense_above,
-                                        begin,
-                                        end,
-                                        gi + b * s.in * s.n};
-        return kernels.linear_input_grad(task);
-      });
-      check_lists_read(ok, op,
-                       "each column of col_rows must list ascending rows below the output's "
-                       "features, without repeats, and col_vals the positions of their values "
-                       "among the model's");
+    if (output_mask[1] && s.out * s.in > 0) {
+      const bool dense = s.n > 0 && dense_somewhere(s, ptr, b, dense_above,
+                                                    kernels.linear_block_rows);
+      if (dense) kernels.linear_transpose(x + b * s.in * s.n, s.in, s.n, xt + b * s.n * s.in);
+      const cpu::LinearWeightGrad task{dz + out_n,
+                                       x + b * s.in * s.n,
+                                       dense ? xt + b * s.n * s.in : nullptr,
+                                       ptr != nullptr ? ptr + b * s.out : nullptr,
+                                       cols,
+                                       s.in,
+                                       s.out,
+                                       s.n,
+                                       dense_above,
+                                       0,
+                                       s.out,
+                                       ptr != nullptr ? gw : gw + b * s.out * s.in};
+      if (!kernels.linear_weight_grad(task)) rows_bad.store(true);
     }
-  }
+    if (output_mask[0] && s.in * s.n > 0) {
+      const cpu::LinearInputGrad task{dz + out_n,
+                                      ptr != nullptr ? w : w + b * s.out * s.in,
+                                      ptr != nullptr ? ptr + b * s.out : nullptr,
+                                      cptr != nullptr ? cptr + b * s.in : nullptr,
+                                      rows,
+                                      vals,
+                                      s.in,
+                                      s.out,
+                                      s.n,
+                                      dense_above,
+                                      0,
+                                      s.in,
+                                      gi + b * s.in * s.n};
+      if (!kernels.linear_input_grad(task)) cols_bad.store(true);
+    }
+    return true;
+  });
+  check_lists_read(!rows_bad.load(), op, kBadRows);
+  check_lists_read(!cols_bad.load(), op,
+                   "each column of col_rows must list ascending rows below the output's "
+                   "features, without repeats, and col_vals the positions of their values "
+                   "among the model's");
   const auto none = [&] { return at::empty({0}, grad.options()); };
   return {grad_input.defined() ? grad_input : none(), grad_weight.defined() ? grad_weight : none(),
           grad_bias.defined() ? grad_bias : none()};
