@@ -1,0 +1,183 @@
+"""Benchmark the stacked linear layers' CPU kernels against torch's batched products.
+
+What is measured: one training step of a layer of ``B`` stacked models (the forward pass and
+the gradients of input, weight and bias), samples last (``[B, features, n]``), for the
+default study's MLP layers (64 -> 300 -> 100 -> 10, the last without relu) at ``B = 50`` and
+``n = 64`` (the study's batch):
+
+* ``bmm``: torch's ``baddbmm`` forward, ``bmm`` for the two gradients, ``relu`` and its
+  backward (``threshold_backward``), the bias gradient's ``sum``: what the stacked layers ran
+  before their kernels;
+* ``dense``: ``torch.ops.recallprune.stacked_linear`` and its backward, dense weights;
+* ``compact d``: the same with compact weights, each model keeping a random fraction ``d`` of
+  its weights (every fifth model whole, as a round's control arm is).
+
+Every case is timed round-robin (so that a slow spell of a shared machine hits all alike);
+reported: the median per step and ``time(bmm) / time(case)`` (> 1: faster than ``bmm``).
+The fraction from which the study makes a round's layers compact (``COMPACT_BELOW`` in
+``recallprune/study/grid.py``) comes from these numbers and the study's own
+(``bench_study.py``). Run ``python benchmarks/bench_stacked_linear.py`` (``--capability all``
+for each instruction set the CPU has, ``--quick`` for a smoke run); results go to
+``benchmarks/results/stacked-linear-<cpu model>-<capability>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import (
+    add_timing_arguments,
+    print_table,
+    resolve_timing_arguments,
+    run_devices,
+    time_interleaved,
+)
+
+from recallprune.ops import has_ops, load_error
+from recallprune.ops.stacked_linear import KeptWeights
+
+LAYERS = [(64, 300, True), (300, 100, True), (100, 10, False)]
+DENSITIES = [1.0, 0.8, 0.5, 0.2, 0.05]
+DEFAULTS = {"repeats": 60, "warmup": 6, "max_seconds": 4.0}
+ops = torch.ops.recallprune
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_timing_arguments(parser, "steps", "stacked-linear", DEFAULTS)
+    parser.add_argument("--models", type=int, default=50, help="stacked models B (default 50)")
+    parser.add_argument("--samples", type=int, default=64, help="samples n (default 64)")
+    args = parser.parse_args(argv)
+    resolve_timing_arguments(args, parser, DEFAULTS, quick_max_seconds=0.2)
+    if args.quick:
+        args.models = min(args.models, 8)
+    return args
+
+
+def layer_cases(inputs: int, out: int, relu: bool, args) -> dict[str, Any]:
+    """The builders of one layer's cases (each returns the step to time)."""
+    g = torch.Generator().manual_seed(args.seed)
+    models, n = args.models, args.samples
+    x = torch.rand(models, inputs, n, generator=g)
+    weight = torch.randn(models, out, inputs, generator=g) / inputs**0.5
+    bias = torch.randn(models, out, generator=g)
+    grad = torch.randn(models, out, n, generator=g)
+
+    def bmm():
+        def step():
+            y = torch.baddbmm(bias.unsqueeze(-1), weight, x)
+            pre = grad
+            if relu:
+                y = torch.relu(y)
+                pre = torch.ops.aten.threshold_backward(grad, y, 0)
+            pre.sum(dim=2)
+            torch.bmm(pre, x.transpose(1, 2))
+            torch.bmm(weight.transpose(1, 2), pre)
+
+        return step
+
+    def kernel(density: float | None):
+        def build():
+            if density is None:
+                w, lists, columns = weight, (None, None), (None, None, None)
+            else:
+                mask = torch.rand(models, out, inputs, generator=g) < density
+                mask[::5] = True
+                kept = KeptWeights.from_mask(mask)
+                w = kept.compact(weight)
+                lists = (kept.row_ptr, kept.row_cols)
+                columns = (kept.col_ptr, kept.col_rows, kept.col_vals)
+
+            def step():
+                y = ops.stacked_linear(x, w, bias, *lists, relu, 0.5)
+                ops.stacked_linear_backward(
+                    grad, x, w, y if relu else None, *lists, *columns, [True, True, True], 0.5
+                )
+
+            return step
+
+        return build
+
+    builders = {"bmm": bmm, "dense": kernel(None)}
+    for density in DENSITIES:
+        builders[f"compact {density:g}"] = kernel(density)
+    return builders
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if not has_ops():
+        raise SystemExit(f"recallprune's compiled kernels did not load: {load_error()}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    settings = {
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "max_seconds": args.max_seconds,
+        "rounds": args.rounds,
+        "models": args.models,
+        "samples": args.samples,
+        "densities": DENSITIES,
+        "quick": args.quick,
+        "seed": args.seed,
+        "argv": argv,
+    }
+
+    def measure(device: torch.device) -> dict[str, Any]:
+        if device.type != "cpu":
+            return {"cases": [], "note": "the stacked linear kernels are CPU kernels"}
+        cases = []
+        for inputs, out, relu in LAYERS:
+            timings, errors = time_interleaved(
+                layer_cases(inputs, out, relu, args),
+                device,
+                rounds=args.rounds,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                max_seconds=args.max_seconds,
+            )
+            if errors:
+                raise SystemExit(f"layer {inputs} -> {out}: {errors}")
+            base = timings["bmm"].median_s
+            rows = []
+            for name, timing in timings.items():
+                cases.append(
+                    {
+                        "layer": [inputs, out],
+                        "relu": relu,
+                        "case": name,
+                        "median_ms": timing.median_s * 1e3,
+                        "min_ms": min(timing.times_s) * 1e3,
+                        "vs_bmm": base / timing.median_s,
+                    }
+                )
+                rows.append([name, f"{timing.median_s * 1e3:.3f}", f"{base / timing.median_s:.2f}x"])
+            print_table(
+                f"layer {inputs} -> {out}, B = {args.models}, n = {args.samples}, "
+                f"{torch.get_num_threads()} threads",
+                ["case", "ms per step", "vs bmm"],
+                rows,
+            )
+        return {"threads": torch.get_num_threads(), "cases": cases}
+
+    started = time.perf_counter()
+    written = run_devices(
+        args,
+        argv,
+        __file__,
+        "stacked-linear",
+        measure,
+        lambda runs: {"benchmark": "stacked-linear", "settings": settings, "runs": runs},
+    )
+    print(f"\ntotal {time.perf_counter() - started:.1f} s; wrote " + ", ".join(map(str, written)))
+    return written
+
+
+if __name__ == "__main__":
+    main()
