@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
                         "vs_bmm": base / timing.median_s,
                     }
                 )
-                rows.append([name, f"{timing.median_s * 1e3:.3f}", f"{base / timing.median_s:.2f}x"])
+                rows.append(
+                    [name, f"{timing.median_s * 1e3:.3f}", f"{base / timing.median_s:.2f}x"]
+                )
             print_table(
                 f"layer {inputs} -> {out}, B = {args.models}, n = {args.samples}, "
                 f"{torch.get_num_threads()} threads",

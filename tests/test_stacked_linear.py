@@ -31,8 +31,10 @@ def _case(models, inputs, out, samples, density=0.3, seed=0):
 
 
 def _run(x, weight, bias, kept, relu, grad, **kwargs):
-    """The output and the gradients of input, weight and bias."""
+    """The output and the gradients of input, weight and bias (the CPU kernels unless
+    ``backend`` says otherwise)."""
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    kwargs.setdefault("backend", "kernel")
     out = stacked_linear(*leaves[:2], leaves[2], kept, relu, **kwargs)
     out.backward(grad)
     return [out.detach()] + [t.grad for t in leaves]
@@ -211,6 +213,27 @@ def test_stacked_linear_errors():
         stacked_linear(x, weight, bias, kept)
     with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
         stacked_linear(x.double(), weight.double(), bias.double(), backend="kernel")
+
+
+@requires_ops
+def test_stacked_linear_auto_backend_follows_the_instruction_set(monkeypatch):
+    """backend="auto" runs the kernels where torch uses AVX2 or AVX-512 and torch's products
+    on its portable instruction set (where they are the faster)."""
+    from recallprune.ops import stacked_linear as module
+
+    x, weight, bias, _, _ = _case(2, 16, 12, 9)
+    calls = []
+    monkeypatch.setattr(
+        module._StackedLinear, "apply", lambda *a: calls.append(a) or torch.zeros(2, 12, 9)
+    )
+    for vector, expected in ((True, 1), (False, 0)):
+        monkeypatch.setattr(module, "_vector_cpu", lambda vector=vector: vector)
+        calls.clear()
+        stacked_linear(x, weight, bias)
+        assert len(calls) == expected
+        calls.clear()
+        stacked_linear(x, weight, bias, backend="kernel")
+        assert len(calls) == 1
 
 
 def _stacked_mlp(seed=0, models=4):

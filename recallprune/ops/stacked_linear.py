@@ -15,11 +15,13 @@ over the kept inputs in ascending order), so which rows go dense (``dense_above`
 fraction from which a block does) changes the speed and not the output or the input's
 gradient; the weight gradient's sums are ordered differently in the two (dense: sample by
 sample; sparse: a dot product of vectors) and agree to rounding. Elsewhere (CUDA, other dtypes,
-``backend="reference"``) the same math runs as torch's batched products.
+torch's portable instruction set, ``backend="reference"``) the same math runs as torch's
+batched products.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +150,13 @@ class _StackedLinear(torch.autograd.Function):
         )
 
 
+@functools.cache
+def _vector_cpu() -> bool:
+    """Whether torch runs its CPU kernels with AVX2 or AVX-512 (ATEN_CPU_CAPABILITY), where the
+    stacked kernels are built for vectors; on the portable set torch's products are faster."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
 def stacked_linear(
     input: Tensor,
     weight: Tensor,
@@ -163,8 +172,9 @@ def stacked_linear(
     :meth:`KeptWeights.compact` gives them), ``bias`` ``[B, out]``, output ``[B, out, n]``.
     Differentiable.
 
-    ``backend``: ``"auto"`` runs the CPU kernels on float32 CPU tensors and torch's batched
-    products elsewhere; ``"kernel"`` insists on the CPU kernels; ``"reference"`` is torch's.
+    ``backend``: ``"auto"`` runs the CPU kernels on float32 CPU tensors where torch uses AVX2
+    or AVX-512, and torch's batched products elsewhere; ``"kernel"`` insists on the CPU
+    kernels; ``"reference"`` is torch's.
     ``dense_above``: the kept fraction from which the CPU kernels compute a block of rows
     densely (speed only)."""
     if kept is not None and (weight.dim() != 1 or weight.numel() != kept.row_cols.numel()):
@@ -178,6 +188,8 @@ def stacked_linear(
         and input.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
     )
+    if backend == "auto" and runs_kernel and not _vector_cpu():
+        runs_kernel = False  # torch's products are the faster on the portable instruction set
     if backend == "kernel" and not runs_kernel:
         require_ops(weight.device, "stacked_linear")
         raise RuntimeError(
