@@ -100,6 +100,12 @@ TORCH_LIBRARY_FRAGMENT(recallprune, m) {
   // col_rows[col_ptr[c] : col_ptr[c + 1]] (ascending), whose values are at weight[col_vals[...]].
   // Returns (grad_input, grad_weight (the weight's shape), grad_bias) as output_mask asks,
   // empty tensors otherwise.
+  // The index lists of a bool mask [B, out, in] (True: kept), as stacked_linear and its
+  // backward read them: row_ptr int64 [B * out + 1], row_cols int32, col_ptr int64
+  // [B * in + 1], col_rows int32, col_vals int64 (see stacked_linear_backward).
+  m.def(
+      "kept_weight_lists(Tensor mask) -> (Tensor row_ptr, Tensor row_cols, Tensor col_ptr, "
+      "Tensor col_rows, Tensor col_vals)");
   m.def(
       "stacked_linear_backward(Tensor grad, Tensor input, Tensor weight, Tensor? output, "
       "Tensor? row_ptr, Tensor? row_cols, Tensor? col_ptr, Tensor? col_rows, Tensor? col_vals, "

@@ -93,18 +93,28 @@ def test_stacks_built_from_states_and_states_taken_from_stacks(name):
     assert stack_states(build_model("resnet20", (3, 32, 32), 10), [{}]) is None
 
 
-def test_a_few_masked_steps_match_the_sequential_loop():
+@pytest.mark.parametrize("compact", [False, True])
+def test_a_few_masked_steps_match_the_sequential_loop(compact):
+    """Masked fine-tuning, stacked (the masks stacked in the optimizer, or the layer compact:
+    its kept weights alone) as one model at a time; the pruned weights start at 0, as a
+    pruner leaves them."""
     torch.manual_seed(1)
     models = [build_model("mlp", (1, 8, 8), 10) for _ in range(4)]
-    stacked = stack_models([m for m in models])
     masks = [torch.rand_like(m.fc1.weight) > 0.5 for m in models]
+    with torch.no_grad():
+        for model, mask in zip(models, masks, strict=True):
+            model.fc1.weight.mul_(mask)
+    stacked = stack_models([m for m in models])
+    if compact:
+        stacked.compact({"fc1.weight": torch.stack(masks)})
     x = torch.randn(200, 1, 8, 8)
     y = torch.randint(0, 10, (200,))
     optimizers = [UndecayedSGD(decay_param_groups(m, 5e-4), lr=0.05, momentum=0.9) for m in models]
     for optimizer, model, mask in zip(optimizers, models, masks, strict=True):
         optimizer.set_mask(model.fc1.weight, mask)
     stacked_optimizer = UndecayedSGD(decay_param_groups(stacked, 5e-4), lr=0.05, momentum=0.9)
-    stacked_optimizer.set_mask(stacked.fc1.weight, torch.stack(masks))
+    if not compact:
+        stacked_optimizer.set_mask(stacked.fc1.weight, torch.stack(masks))
     generators = [torch.Generator().manual_seed(s) for s in range(4)]
     twins = [torch.Generator().manual_seed(s) for s in range(4)]
     for _ in range(5):
@@ -123,6 +133,7 @@ def test_a_few_masked_steps_match_the_sequential_loop():
         )
         losses.view(4, 32).mean(dim=1).sum().backward()
         stacked_optimizer.step()
+    stacked.expand()
     for i, model in enumerate(models):
         for (name, p), q in zip(stacked.named_parameters(), model.parameters(), strict=True):
             torch.testing.assert_close(p[i], q, rtol=1e-5, atol=1e-6, msg=name)

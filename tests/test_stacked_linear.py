@@ -130,6 +130,26 @@ def test_kept_weights_lists():
 
 
 @requires_ops
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_kept_weight_lists_kernel_matches_torch(density, monkeypatch):
+    from recallprune.ops import stacked_linear as module
+
+    mask = torch.rand(5, 13, 9, generator=torch.Generator().manual_seed(3)) < density
+    if 0 < density < 1:
+        mask[1, 2] = False
+        mask[2, :, 4] = True
+    kernel = KeptWeights.from_mask(mask)
+    monkeypatch.setattr(module, "has_ops", lambda device=None: False)
+    torch_lists = KeptWeights.from_mask(mask)
+    for name in ("row_ptr", "row_cols", "col_ptr", "col_rows", "col_vals"):
+        a, b = getattr(kernel, name), getattr(torch_lists, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    torch.library.opcheck(ops.kept_weight_lists.default, (mask,))
+    with pytest.raises(RuntimeError, match="mask must be a bool"):
+        ops.kept_weight_lists(mask.float())
+
+
+@requires_ops
 def test_opcheck_stacked_linear():
     x, weight, bias, kept, grad = _case(3, 10, 8, 20)
     values = kept.compact(weight)
@@ -263,7 +283,7 @@ def test_stacked_model_compact_and_expand():
     named = model.dense_named({"fc2.kept_weight": model.fc2.kept_weight.detach(), "x": x})
     assert torch.equal(named["fc2.weight"], before["fc2.weight"]) and named["x"] is x
     model.expand()
-    assert {name: p for name, p in model.named_parameters()}.keys() == before.keys()
+    assert [name for name, _ in model.named_parameters()] == list(before)  # in order
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name])
 

@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <optional>
@@ -235,9 +236,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stacked_linear_backward_cpu(
           grad_bias.defined() ? grad_bias : none()};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kept_weight_lists_cpu(
+    const at::Tensor& mask_in) {
+  TORCH_CHECK(mask_in.scalar_type() == at::kBool && mask_in.dim() == 3,
+              "kept_weight_lists: mask must be a bool [B, out, in] tensor, got ",
+              mask_in.scalar_type(), " of shape ", mask_in.sizes());
+  const at::Tensor mask = mask_in.contiguous();
+  const int64_t models = mask.size(0), out = mask.size(1), in = mask.size(2);
+  TORCH_CHECK(out < (int64_t{1} << 31) && in < (int64_t{1} << 31),
+              "kept_weight_lists: a layer of ", out, " x ", in,
+              " weights is too large for int32 indices");
+  const uint8_t* m = static_cast<const uint8_t*>(mask.const_data_ptr());
+  const auto long_options = mask.options().dtype(at::kLong);
+  at::Tensor row_ptr = at::empty({models * out + 1}, long_options);
+  at::Tensor col_ptr = at::empty({models * in + 1}, long_options);
+  int64_t* rp = row_ptr.data_ptr<int64_t>();
+  int64_t* cp = col_ptr.data_ptr<int64_t>();
+  // Counts per row and per column, then offsets (the values are numbered row by row).
+  at::parallel_for(0, models, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t* columns = cp + b * in + 1;
+      std::fill(columns, columns + in, 0);
+      for (int64_t o = 0; o < out; ++o) {
+        const uint8_t* row = m + (b * out + o) * in;
+        int64_t count = 0;
+        for (int64_t i = 0; i < in; ++i) {
+          count += row[i] != 0;
+          columns[i] += row[i] != 0;
+        }
+        rp[b * out + o + 1] = count;
+      }
+    }
+  });
+  rp[0] = 0;
+  cp[0] = 0;
+  for (int64_t r = 0; r < models * out; ++r) rp[r + 1] += rp[r];
+  for (int64_t c = 0; c < models * in; ++c) cp[c + 1] += cp[c];
+  const int64_t kept = rp[models * out];
+  at::Tensor row_cols = at::empty({kept}, mask.options().dtype(at::kInt));
+  at::Tensor col_rows = at::empty({kept}, mask.options().dtype(at::kInt));
+  at::Tensor col_vals = at::empty({kept}, long_options);
+  int32_t* rc = row_cols.data_ptr<int32_t>();
+  int32_t* cr = col_rows.data_ptr<int32_t>();
+  int64_t* cv = col_vals.data_ptr<int64_t>();
+  at::parallel_for(0, models, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> next(static_cast<size_t>(in));
+    for (int64_t b = begin; b < end; ++b) {
+      std::copy(cp + b * in, cp + (b + 1) * in, next.begin());
+      for (int64_t o = 0; o < out; ++o) {
+        const uint8_t* row = m + (b * out + o) * in;
+        int64_t k = rp[b * out + o];
+        for (int64_t i = 0; i < in; ++i) {
+          if (row[i] == 0) continue;
+          rc[k] = static_cast<int32_t>(i);
+          cr[next[i]] = static_cast<int32_t>(o);
+          cv[next[i]++] = k++;
+        }
+      }
+    }
+  });
+  return {row_ptr, row_cols, col_ptr, col_rows, col_vals};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(recallprune, CPU, m) {
+  m.impl("kept_weight_lists", &kept_weight_lists_cpu);
   m.impl("stacked_linear", &stacked_linear_cpu);
   m.impl("stacked_linear_backward", &stacked_linear_backward_cpu);
 }

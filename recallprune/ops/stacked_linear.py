@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .extension import register_fakes, require_ops, resolve_backend
+from .extension import has_ops, register_fakes, require_ops, resolve_backend
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +62,8 @@ class KeptWeights:
                 f"KeptWeights: a layer of {out} x {inputs} weights is too large for int32 indices"
             )
         mask = mask.contiguous()
+        if mask.device.type == "cpu" and has_ops("cpu"):
+            return cls(mask, *torch.ops.recallprune.kept_weight_lists(mask))
         row_ptr, row_cols = _lists(mask.reshape(models * out, inputs))
         by_column = mask.transpose(1, 2)
         col_ptr, col_rows = _lists(by_column.reshape(models * inputs, out))
@@ -213,6 +215,19 @@ def _register_fakes() -> None:
         models = input.shape[0]
         out = weight.shape[1] if row_ptr is None else (row_ptr.shape[0] - 1) // models
         return input.new_empty((models, out, input.shape[2]))
+
+    @torch.library.register_fake("recallprune::kept_weight_lists")
+    def _(mask):
+        models, out, inputs = mask.shape
+        kept = torch.library.get_ctx().new_dynamic_size()
+        long, int32 = dict(dtype=torch.int64), dict(dtype=torch.int32)
+        return (
+            mask.new_empty((models * out + 1,), **long),
+            mask.new_empty((kept,), **int32),
+            mask.new_empty((models * inputs + 1,), **long),
+            mask.new_empty((kept,), **int32),
+            mask.new_empty((kept,), **long),
+        )
 
     @torch.library.register_fake("recallprune::stacked_linear_backward")
     def _(

@@ -46,7 +46,8 @@ from .training import EVAL_BATCH, grad_averages, last_epoch_average, phase_seed
 log = logging.getLogger("recallprune.study")
 
 # A round's linear layers go compact on the CPU where its pruned models keep less than this
-# fraction of their weights: above it, the dense kernels are faster (benchmarks/bench_study.py).
+# fraction of their weights: above it, the dense kernels are faster (benchmarks/
+# bench_stacked_linear.py, bench_study.py).
 COMPACT_BELOW = 0.6
 
 

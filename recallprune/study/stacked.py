@@ -54,6 +54,7 @@ class StackedLinear(nn.Module):
         del self.weight
         self.kept_weight = nn.Parameter(values)
         self.kept = kept
+        self._weight_first()
 
     def expand(self) -> None:
         """Back to a dense ``weight``, 0 at the weights :meth:`compact` dropped."""
@@ -63,6 +64,12 @@ class StackedLinear(nn.Module):
         del self.kept_weight
         self.weight = nn.Parameter(dense)
         self.kept = None
+        self._weight_first()
+
+    def _weight_first(self) -> None:
+        """The weight before the bias among the parameters, as built: state dicts, and the
+        checkpoints saved from them, list them in that order."""
+        self._parameters["bias"] = self._parameters.pop("bias")
 
     def forward(self, x: Tensor, relu: bool = False) -> Tensor:
         if self.kept is None:
