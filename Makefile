@@ -51,6 +51,7 @@ format: $(DEPS_STAMP)
 bench: setup
 	$(PY) benchmarks/bench_optimizer.py --capability all
 	$(PY) benchmarks/bench_confusion.py --capability all
+	$(PY) benchmarks/bench_stacked_linear.py --capability all --threads 1
 	$(PY) benchmarks/bench_optimizer.py --capability all --device cpu --huge-pages
 	$(PY) benchmarks/bench_confusion.py --capability all --device cpu --huge-pages
 

@@ -13,7 +13,8 @@ default study's MLP layers (64 -> 300 -> 100 -> 10, the last without relu) at ``
   its weights (every fifth model whole, as a round's control arm is).
 
 Every case is timed round-robin (so that a slow spell of a shared machine hits all alike);
-reported: the median per step and ``time(bmm) / time(case)`` (> 1: faster than ``bmm``).
+reported: the median per step and ``time(bmm) / time(case)`` (> 1: faster than ``bmm``), and
+whether the kernels' output and input gradient matched torch's (``matches_torch``).
 The fraction from which the study makes a round's layers compact (``COMPACT_BELOW`` in
 ``recallprune/study/grid.py``) comes from these numbers and the study's own
 (``bench_study.py``). Run ``python benchmarks/bench_stacked_linear.py`` (``--capability all``
@@ -59,8 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def layer_cases(inputs: int, out: int, relu: bool, args) -> dict[str, Any]:
-    """The builders of one layer's cases (each returns the step to time)."""
+def layer_cases(inputs: int, out: int, relu: bool, args, checks: dict[str, bool]) -> dict[str, Any]:
+    """The builders of one layer's cases (each returns the step to time). Each kernel case,
+    once built, checks its output and input gradient against torch's (in ``checks``)."""
     g = torch.Generator().manual_seed(args.seed)
     models, n = args.models, args.samples
     x = torch.rand(models, inputs, n, generator=g)
@@ -85,6 +87,7 @@ def layer_cases(inputs: int, out: int, relu: bool, args) -> dict[str, Any]:
         def build():
             if density is None:
                 w, lists, columns = weight, (None, None), (None, None, None)
+                dense = weight
             else:
                 mask = torch.rand(models, out, inputs, generator=g) < density
                 mask[::5] = True
@@ -92,6 +95,23 @@ def layer_cases(inputs: int, out: int, relu: bool, args) -> dict[str, Any]:
                 w = kept.compact(weight)
                 lists = (kept.row_ptr, kept.row_cols)
                 columns = (kept.col_ptr, kept.col_rows, kept.col_vals)
+                dense = kept.expand(w)
+            name = "dense" if density is None else f"compact {density:g}"
+            if name not in checks:
+                y = ops.stacked_linear(x, w, bias, *lists, relu, 0.5)
+                gx = ops.stacked_linear_backward(
+                    grad, x, w, y if relu else None, *lists, *columns, [True, False, False], 0.5
+                )[0]
+                want = torch.baddbmm(bias.unsqueeze(-1), dense, x)
+                pre = grad
+                if relu:
+                    want = torch.relu(want)
+                    pre = torch.ops.aten.threshold_backward(grad, want, 0)
+                want_gx = torch.bmm(dense.transpose(1, 2), pre)
+                checks[name] = bool(
+                    torch.allclose(y, want, rtol=1e-4, atol=1e-4)
+                    and torch.allclose(gx, want_gx, rtol=1e-4, atol=1e-4)
+                )
 
             def step():
                 y = ops.stacked_linear(x, w, bias, *lists, relu, 0.5)
@@ -134,8 +154,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
             return {"cases": [], "note": "the stacked linear kernels are CPU kernels"}
         cases = []
         for inputs, out, relu in LAYERS:
+            checks: dict[str, bool] = {}
             timings, errors = time_interleaved(
-                layer_cases(inputs, out, relu, args),
+                layer_cases(inputs, out, relu, args, checks),
                 device,
                 rounds=args.rounds,
                 repeats=args.repeats,
@@ -155,6 +176,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                         "median_ms": timing.median_s * 1e3,
                         "min_ms": min(timing.times_s) * 1e3,
                         "vs_bmm": base / timing.median_s,
+                        "matches_torch": checks.get(name, True),
                     }
                 )
                 rows.append(

@@ -77,6 +77,16 @@ def test_bench_confusion_smoke(tmp_path):
     assert cases and all(all(case["counts_match_bincount"].values()) for case in cases)
 
 
+def test_bench_stacked_linear_smoke(tmp_path):
+    pytest.importorskip("recallprune._C")
+    data = _run("bench_stacked_linear.py", tmp_path / "stacked-linear.json")
+    cases = data["runs"][0]["cases"]
+    assert {tuple(case["layer"]) for case in cases} == {(64, 300), (300, 100), (100, 10)}
+    names = {case["case"] for case in cases}
+    assert names >= {"bmm", "dense", "compact 1", "compact 0.2", "compact 0.05"}
+    assert all(case["median_ms"] > 0 and case["matches_torch"] for case in cases)
+
+
 def test_bench_mask_hook_smoke(tmp_path):
     data = _run("bench_mask_hook.py", tmp_path / "mask-hook.json")
     (workload,) = data["runs"][0]["workloads"]
