@@ -459,6 +459,23 @@ def check_no_host_sync(fn: Callable[[], object], device: torch.device | str) -> 
         synchronize(device)
 
 
+def kernel_benchmark_args(
+    parse_args: Callable[[list[str]], Any], argv: Sequence[str] | None
+) -> tuple[list[str], Any]:
+    """A benchmark of the compiled kernels starting: its arguments (``argv``, default the
+    command line's) parsed, the kernels required, ``--threads`` applied. Returns ``(argv,
+    args)``."""
+    from recallprune.ops import has_ops, load_error
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if not has_ops():
+        raise SystemExit(f"recallprune's compiled kernels did not load: {load_error()}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return argv, args
+
+
 def extension_state() -> dict[str, Any]:
     """Which build of recallprune._C ran: its path, modification time and hash."""
     import hashlib

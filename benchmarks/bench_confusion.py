@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +44,7 @@ from _common import (
     add_timing_arguments,
     check_no_host_sync,
     device_label,
+    kernel_benchmark_args,
     print_table,
     resolve_timing_arguments,
     run_devices,
@@ -52,7 +52,7 @@ from _common import (
     time_interleaved,
 )
 
-from recallprune import ConfusionCounter, has_ops, load_error
+from recallprune import ConfusionCounter
 
 CLASSES = (2, 10, 100, 1000)
 SIZES = (256, 4096, 65536, 2**20)
@@ -448,12 +448,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if not has_ops():
-        raise SystemExit(f"recallprune's compiled kernels did not load: {load_error()}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    argv, args = kernel_benchmark_args(parse_args, argv)
     tm_class, tm_version = torchmetrics_status()
     notes = [f"torchmetrics: {tm_version}"]
     if tm_class is None:

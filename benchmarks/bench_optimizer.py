@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from _common import (
     bandwidth_fn,
     check_no_host_sync,
     device_label,
+    kernel_benchmark_args,
     print_table,
     resolve_timing_arguments,
     run_devices,
@@ -56,7 +56,7 @@ from _common import (
     time_interleaved,
 )
 
-from recallprune import UndecayedSGD, has_ops, load_error
+from recallprune import UndecayedSGD
 
 LR = 0.01
 MOMENTUM = 0.9
@@ -539,12 +539,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if not has_ops():
-        raise SystemExit(f"recallprune's compiled kernels did not load: {load_error()}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    argv, args = kernel_benchmark_args(parse_args, argv)
     workloads, workload_notes = make_workloads(args.quick, args.seed)
     if args.workloads:
         wanted = {w.strip() for w in args.workloads.split(",")}

@@ -25,7 +25,6 @@ for each instruction set the CPU has, ``--quick`` for a smoke run); results go t
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,13 +32,13 @@ from typing import Any
 import torch
 from _common import (
     add_timing_arguments,
+    kernel_benchmark_args,
     print_table,
     resolve_timing_arguments,
     run_devices,
     time_interleaved,
 )
 
-from recallprune.ops import has_ops, load_error
 from recallprune.ops.stacked_linear import KeptWeights
 
 LAYERS = [(64, 300, True), (300, 100, True), (100, 10, False)]
@@ -130,12 +129,7 @@ def layer_cases(inputs: int, out: int, relu: bool, args, checks: dict[str, bool]
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    if not has_ops():
-        raise SystemExit(f"recallprune's compiled kernels did not load: {load_error()}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    argv, args = kernel_benchmark_args(parse_args, argv)
     settings = {
         "repeats": args.repeats,
         "warmup": args.warmup,

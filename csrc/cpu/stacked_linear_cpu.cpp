@@ -75,10 +75,6 @@ bool dense_somewhere(const LinearShape& s, const int64_t* ptr, int64_t b, double
   return false;
 }
 
-void check_lists_read(bool ok, const char* op, const char* what) {
-  TORCH_CHECK(ok, op, ": ", what);
-}
-
 constexpr const char* kBadRows =
     "each row of row_cols must list ascending columns below the input's features, without "
     "repeats";
@@ -115,7 +111,7 @@ at::Tensor stacked_linear_cpu(const at::Tensor& input, const at::Tensor& weight,
                                   y + b * s.out * s.n};
     return kernels.linear_forward(task);
   });
-  check_lists_read(ok, "stacked_linear", kBadRows);
+  TORCH_CHECK(ok, "stacked_linear: ", kBadRows);
   return output;
 }
 
@@ -226,8 +222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stacked_linear_backward_cpu(
     }
     return true;
   });
-  check_lists_read(!rows_bad.load(), op, kBadRows);
-  check_lists_read(!cols_bad.load(), op,
+  TORCH_CHECK(!rows_bad.load(), op, ": ", kBadRows);
+  TORCH_CHECK(!cols_bad.load(), op, ": ",
                    "each column of col_rows must list ascending rows below the output's "
                    "features, without repeats, and col_vals the positions of their values "
                    "among the model's");

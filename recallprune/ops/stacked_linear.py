@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .extension import has_ops, register_fakes, require_ops, resolve_backend
+from .extension import check_backend, has_ops, register_fakes, require_ops, resolve_backend
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,9 +81,10 @@ class KeptWeights:
         return weight[self.mask]
 
     def expand(self, values: Tensor) -> Tensor:
-        """The dense weight ``[B, out, in]`` of compact ``values``, 0 at the pruned weights
-        (differentiable)."""
-        return values.new_zeros(self.mask.shape).masked_scatter(self.mask, values)
+        """The dense weight ``[B, out, in]`` of compact ``values`` (on their device), 0 at the
+        pruned weights (differentiable)."""
+        mask = self.mask.to(values.device)
+        return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
 def _lists(rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,6 +180,7 @@ def stacked_linear(
     kernels; ``"reference"`` is torch's.
     ``dense_above``: the kept fraction from which the CPU kernels compute a block of rows
     densely (speed only)."""
+    check_backend(backend)
     if kept is not None and (weight.dim() != 1 or weight.numel() != kept.row_cols.numel()):
         raise ValueError(
             f"stacked_linear: with kept, weight must be the {kept.row_cols.numel()} kept "

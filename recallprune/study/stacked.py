@@ -148,9 +148,7 @@ class StackedModel(nn.Module):
         for name, module in self.named_modules():
             key = f"{name}.kept_weight"
             if isinstance(module, StackedLinear) and module.kept is not None and key in out:
-                values = out.pop(key)
-                mask = module.kept.mask.to(values.device)
-                out[f"{name}.weight"] = values.new_zeros(mask.shape).masked_scatter(mask, values)
+                out[f"{name}.weight"] = module.kept.expand(out.pop(key))
         return out
 
     @torch.no_grad()
