@@ -41,33 +41,44 @@ LinearShape check_stacked_linear_args(const char* op, const at::Tensor& input,
   TORCH_CHECK(input.scalar_type() == at::kFloat && input.dim() == 3 && input.is_contiguous(), op,
               ": input must be a contiguous float32 [B, in, n] tensor, got ", input.scalar_type(),
               " of shape ", input.sizes());
-  TORCH_CHECK(row_ptr.has_value() == row_cols.has_value(), op,
-              ": row_ptr and row_cols must be given together (a compact weight) or not at all");
-  LinearShape shape{input.size(0), input.size(1), 0, input.size(2), row_ptr.has_value()};
   TORCH_CHECK(input.device() == weight.device(), op,
               ": input and weight must be on one device, got ", input.device(), " and ",
               weight.device());
+  LinearShape shape = check_stacked_weight(op, "", input.size(0), input.size(1), weight, bias,
+                                           row_ptr, row_cols, dense_above);
+  shape.n = input.size(2);
+  return shape;
+}
+
+LinearShape check_stacked_weight(const char* op, const char* layer, int64_t models, int64_t in,
+                                 const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& row_ptr,
+                                 const std::optional<at::Tensor>& row_cols, double dense_above) {
+  TORCH_CHECK(row_ptr.has_value() == row_cols.has_value(), op, ": ", layer,
+              "row_ptr and row_cols must be given together (a compact weight) or not at all");
+  LinearShape shape{models, in, 0, 0, row_ptr.has_value()};
   if (shape.compact) {
-    TORCH_CHECK(shape.models >= 1, op, ": a compact weight needs at least one model, got input ",
-                "of shape ", input.sizes());
-    TORCH_CHECK(row_ptr->device() == weight.device(), op,
-                ": row_ptr must be on the weight's device, got ", row_ptr->device(), " and ",
+    TORCH_CHECK(shape.models >= 1, op, ": ", layer,
+                "a compact weight needs at least one model, got ", models);
+    TORCH_CHECK(row_ptr->device() == weight.device(), op, ": ", layer,
+                "row_ptr must be on the weight's device, got ", row_ptr->device(), " and ",
                 weight.device());
     const int64_t rows = row_ptr->dim() == 1 ? row_ptr->size(0) - 1 : -1;
-    TORCH_CHECK(rows >= 0 && rows % shape.models == 0, op, ": row_ptr must hold B * out + 1 = ",
-                shape.models, " * out + 1 offsets, got shape ", row_ptr->sizes());
+    TORCH_CHECK(rows >= 0 && rows % shape.models == 0, op, ": ", layer,
+                "row_ptr must hold B * out + 1 = ", shape.models,
+                " * out + 1 offsets, got shape ", row_ptr->sizes());
     shape.out = rows / shape.models;
     check_kept_lists(op, "row_ptr", "row_cols", *row_ptr, *row_cols, rows);
     TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
                     weight.size(0) == row_cols->numel() && weight.is_contiguous(),
-                op, ": a compact weight must be a contiguous float32 tensor of the ",
+                op, ": ", layer, "a compact weight must be a contiguous float32 tensor of the ",
                 row_cols->numel(), " kept weights' values, got ", weight.scalar_type(),
                 " of shape ", weight.sizes());
   } else {
     TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 3 &&
                     weight.size(0) == shape.models && weight.size(2) == shape.in &&
                     weight.is_contiguous(),
-                op, ": weight must be a contiguous float32 [B, out, in] tensor with B = ",
+                op, ": ", layer, "weight must be a contiguous float32 [B, out, in] tensor with B = ",
                 shape.models, " and in = ", shape.in, " (the input's), got ",
                 weight.scalar_type(), " of shape ", weight.sizes());
     shape.out = weight.size(1);
@@ -76,13 +87,32 @@ LinearShape check_stacked_linear_args(const char* op, const at::Tensor& input,
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 2 &&
                     bias->size(0) == shape.models && bias->size(1) == shape.out &&
                     bias->is_contiguous() && bias->device() == weight.device(),
-                op, ": bias must be a contiguous float32 [B, out] tensor with B = ", shape.models,
-                " and out = ", shape.out, " on the weight's device, got ", bias->scalar_type(),
-                " of shape ", bias->sizes(), " on ", bias->device());
+                op, ": ", layer, "bias must be a contiguous float32 [B, out] tensor with B = ",
+                shape.models, " and out = ", shape.out, " on the weight's device, got ",
+                bias->scalar_type(), " of shape ", bias->sizes(), " on ", bias->device());
   }
   TORCH_CHECK(dense_above >= 0.0, op, ": dense_above must be a fraction >= 0, got ",
               dense_above);
   return shape;
+}
+
+void check_column_lists(const char* op, const char* layer, const LinearShape& s,
+                        const at::Tensor& weight, const std::optional<at::Tensor>& col_ptr,
+                        const std::optional<at::Tensor>& col_rows,
+                        const std::optional<at::Tensor>& col_vals) {
+  TORCH_CHECK(s.compact && col_ptr.has_value() && col_rows.has_value() && col_vals.has_value(),
+              op, ": ", layer,
+              "the input gradient of a compact weight needs its kept weights by column "
+              "(col_ptr, col_rows and col_vals), and those need a compact weight");
+  TORCH_CHECK(col_ptr->device() == weight.device(), op, ": ", layer,
+              "col_ptr must be on the weight's device, got ", col_ptr->device());
+  check_kept_lists(op, "col_ptr", "col_rows", *col_ptr, *col_rows, s.models * s.in);
+  TORCH_CHECK(col_rows->numel() == weight.numel() && col_vals->scalar_type() == at::kLong &&
+                  col_vals->dim() == 1 && col_vals->numel() == weight.numel() &&
+                  col_vals->is_contiguous() && col_vals->device() == weight.device(),
+              op, ": ", layer, "col_rows and col_vals must list the ", weight.numel(),
+              " kept weights (col_vals as contiguous int64), got ", col_rows->numel(), " and ",
+              col_vals->scalar_type(), " of shape ", col_vals->sizes());
 }
 
 TORCH_LIBRARY_FRAGMENT(recallprune, m) {
@@ -110,6 +140,17 @@ TORCH_LIBRARY_FRAGMENT(recallprune, m) {
       "stacked_linear_backward(Tensor grad, Tensor input, Tensor weight, Tensor? output, "
       "Tensor? row_ptr, Tensor? row_cols, Tensor? col_ptr, Tensor? col_rows, Tensor? col_vals, "
       "bool[3] output_mask, float dense_above=0.5) -> (Tensor, Tensor, Tensor)");
+  // One training step's gradients of B stacked MLPs (the layers' weights as stacked_linear
+  // takes them, a relu after every layer but the last), each on its own samples: model b's
+  // inputs are the rows x[batch[b]] (x [N, features]), its targets y[batch[b]], its loss the
+  // mean softmax cross-entropy of its logits over its n samples. lists: per layer, row_ptr,
+  // row_cols, col_ptr, col_rows, col_vals of a compact weight (None for a dense one; the
+  // first layer's column lists are not read), or none at all. Returns each sample's loss
+  // [B, n] and, per layer, the gradients of the weight (its shape) and the bias [B, out]:
+  // the same as stacked_linear's forward, torch's cross_entropy and stacked_linear_backward.
+  m.def(
+      "stacked_mlp_grads(Tensor x, Tensor y, Tensor batch, Tensor[] weights, Tensor[] biases, "
+      "Tensor?[] lists, float dense_above=0.5) -> (Tensor, Tensor[], Tensor[])");
 }
 
 }  // namespace recallprune

@@ -46,6 +46,7 @@ def test_kernels_under_each_instruction_set(capability):
             "tests/test_undecayed_sgd.py",
             "tests/test_confusion.py",
             "tests/test_stacked_linear.py",
+            "tests/test_stacked_mlp_grads.py",
             "-k",
             "kernel or property or pruned or decay or average",
         ],

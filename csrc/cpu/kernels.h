@@ -126,6 +126,19 @@ struct LinearBiasGrad {
   float* grad_bias;  // or nullptr
 };
 
+// The mean softmax cross-entropy of one model's logits [classes, n] (samples last) over its n
+// samples, as torch computes log_softmax over the classes, nll_loss and their gradients:
+// losses[s] = -log_softmax(logits[:, s])[targets[s]], grad [classes, n] the gradient of the
+// mean of the losses. Returns false, having written nothing, where a target is not in
+// [0, classes).
+struct SoftmaxLoss {
+  const float* logits;
+  const int64_t* targets;  // [n]
+  int64_t classes, n;
+  float* losses;  // [n]
+  float* grad;    // [classes, n]
+};
+
 template <typename scalar_t, typename opmath_t = scalar_t>
 using SgdKernel = void (*)(const SgdRange<scalar_t, opmath_t>&, const SgdHyper&);
 template <typename scalar_t>
@@ -149,6 +162,7 @@ struct KernelTable {
   void (*linear_bias_grad)(const LinearBiasGrad&);
   // dst [cols, rows] = src [rows, cols] transposed.
   void (*linear_transpose)(const float* src, int64_t rows, int64_t cols, float* dst);
+  bool (*softmax_loss)(const SoftmaxLoss&);
 };
 
 // The table for this CPU.

@@ -943,7 +943,8 @@ constexpr KernelTable kTable{C10_STRINGIZE(CPU_CAPABILITY),
                              &linear_input_grad,
                              &linear_weight_grad,
                              &linear_bias_grad,
-                             &linear_transpose};
+                             &linear_transpose,
+                             &softmax_loss};
 
 const KernelTable* table() { return &kTable; }
 

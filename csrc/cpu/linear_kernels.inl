@@ -418,3 +418,62 @@ void linear_bias_grad(const LinearBiasGrad& t) {
     }
   }
 }
+
+// torch's log_softmax over the classes (a dimension before the samples: the maximum, then the
+// sum of exp(x - max), its log, and x - max - log, class by class in order; whole vectors of
+// samples first, then the samples left over one by one with the C library's exp, their logs
+// as a vector, as torch's kernel goes), nll_loss, and their backward with the mean's gradient 1 / n: grad = g -
+// exp(log_softmax) * sum(g) in one rounding, g being -1 / n at the target and 0 elsewhere (so
+// sum(g) = -1 / n).
+bool softmax_loss(const SoftmaxLoss& t) {
+  for (int64_t s = 0; s < t.n; ++s) {
+    if (t.targets[s] < 0 || t.targets[s] >= t.classes) return false;
+  }
+  const float inv = 1.0f / static_cast<float>(t.n);
+  const VecF g_target(-inv), g_sum(-inv), zero(0.0f);
+  const int64_t whole = t.n - t.n % VecF::size();
+  float lanes[VecF::size()];
+  for (int64_t s = 0; s < whole; s += VecF::size()) {
+    const auto load = [&](int64_t c) { return VecF::loadu(t.logits + c * t.n + s); };
+    VecF top = load(0);
+    for (int64_t c = 1; c < t.classes; ++c) top = at::vec::maximum(top, load(c));
+    VecF sum(0.0f);
+    for (int64_t c = 0; c < t.classes; ++c) sum = sum + (load(c) - top).exp();
+    const VecF log_sum = sum.log();
+    for (int64_t l = 0; l < VecF::size(); ++l) lanes[l] = static_cast<float>(t.targets[s + l]);
+    const VecF target = VecF::loadu(lanes);
+    VecF picked(0.0f);
+    for (int64_t c = 0; c < t.classes; ++c) {
+      const VecF log_p = load(c) - top - log_sum;
+      const VecF is_target = target == VecF(static_cast<float>(c));
+      picked = VecF::blendv(picked, log_p, is_target);
+      const VecF g = VecF::blendv(zero, g_target, is_target);
+      at::vec::fnmadd(log_p.exp(), g_sum, g).store(t.grad + c * t.n + s);
+    }
+    picked.neg().store(t.losses + s);
+  }
+  // The samples left over: their sums one by one, the logs of the sums as a vector.
+  const int64_t tail = t.n - whole;
+  if (tail == 0) return true;
+  float tops[VecF::size()], log_sums[VecF::size()];
+  for (int64_t j = 0; j < tail; ++j) {
+    const auto at = [&](int64_t c) { return t.logits[c * t.n + whole + j]; };
+    float top = at(0);
+    for (int64_t c = 1; c < t.classes; ++c) top = at(c) > top ? at(c) : top;
+    float sum = 0.0f;
+    for (int64_t c = 0; c < t.classes; ++c) sum += std::exp(at(c) - top);
+    tops[j] = top;
+    log_sums[j] = sum;
+  }
+  VecF::loadu(log_sums, tail).log().store(log_sums, static_cast<int>(tail));
+  for (int64_t j = 0; j < tail; ++j) {
+    const int64_t s = whole + j;
+    for (int64_t c = 0; c < t.classes; ++c) {
+      const float log_p = t.logits[c * t.n + s] - tops[j] - log_sums[j];
+      const bool is_target = c == t.targets[s];
+      if (is_target) t.losses[s] = -log_p;
+      t.grad[c * t.n + s] = std::fma(-std::exp(log_p), -inv, is_target ? -inv : 0.0f);
+    }
+  }
+  return true;
+}

@@ -1,6 +1,8 @@
-// CPU kernels of recallprune::stacked_linear and recallprune::stacked_linear_backward: one
+// CPU kernels of recallprune::stacked_linear, recallprune::stacked_linear_backward and
+// recallprune::stacked_mlp_grads (a whole training step's gradients of stacked MLPs): one
 // at::parallel_for per call, each thread running every product for its share of the models;
-// the loops over a model's rows, for this CPU's instruction set, are in linear_kernels.inl.
+// the loops over a model's rows and its loss, for this CPU's instruction set, are in
+// linear_kernels.inl.
 #include "kernels.h"
 #include "stacked_linear.h"
 
@@ -13,6 +15,7 @@
 #include <array>
 #include <atomic>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -24,27 +27,26 @@ const T* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
-// The models split into one contiguous range per thread, of about equal cost (a model's kept
-// weights, dense ones all of theirs): each thread runs the whole product for its models, so
-// that a model's weights and activations stay in its core's cache from one pass to the next,
-// and a call is one parallel region.
-template <typename Body>
-bool for_each_model(const LinearShape& s, const int64_t* ptr, const Body& body) {
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.models));
-  std::vector<int64_t> bounds(parts + 1, s.models);
+// The models split into one contiguous range per thread, of about equal cost (cost(b), model
+// b's): each thread runs the whole work of its models, so that a model's weights and
+// activations stay in its core's cache from one pass to the next, and a call is one parallel
+// region. body(b) returns false where model b's lists are bad.
+template <typename Cost, typename Body>
+bool for_each_model(int64_t models, const Cost& cost, const Body& body) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), models));
+  std::vector<int64_t> bounds(parts + 1, models);
   bounds[0] = 0;
   if (parts > 1) {
-    std::vector<double> cost(s.models);
+    std::vector<double> costs(models);
     double total = 0;
-    for (int64_t b = 0; b < s.models; ++b) {
-      const int64_t kept = ptr != nullptr ? ptr[(b + 1) * s.out] - ptr[b * s.out] : s.out * s.in;
-      cost[b] = static_cast<double>(kept + s.out + s.in);  // and per row and column
-      total += cost[b];
+    for (int64_t b = 0; b < models; ++b) {
+      costs[b] = cost(b);
+      total += costs[b];
     }
     double sum = 0;
     int64_t part = 1;
-    for (int64_t b = 0; b < s.models && part < parts; ++b) {
-      sum += cost[b];
+    for (int64_t b = 0; b < models && part < parts; ++b) {
+      sum += costs[b];
       if (sum >= total * static_cast<double>(part) / static_cast<double>(parts)) {
         bounds[part++] = b + 1;
       }
@@ -59,6 +61,17 @@ bool for_each_model(const LinearShape& s, const int64_t* ptr, const Body& body) 
     }
   });
   return ok.load();
+}
+
+// A layer's cost for model b: its kept weights (a dense layer's all), and per row and column.
+double layer_cost(const LinearShape& s, const int64_t* ptr, int64_t b) {
+  const int64_t kept = ptr != nullptr ? ptr[(b + 1) * s.out] - ptr[b * s.out] : s.out * s.in;
+  return static_cast<double>(kept + s.out + s.in);
+}
+
+template <typename Body>
+bool for_each_model(const LinearShape& s, const int64_t* ptr, const Body& body) {
+  return for_each_model(s.models, [&](int64_t b) { return layer_cost(s, ptr, b); }, body);
 }
 
 // Whether some block of model b's weight gradient goes dense (and so needs its input
@@ -78,6 +91,9 @@ bool dense_somewhere(const LinearShape& s, const int64_t* ptr, int64_t b, double
 constexpr const char* kBadRows =
     "each row of row_cols must list ascending columns below the input's features, without "
     "repeats";
+constexpr const char* kBadColumns =
+    "each column of col_rows must list ascending rows below the output's features, without "
+    "repeats, and col_vals the positions of their values among the model's";
 
 at::Tensor stacked_linear_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias,
@@ -139,19 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stacked_linear_backward_cpu(
   }
   const bool by_column = col_ptr.has_value() || col_rows.has_value() || col_vals.has_value();
   if (by_column || (output_mask[0] && s.compact)) {
-    TORCH_CHECK(s.compact && col_ptr.has_value() && col_rows.has_value() && col_vals.has_value(),
-                op,
-                ": the input gradient of a compact weight needs its kept weights by column "
-                "(col_ptr, col_rows and col_vals), and those need a compact weight");
-    TORCH_CHECK(col_ptr->device() == weight.device(), op,
-                ": col_ptr must be on the weight's device, got ", col_ptr->device());
-    check_kept_lists(op, "col_ptr", "col_rows", *col_ptr, *col_rows, s.models * s.in);
-    TORCH_CHECK(col_rows->numel() == weight.numel() && col_vals->scalar_type() == at::kLong &&
-                    col_vals->dim() == 1 && col_vals->numel() == weight.numel() &&
-                    col_vals->is_contiguous() && col_vals->device() == weight.device(),
-                op, ": col_rows and col_vals must list the ", weight.numel(),
-                " kept weights (col_vals as contiguous int64), got ", col_rows->numel(), " and ",
-                col_vals->scalar_type(), " of shape ", col_vals->sizes());
+    check_column_lists(op, "", s, weight, col_ptr, col_rows, col_vals);
   }
   const auto& kernels = cpu::kernels();
   const float* w = weight.const_data_ptr<float>();
@@ -223,13 +227,215 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stacked_linear_backward_cpu(
     return true;
   });
   TORCH_CHECK(!rows_bad.load(), op, ": ", kBadRows);
-  TORCH_CHECK(!cols_bad.load(), op, ": ",
-                   "each column of col_rows must list ascending rows below the output's "
-                   "features, without repeats, and col_vals the positions of their values "
-                   "among the model's");
+  TORCH_CHECK(!cols_bad.load(), op, ": ", kBadColumns);
   const auto none = [&] { return at::empty({0}, grad.options()); };
   return {grad_input.defined() ? grad_input : none(), grad_weight.defined() ? grad_weight : none(),
           grad_bias.defined() ? grad_bias : none()};
+}
+
+// One layer of stacked_mlp_grads: its shape and data (the lists nullptr where dense).
+struct MlpLayer {
+  LinearShape s;
+  const float* weight;
+  const float* bias;
+  const int64_t* row_ptr;
+  const int32_t* row_cols;
+  const int64_t* col_ptr;
+  const int32_t* col_rows;
+  const int64_t* col_vals;
+  float* grad_weight;
+  float* grad_bias;
+};
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stacked_mlp_grads_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& batch, at::TensorList weights,
+    at::TensorList biases, const c10::List<std::optional<at::Tensor>>& lists,
+    double dense_above) {
+  constexpr const char* op = "stacked_mlp_grads";
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() &&
+                  x.device().is_cpu(),
+              op, ": x must be a contiguous float32 [N, features] CPU tensor, got ",
+              x.scalar_type(), " of shape ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(y.scalar_type() == at::kLong && y.dim() == 1 && y.size(0) == x.size(0) &&
+                  y.is_contiguous() && y.device().is_cpu(),
+              op, ": y must be a contiguous int64 CPU tensor of x's ", x.size(0),
+              " targets, got ", y.scalar_type(), " of shape ", y.sizes(), " on ", y.device());
+  TORCH_CHECK(batch.scalar_type() == at::kLong && batch.dim() == 2 && batch.size(1) >= 1 &&
+                  batch.device().is_cpu(),
+              op, ": batch must be an int64 [B, n] CPU tensor of sample indices "
+              "with n >= 1, got ", batch.scalar_type(), " of shape ", batch.sizes(), " on ",
+              batch.device());
+  const int64_t layers = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(layers >= 1 && static_cast<int64_t>(biases.size()) == layers, op,
+              ": weights and biases must list the same layers (at least one), got ", layers,
+              " weights and ", biases.size(), " biases");
+  TORCH_CHECK(lists.empty() || static_cast<int64_t>(lists.size()) == 5 * layers, op,
+              ": lists must hold 5 entries per layer (row_ptr, row_cols, col_ptr, col_rows, "
+              "col_vals; None for a dense weight) or none, got ", lists.size(), " for ", layers,
+              " layers");
+  const int64_t models = batch.size(0), n = batch.size(1);
+  const auto list = [&](int64_t l, int64_t k) -> std::optional<at::Tensor> {
+    return lists.empty() ? std::nullopt : lists.get(5 * l + k);
+  };
+  std::vector<MlpLayer> net(layers);
+  std::vector<at::Tensor> grad_weights, grad_biases;
+  int64_t features = x.size(1);
+  for (int64_t l = 0; l < layers; ++l) {
+    const std::string name = "layer " + std::to_string(l) + ": ";
+    TORCH_CHECK(weights[l].device().is_cpu(), op, ": ", name, "the weight must be on the CPU, got ",
+                weights[l].device());
+    const std::optional<at::Tensor> bias = biases[l];
+    TORCH_CHECK(bias->defined(), op, ": ", name, "a bias is needed");
+    const LinearShape s = check_stacked_weight(op, name.c_str(), models, features, weights[l],
+                                               bias, list(l, 0), list(l, 1), dense_above);
+    if (s.compact && l > 0) {
+      check_column_lists(op, name.c_str(), s, weights[l], list(l, 2), list(l, 3), list(l, 4));
+    }
+    grad_weights.push_back(at::empty(weights[l].sizes(), weights[l].options()));
+    grad_biases.push_back(at::empty({models, s.out}, weights[l].options()));
+    MlpLayer& layer = net[l];
+    layer.s = s;
+    layer.s.n = n;
+    layer.weight = weights[l].const_data_ptr<float>();
+    layer.bias = bias->const_data_ptr<float>();
+    layer.row_ptr = data_or_null<int64_t>(list(l, 0));
+    layer.row_cols = data_or_null<int32_t>(list(l, 1));
+    const bool by_column = s.compact && l > 0;
+    layer.col_ptr = by_column ? data_or_null<int64_t>(list(l, 2)) : nullptr;
+    layer.col_rows = by_column ? data_or_null<int32_t>(list(l, 3)) : nullptr;
+    layer.col_vals = by_column ? data_or_null<int64_t>(list(l, 4)) : nullptr;
+    layer.grad_weight = grad_weights.back().data_ptr<float>();
+    layer.grad_bias = grad_biases.back().data_ptr<float>();
+    features = s.out;
+  }
+  const int64_t classes = features, samples = x.size(0);
+  TORCH_CHECK(classes >= 1, op, ": the last layer must have at least one output");
+  at::Tensor losses = at::empty({models, n}, x.options());
+  if (models == 0) return {losses, grad_weights, grad_biases};
+
+  // Per thread: the gathered inputs [n, in], every activation [features, n], the gradients of
+  // two of them and of a pre-activation, a transposed input, the targets.
+  int64_t widest = x.size(1), activations = x.size(1);
+  for (const MlpLayer& layer : net) {
+    widest = std::max(widest, layer.s.out);
+    activations += layer.s.out;
+  }
+  const int64_t scratch_size = n * (x.size(1) + activations + 4 * widest);
+  const auto& kernels = cpu::kernels();
+  const float* xs = x.const_data_ptr<float>();
+  const int64_t* ys = y.const_data_ptr<int64_t>();
+  const int64_t* order = batch.const_data_ptr<int64_t>();
+  float* loss_data = losses.data_ptr<float>();
+  std::atomic<bool> bad_sample{false}, bad_target{false}, bad_rows{false}, bad_cols{false};
+  const auto cost = [&](int64_t b) {
+    double total = 0;
+    for (const MlpLayer& layer : net) total += layer_cost(layer.s, layer.row_ptr, b);
+    return total;
+  };
+  for_each_model(models, cost, [&](int64_t b) {
+    thread_local std::vector<float> scratch;
+    thread_local std::vector<int64_t> targets;
+    if (static_cast<int64_t>(scratch.size()) < scratch_size) scratch.resize(scratch_size);
+    targets.resize(n);
+    float* rows = scratch.data();  // [n, in]: layer 0's input transposed
+    std::vector<float*> act(layers + 1);
+    act[0] = rows + n * x.size(1);
+    for (int64_t l = 0; l < layers; ++l) act[l + 1] = act[l] + n * net[l].s.in;
+    float* grad = act[layers] + n * classes;
+    float* grad_next = grad + n * widest;
+    float* pre = grad_next + n * widest;
+    float* transposed = pre + n * widest;
+    const int64_t in0 = x.size(1);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t sample = order[b * batch.stride(0) + j * batch.stride(1)];
+      if (sample < 0 || sample >= samples) {
+        bad_sample.store(true);
+        return true;
+      }
+      std::copy(xs + sample * in0, xs + (sample + 1) * in0, rows + j * in0);
+      targets[j] = ys[sample];
+    }
+    kernels.linear_transpose(rows, n, in0, act[0]);
+    for (int64_t l = 0; l < layers; ++l) {
+      const MlpLayer& layer = net[l];
+      const LinearShape& s = layer.s;
+      const bool compact = layer.row_ptr != nullptr;
+      const cpu::LinearForward task{act[l],
+                                    compact ? layer.weight : layer.weight + b * s.out * s.in,
+                                    layer.bias + b * s.out,
+                                    compact ? layer.row_ptr + b * s.out : nullptr,
+                                    layer.row_cols,
+                                    s.in,
+                                    s.out,
+                                    n,
+                                    dense_above,
+                                    l + 1 < layers,
+                                    0,
+                                    s.out,
+                                    act[l + 1]};
+      if (!kernels.linear_forward(task)) {
+        bad_rows.store(true);
+        return true;
+      }
+    }
+    if (!kernels.softmax_loss({act[layers], targets.data(), classes, n, loss_data + b * n, grad})) {
+      bad_target.store(true);
+      return true;
+    }
+    for (int64_t l = layers - 1; l >= 0; --l) {
+      const MlpLayer& layer = net[l];
+      const LinearShape& s = layer.s;
+      const bool compact = layer.row_ptr != nullptr;
+      const bool relu = l + 1 < layers;
+      // grad: the gradient of this layer's output; through its relu, that of its sum.
+      kernels.linear_bias_grad({grad, relu ? act[l + 1] : nullptr, n, 0, s.out,
+                                relu ? pre : nullptr, layer.grad_bias + b * s.out});
+      const float* dz = relu ? pre : grad;
+      const float* input_t = rows;
+      if (l > 0) {
+        input_t = nullptr;
+        if (dense_somewhere(s, layer.row_ptr, b, dense_above, kernels.linear_block_rows)) {
+          kernels.linear_transpose(act[l], s.in, n, transposed);
+          input_t = transposed;
+        }
+      }
+      const cpu::LinearWeightGrad weight_task{
+          dz,         act[l], input_t, compact ? layer.row_ptr + b * s.out : nullptr,
+          layer.row_cols, s.in, s.out, n, dense_above, 0, s.out,
+          compact ? layer.grad_weight : layer.grad_weight + b * s.out * s.in};
+      if (!kernels.linear_weight_grad(weight_task)) {
+        bad_rows.store(true);
+        return true;
+      }
+      if (l == 0) break;
+      const cpu::LinearInputGrad input_task{dz,
+                                            compact ? layer.weight : layer.weight + b * s.out * s.in,
+                                            compact ? layer.row_ptr + b * s.out : nullptr,
+                                            compact ? layer.col_ptr + b * s.in : nullptr,
+                                            layer.col_rows,
+                                            layer.col_vals,
+                                            s.in,
+                                            s.out,
+                                            n,
+                                            dense_above,
+                                            0,
+                                            s.in,
+                                            grad_next};
+      if (!kernels.linear_input_grad(input_task)) {
+        bad_cols.store(true);
+        return true;
+      }
+      std::swap(grad, grad_next);
+    }
+    return true;
+  });
+  TORCH_CHECK(!bad_sample.load(), op, ": every entry of batch must index a sample of x, in [0, ",
+              samples, ")");
+  TORCH_CHECK(!bad_target.load(), op, ": every target of the batch's samples must be a class in "
+              "[0, ", classes, ") (the last layer's outputs)");
+  TORCH_CHECK(!bad_rows.load(), op, ": ", kBadRows);
+  TORCH_CHECK(!bad_cols.load(), op, ": ", kBadColumns);
+  return {losses, grad_weights, grad_biases};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kept_weight_lists_cpu(
@@ -300,6 +506,7 @@ TORCH_LIBRARY_IMPL(recallprune, CPU, m) {
   m.impl("kept_weight_lists", &kept_weight_lists_cpu);
   m.impl("stacked_linear", &stacked_linear_cpu);
   m.impl("stacked_linear_backward", &stacked_linear_backward_cpu);
+  m.impl("stacked_mlp_grads", &stacked_mlp_grads_cpu);
 }
 
 }  // namespace recallprune

@@ -186,28 +186,95 @@ def stacked_linear(
             f"stacked_linear: with kept, weight must be the {kept.row_cols.numel()} kept "
             f"weights' values (KeptWeights.compact), got shape {tuple(weight.shape)}"
         )
-    runs_kernel = (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and input.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
-    )
-    if backend == "auto" and runs_kernel and not _vector_cpu():
-        runs_kernel = False  # torch's products are the faster on the portable instruction set
-    if backend == "kernel" and not runs_kernel:
-        require_ops(weight.device, "stacked_linear")
-        raise RuntimeError(
-            "stacked_linear: backend='kernel' runs float32 CPU tensors only, got weight "
-            f"{weight.dtype} on {weight.device}. Use backend='auto' (torch's batched products "
-            "there) or 'reference'."
-        )
-    if runs_kernel and resolve_backend(backend, weight.device, "stacked_linear") == "kernel":
+    tensors = [t for t in (input, weight, bias) if t is not None]
+    if _kernel_runs(backend, "stacked_linear", *tensors):
         if bias is not None:
             bias = bias.contiguous()
         return _StackedLinear.apply(
             input.contiguous(), weight.contiguous(), bias, kept, relu, float(dense_above)
         )
     return stacked_linear_reference(input, weight, bias, kept, relu)
+
+
+def kernels_run(*tensors: Tensor) -> bool:
+    """Whether ``backend="auto"`` runs the CPU kernels of :func:`stacked_linear` and
+    :func:`stacked_mlp_grads` on ``tensors``."""
+    return _kernel_runs("auto", "stacked_linear", *tensors)
+
+
+def _kernel_runs(backend: str, what: str, *tensors: Tensor) -> bool:
+    """Whether the CPU kernels run ``what`` on ``tensors`` (``backend`` as
+    :func:`stacked_linear` takes it): float32 CPU tensors, and with ``"auto"`` only where
+    torch uses AVX2 or AVX-512; ``"kernel"`` raises where they cannot."""
+    runs = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    if backend == "auto" and runs and not _vector_cpu():
+        runs = False  # torch's products are the faster on the portable instruction set
+    if backend == "kernel" and not runs:
+        first = tensors[0]
+        require_ops(first.device, what)
+        got = ", ".join(sorted({f"{t.dtype} on {t.device}" for t in tensors}))
+        raise RuntimeError(
+            f"{what}: backend='kernel' runs float32 CPU tensors only, got {got}. Use "
+            "backend='auto' (torch's batched products there) or 'reference'."
+        )
+    return runs and resolve_backend(backend, tensors[0].device, what) == "kernel"
+
+
+def stacked_mlp_grads(
+    x: Tensor,
+    y: Tensor,
+    batch: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor],
+    kept: list[KeptWeights | None] | None = None,
+    *,
+    dense_above: float = 0.5,
+    backend: str = "auto",
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """One training step's losses and gradients of ``B`` stacked MLPs (layers as
+    :func:`stacked_linear` takes them, a relu after each but the last), each model on its own
+    samples: model ``b``'s inputs are the rows ``x[batch[b]]`` (``x`` ``[N, features]``), its
+    targets ``y[batch[b]]``, its loss the mean cross-entropy of its logits over its ``n``
+    samples (``batch`` ``[B, n]``).
+
+    Returns each sample's loss ``[B, n]`` and, per layer, the gradients of the weight (of its
+    shape, compact or dense) and of the bias ``[B, out]``: those of ``stacked_linear``'s
+    forward, ``cross_entropy`` and its backward, in one call and without autograd. The CPU
+    kernels run each model's whole step in turn (its activations stay in cache), with the same
+    products and the same log-softmax as the step through autograd: the same bits, where torch
+    uses AVX2 or AVX-512. Elsewhere (``backend`` as :func:`stacked_linear`'s) the step runs
+    through autograd."""
+    check_backend(backend)
+    if kept is None:
+        kept = [None] * len(weights)
+    if not (len(weights) == len(biases) == len(kept)) or not weights:
+        raise ValueError(
+            "stacked_mlp_grads: weights, biases and kept must list the same layers (at least "
+            f"one), got {len(weights)}, {len(biases)} and {len(kept)}"
+        )
+    if _kernel_runs(backend, "stacked_mlp_grads", x, *weights, *biases):
+        lists = []
+        for k in kept:
+            lists += (
+                [None] * 5
+                if k is None
+                else [k.row_ptr, k.row_cols, k.col_ptr, k.col_rows, k.col_vals]
+            )
+        with torch.no_grad():
+            losses, grad_weights, grad_biases = torch.ops.recallprune.stacked_mlp_grads(
+                x, y, batch, weights, biases, lists, float(dense_above)
+            )
+        return losses, list(grad_weights), list(grad_biases)
+    inner = "reference" if backend == "reference" else "auto"
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in [*weights, *biases]]
+        out = x[batch].transpose(1, 2)  # [B, features, n]
+        for i, k in enumerate(kept):
+            last = i == len(kept) - 1
+            out = stacked_linear(out, leaves[i], leaves[len(kept) + i], k, not last, backend=inner)
+        losses = torch.nn.functional.cross_entropy(out, y[batch], reduction="none")
+        grads = torch.autograd.grad(losses.mean(dim=1).sum(), leaves)
+    return losses.detach(), list(grads[: len(kept)]), list(grads[len(kept) :])
 
 
 @register_fakes
@@ -229,6 +296,14 @@ def _register_fakes() -> None:
             mask.new_empty((models * inputs + 1,), **long),
             mask.new_empty((kept,), **int32),
             mask.new_empty((kept,), **long),
+        )
+
+    @torch.library.register_fake("recallprune::stacked_mlp_grads")
+    def _(x, y, batch, weights, biases, lists, dense_above=0.5):
+        return (
+            x.new_empty(batch.shape),
+            [w.new_empty(w.shape) for w in weights],
+            [b.new_empty(b.shape) for b in biases],
         )
 
     @torch.library.register_fake("recallprune::stacked_linear_backward")

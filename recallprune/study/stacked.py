@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..ops.stacked_linear import KeptWeights, stacked_linear
+from ..ops.stacked_linear import KeptWeights, kernels_run, stacked_linear, stacked_mlp_grads
 from .models import MLP, SmallCNN
 
 
@@ -172,6 +172,30 @@ class StackedMLP(StackedModel):
         x = x.flatten(2).transpose(1, 2)  # [B, in, N]: samples last
         x = self.fc2(self.fc1(x, relu=True), relu=True)
         return self.fc3(x).transpose(1, 2)
+
+    def _layers(self) -> list[StackedLinear]:
+        return [self.fc1, self.fc2, self.fc3]
+
+    def fused_step(self, x: Tensor) -> bool:
+        """Whether :meth:`step_grads` runs the fused CPU kernel on inputs like ``x`` (float32
+        CPU tensors, where torch uses AVX2 or AVX-512)."""
+        return kernels_run(x, *self.parameters())
+
+    def step_grads(self, x: Tensor, y: Tensor, batch: Tensor) -> Tensor:
+        """One training step's gradients, each model on its own samples ``batch`` ``[B, n]``
+        (rows of ``x`` and ``y``), into the parameters' ``.grad`` (replaced): each model's
+        gradient of its mean batch cross-entropy, without autograd
+        (:func:`~recallprune.ops.stacked_linear.stacked_mlp_grads`). Returns each sample's loss
+        ``[B, n]``."""
+        layers = self._layers()
+        weights = [layer.weight if layer.kept is None else layer.kept_weight for layer in layers]
+        biases = [layer.bias for layer in layers]
+        losses, grad_weights, grad_biases = stacked_mlp_grads(
+            x.flatten(1), y, batch, weights, biases, [layer.kept for layer in layers]
+        )
+        for p, grad in zip([*weights, *biases], [*grad_weights, *grad_biases], strict=True):
+            p.grad = grad
+        return losses
 
 
 class StackedCNN(StackedModel):

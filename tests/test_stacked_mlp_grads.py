@@ -1,0 +1,296 @@
+"""recallprune.ops.stacked_mlp_grads: one training step's losses and gradients of stacked MLPs
+in one call of the CPU kernels, against the same step through autograd (bit for bit where
+torch uses AVX2 or AVX-512), its checks, and the study's stacked step that runs it."""
+
+import pytest
+import torch
+
+from recallprune.ops import stacked_linear as stacked_linear_module
+from recallprune.ops.stacked_linear import KeptWeights, stacked_linear, stacked_mlp_grads
+from recallprune.optim import UndecayedSGD, decay_param_groups
+from recallprune.study import grid
+from recallprune.study.models import MLP
+from recallprune.study.stacked import StackedMLP
+
+from .conftest import requires_ops
+
+ops = torch.ops.recallprune
+
+
+def _vector_cpu():
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _net(models, sizes, density=None, seed=0, scale=3.0):
+    """Weights, biases and kept lists of ``models`` stacked MLPs with layer sizes ``sizes``;
+    with ``density``, the layers compact (model 0 whole, model 1 with an empty and a whole
+    row), the weights their kept values. ``scale`` spreads the logits (over tens, as a trained
+    model's: the exponentials then differ in their last bits between implementations)."""
+    g = torch.Generator().manual_seed(seed)
+    weights, biases, kept = [], [], []
+    for inputs, out in zip(sizes[:-1], sizes[1:], strict=True):
+        weight = torch.randn(models, out, inputs, generator=g) * scale / inputs**0.5
+        biases.append(torch.randn(models, out, generator=g) * 0.1)
+        if density is None:
+            weights.append(weight)
+            kept.append(None)
+            continue
+        mask = torch.rand(models, out, inputs, generator=g) < density
+        mask[0] = True
+        if models > 1 and out > 2:
+            mask[1, 1] = False
+            mask[1, 2] = True
+        k = KeptWeights.from_mask(mask)
+        weights.append(k.compact(weight))
+        kept.append(k)
+    return weights, biases, kept
+
+
+def _data(samples, features, classes, models, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, features, generator=g)
+    y = torch.randint(0, classes, (samples,), generator=g)
+    batch = torch.stack([torch.randperm(samples, generator=g)[:n] for _ in range(models)])
+    return x, y, batch
+
+
+def _autograd(x, y, batch, weights, biases, kept, backend):
+    """The step through autograd: stacked_linear (``backend``), cross_entropy, backward."""
+    leaves = [t.clone().requires_grad_() for t in [*weights, *biases]]
+    out = x[batch].transpose(1, 2)
+    for i, k in enumerate(kept):
+        relu = i < len(kept) - 1
+        out = stacked_linear(out, leaves[i], leaves[len(kept) + i], k, relu, backend=backend)
+    losses = torch.nn.functional.cross_entropy(out, y[batch], reduction="none")
+    losses.mean(dim=1).sum().backward()
+    grads = [t.grad for t in leaves]
+    return losses.detach(), grads[: len(kept)], grads[len(kept) :]
+
+
+def _same(got, want, exact, name=""):
+    assert got.shape == want.shape, name
+    if exact:
+        assert torch.equal(got, want), (name, (got - want).abs().max().item())
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _assert_same(got, want, exact):
+    """(losses, weight gradients, bias gradients) against another such triple."""
+    losses, grad_weights, grad_biases = got
+    _same(losses, want[0], exact, "losses")
+    for name, g_list, w_list in (
+        ("weights", grad_weights, want[1]),
+        ("biases", grad_biases, want[2]),
+    ):
+        assert len(g_list) == len(w_list), name
+        for g, w in zip(g_list, w_list, strict=True):
+            _same(g, w, exact, name)
+
+
+# (models, layer sizes, samples per model): the study's MLP; whole vectors of samples and
+# tails of every length (the log-softmax's scalar tail, the mean's inexact 1 / n); one layer;
+# one sample; one class.
+CASES = [
+    (3, [64, 300, 100, 10], 64),
+    (3, [64, 300, 100, 10], 37),
+    (2, [20, 30, 7], 3),
+    (2, [20, 30, 7], 48),
+    (4, [9, 5], 21),
+    (2, [12, 8, 4], 1),
+    (2, [6, 4, 1], 5),
+]
+
+
+@requires_ops
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("density", [None, 0.3, 0.8])
+def test_stacked_mlp_grads_kernel_is_the_autograd_step(case, density):
+    """The same losses and gradients as autograd through the stacked_linear kernels and
+    torch's cross_entropy: the same bits where torch uses AVX2 or AVX-512 (the same products
+    in the same order, the same log-softmax), and to rounding against torch's products."""
+    models, sizes, n = case
+    weights, biases, kept = _net(models, sizes, density)
+    x, y, batch = _data(80, sizes[0], sizes[-1], models, n)
+    got = stacked_mlp_grads(x, y, batch, weights, biases, kept, backend="kernel")
+    through_kernels = _autograd(x, y, batch, weights, biases, kept, "kernel")
+    _assert_same(got, through_kernels, exact=_vector_cpu())
+    _assert_same(got, _autograd(x, y, batch, weights, biases, kept, "reference"), exact=False)
+    # The other backends give the autograd step's own numbers.
+    reference = stacked_mlp_grads(x, y, batch, weights, biases, kept, backend="reference")
+    _assert_same(reference, _autograd(x, y, batch, weights, biases, kept, "reference"), True)
+
+
+@requires_ops
+def test_stacked_mlp_grads_kernel_dense_above_changes_only_the_speed():
+    """Which blocks go dense changes neither the losses nor the input gradients' chain: the
+    losses and bias gradients are the same bits, the weight gradients agree to rounding."""
+    weights, biases, kept = _net(3, [40, 50, 20, 5], density=0.5)
+    x, y, batch = _data(70, 40, 5, 3, 33)
+    runs = [
+        stacked_mlp_grads(x, y, batch, weights, biases, kept, dense_above=d, backend="kernel")
+        for d in (0.0, 0.5, 2.0)
+    ]
+    for other in runs[1:]:
+        assert torch.equal(other[0], runs[0][0])
+        for g, w in zip(other[2], runs[0][2], strict=True):
+            assert torch.equal(g, w)
+        for g, w in zip(other[1], runs[0][1], strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@requires_ops
+def test_stacked_mlp_grads_kernel_reads_a_strided_batch():
+    weights, biases, kept = _net(3, [10, 8, 4], density=0.4)
+    x, y, _ = _data(50, 10, 4, 3, 10)
+    orders = torch.stack([torch.randperm(50) for _ in range(3)])
+    strided = orders[:, 5:17]
+    assert not strided.is_contiguous()
+    got = stacked_mlp_grads(x, y, strided, weights, biases, kept, backend="kernel")
+    want = stacked_mlp_grads(x, y, strided.contiguous(), weights, biases, kept, backend="kernel")
+    _assert_same(got, want, exact=True)
+
+
+@requires_ops
+def test_opcheck_stacked_mlp_grads_kernel():
+    weights, biases, kept = _net(2, [6, 5, 3], density=0.5)
+    x, y, batch = _data(12, 6, 3, 2, 4)
+    lists = []
+    for k in kept:
+        lists += [k.row_ptr, k.row_cols, k.col_ptr, k.col_rows, k.col_vals]
+    dense, dense_biases, _ = _net(2, [6, 5, 3])
+    calls = [
+        (x, y, batch, weights, biases, lists, 0.5),
+        (x, y, batch, dense, dense_biases, [], 0.5),
+        (x, y, batch, dense, dense_biases, [None] * 10, 2.0),
+    ]
+    for args in calls:
+        torch.library.opcheck(ops.stacked_mlp_grads.default, args)
+
+
+@requires_ops
+def test_stacked_mlp_grads_kernel_errors():
+    weights, biases, kept = _net(2, [6, 5, 4, 3], density=0.5)
+    x, y, batch = _data(12, 6, 3, 2, 4)
+    lists = []
+    for k in kept:
+        lists += [k.row_ptr, k.row_cols, k.col_ptr, k.col_rows, k.col_vals]
+
+    def call(**changes):
+        args = dict(x=x, y=y, batch=batch, weights=weights, biases=biases, lists=lists)
+        args.update(changes)
+        return ops.stacked_mlp_grads(*args.values(), 0.5)
+
+    with pytest.raises(RuntimeError, match=r"x must be a contiguous float32 \[N, features\]"):
+        call(x=x.double())
+    with pytest.raises(RuntimeError, match="y must be a contiguous int64 CPU tensor of x's 12"):
+        call(y=y[:5])
+    with pytest.raises(RuntimeError, match=r"batch must be an int64 \[B, n\]"):
+        call(batch=batch.int())
+    with pytest.raises(RuntimeError, match="same layers"):
+        call(biases=biases[:1])
+    with pytest.raises(RuntimeError, match="5 entries per layer"):
+        call(lists=lists[:7])
+    with pytest.raises(RuntimeError, match="layer 1: a compact weight must be"):
+        swapped = list(lists)
+        swapped[5:7] = lists[10:12]  # layer 2's rows
+        call(lists=swapped)
+    with pytest.raises(RuntimeError, match="layer 1: the input gradient of a compact weight"):
+        call(lists=lists[:7] + [None] * 3 + lists[10:])
+    dense, dense_biases, _ = _net(2, [6, 5, 4, 3])
+    with pytest.raises(RuntimeError, match=r"layer 1: weight must be .* in = 5"):
+        call(weights=[dense[0], dense[1][:, :, :4].contiguous(), dense[2]], biases=dense_biases,
+             lists=[])  # fmt: skip
+    with pytest.raises(RuntimeError, match="layer 0: bias must be"):
+        call(weights=dense, biases=[dense_biases[0][:, :2].contiguous(), *dense_biases[1:]],
+             lists=[])  # fmt: skip
+    for value in (12, -1):
+        bad = batch.clone()
+        bad[1, 2] = value
+        with pytest.raises(RuntimeError, match=r"every entry of batch must index a sample of x"):
+            call(batch=bad)
+    for value in (3, -2):
+        bad = y.clone()
+        bad[batch[1, 0]] = value
+        with pytest.raises(RuntimeError, match=r"must be a class in \[0, 3\)"):
+            call(y=bad)
+    cols = kept[1].row_cols.clone()
+    cols[-1] = 5
+    with pytest.raises(RuntimeError, match="ascending columns"):
+        call(lists=lists[:6] + [cols] + lists[7:])
+    rows = kept[1].col_rows.clone()
+    rows[-1] = 4
+    with pytest.raises(RuntimeError, match="ascending rows"):
+        call(lists=lists[:8] + [rows] + lists[9:])
+    with pytest.raises(ValueError, match="same layers"):
+        stacked_mlp_grads(x, y, batch, weights, biases[:2], kept)
+    with pytest.raises(RuntimeError, match="float32 CPU tensors only"):
+        stacked_mlp_grads(x.double(), y, batch, weights, biases, kept, backend="kernel")
+
+
+def _study_stack(models=5, seed=0):
+    torch.manual_seed(seed)
+    stacked = StackedMLP([MLP(64, 10) for _ in range(models)])
+    masks = {}
+    g = torch.Generator().manual_seed(seed)
+    for name, p in stacked.named_parameters():
+        if p.dim() == 3:
+            mask = torch.rand(p.shape, generator=g) < 0.3
+            mask[::3] = True
+            masks[name] = mask
+            with torch.no_grad():
+                p.mul_(mask)
+    stacked.compact(masks)
+    return stacked
+
+
+@requires_ops
+def test_stacked_step_fused_kernel_is_the_autograd_step(monkeypatch):
+    """The study's stacked step through the fused kernel trains the models as the step
+    through autograd does: the same losses and parameters after several steps (the same bits
+    where torch uses AVX2 or AVX-512), last short batch included."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(150, 1, 8, 8, generator=g), torch.randint(0, 10, (150,), generator=g)
+    results = []
+    for fused in (True, False):
+        # The kernels on every instruction set (auto leaves the portable one to torch).
+        monkeypatch.setattr(stacked_linear_module, "_vector_cpu", lambda: True)
+        stacked = _study_stack()
+        assert stacked.fused_step(x)
+        if not fused:
+            monkeypatch.setattr(StackedMLP, "fused_step", lambda self, x: False)
+        optimizer = UndecayedSGD(decay_param_groups(stacked, 5e-4), lr=0.05, momentum=0.9)
+        gens = [torch.Generator().manual_seed(i) for i in range(stacked.num_models)]
+        orders = grid.stacked_batches(len(x), 64, gens)
+        losses = [
+            grid.stacked_step(stacked, optimizer, x, y, orders[:, s : s + 64])
+            for s in range(0, len(x), 64)
+        ]
+        results.append((losses, {n: p.detach().clone() for n, p in stacked.named_parameters()}))
+        monkeypatch.undo()
+    (fused_losses, fused_params), (plain_losses, plain_params) = results
+    for a, b in zip(fused_losses, plain_losses, strict=True):
+        _same(a, b, _vector_cpu(), "losses")
+    for name in fused_params:
+        _same(fused_params[name], plain_params[name], _vector_cpu(), name)
+
+
+@requires_ops
+def test_stacked_mlp_step_grads_kernel_replaces_the_gradients(monkeypatch):
+    monkeypatch.setattr(stacked_linear_module, "_vector_cpu", lambda: True)
+    stacked = _study_stack(models=3)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(40, 64, generator=g), torch.randint(0, 10, (40,), generator=g)
+    batch = torch.stack([torch.randperm(40, generator=g)[:16] for _ in range(3)])
+    for p in stacked.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    losses = stacked.step_grads(x, y, batch)
+    stale = {n: p.grad for n, p in stacked.named_parameters()}
+    for p in stacked.parameters():
+        p.grad = None
+    logits = stacked(x[batch])
+    want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y[batch], reduction="none")
+    want.mean(dim=1).sum().backward()
+    _same(losses, want.detach(), _vector_cpu(), "losses")
+    for name, p in stacked.named_parameters():
+        _same(stale[name], p.grad, _vector_cpu(), name)
