@@ -338,3 +338,30 @@ def test_compact_training_follows_masked_dense_training(monkeypatch):
     for name, p in trained[0].items():
         assert torch.equal(trained[1][name], p), name
     assert not torch.equal(trained[0]["fc1.weight"], _stacked_mlp(seed=3).fc1.weight)
+
+
+@requires_ops
+def test_stacked_linear_kernel_sparse_weight_grad_is_each_weights_own_sum():
+    """A sparse row's weight gradient is, weight by weight, the same sum (the kernels take a
+    vector's worth of the row's weights at once and the rest one by one): the weights two
+    layers share get the same bits however many others their rows keep before them."""
+    g = torch.Generator().manual_seed(5)
+    models, inputs, out, samples = 2, 90, 4, 70
+    x = torch.randn(models, inputs, samples, generator=g)
+    weight = torch.randn(models, out, inputs, generator=g)
+    grad = torch.randn(models, out, samples, generator=g)
+    shared = torch.rand(models, out, inputs, generator=g) < 0.3
+    more = shared | (torch.rand(models, out, inputs, generator=g) < 0.4)
+    results = []
+    for mask in (shared, more):
+        kept = KeptWeights.from_mask(mask)
+        _, grad_weight, _ = ops.stacked_linear_backward(
+            grad, x, kept.compact(weight), None, kept.row_ptr, kept.row_cols,
+            None, None, None, [False, True, False], 2.0,
+        )  # fmt: skip
+        results.append(kept.expand(grad_weight))
+    assert (more.sum(dim=2) >= 32).any()  # rows of several vectors' worth of weights
+    assert torch.equal(results[0][shared], results[1][shared])
+    torch.testing.assert_close(
+        results[0], (grad @ x.transpose(1, 2)) * shared, rtol=1e-5, atol=1e-4
+    )

@@ -336,6 +336,66 @@ inline float dot_samples(const float* a, const float* b, int64_t n) {
   return sum_lanes(acc);
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// out[p] = dot_samples(g, input + cols[p] * n, n) for the VecF::size() weights p, bit for bit,
+// at once: each dot product is the same chain of fused multiply-adds, and its lanes are summed
+// by the same tree as sum_lanes' (the lanes l and l ^ half added first, then l ^ half / 2, ...,
+// l ^ 1), the trees of all the weights together, a vector of partial sums per level. The
+// levels leave weight p's sum in lane p where its chain ran in slot (size / 4) * (p % 4) + p / 4.
+inline void dot_samples_lanes(const float* g, const float* input, int64_t n, const int32_t* cols,
+                              float* out) {
+  constexpr int kLanes = VecF::size();
+  constexpr int kQuarter = kLanes / 4;
+  VecF acc[kLanes];
+  const float* rows[kLanes];
+  for (int s = 0; s < kLanes; ++s) {
+    rows[s] = input + static_cast<int64_t>(cols[4 * (s % kQuarter) + s / kQuarter]) * n;
+    acc[s] = VecF(0.0f);
+  }
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const VecF gv = VecF::loadu(g + i);
+    for (int s = 0; s < kLanes; ++s) acc[s] = at::vec::fmadd(gv, VecF::loadu(rows[s] + i), acc[s]);
+  }
+  if (i < n) {
+    const VecF gv = VecF::loadu(g + i, n - i);
+    for (int s = 0; s < kLanes; ++s) {
+      acc[s] = at::vec::fmadd(gv, VecF::loadu(rows[s] + i, n - i), acc[s]);
+    }
+  }
+#if defined(CPU_CAPABILITY_AVX512)
+  VecF c[8], e[4], f[2];
+  for (int q = 0; q < 8; ++q) {  // l + (l ^ 8): halves side by side
+    c[q] = VecF(_mm512_shuffle_f32x4(acc[2 * q], acc[2 * q + 1], 0x44)) +
+           VecF(_mm512_shuffle_f32x4(acc[2 * q], acc[2 * q + 1], 0xEE));
+  }
+  for (int q = 0; q < 4; ++q) {  // l + (l ^ 4)
+    e[q] = VecF(_mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0x88)) +
+           VecF(_mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0xDD));
+  }
+  for (int q = 0; q < 2; ++q) {  // l + (l ^ 2)
+    f[q] = VecF(_mm512_shuffle_ps(e[2 * q], e[2 * q + 1], 0x44)) +
+           VecF(_mm512_shuffle_ps(e[2 * q], e[2 * q + 1], 0xEE));
+  }
+  const VecF sums =  // l + (l ^ 1)
+      VecF(_mm512_shuffle_ps(f[0], f[1], 0x88)) + VecF(_mm512_shuffle_ps(f[0], f[1], 0xDD));
+#else
+  VecF c[4], e[2];
+  for (int q = 0; q < 4; ++q) {  // l + (l ^ 4): halves side by side
+    c[q] = VecF(_mm256_permute2f128_ps(acc[2 * q], acc[2 * q + 1], 0x20)) +
+           VecF(_mm256_permute2f128_ps(acc[2 * q], acc[2 * q + 1], 0x31));
+  }
+  for (int q = 0; q < 2; ++q) {  // l + (l ^ 2)
+    e[q] = VecF(_mm256_shuffle_ps(c[2 * q], c[2 * q + 1], 0x44)) +
+           VecF(_mm256_shuffle_ps(c[2 * q], c[2 * q + 1], 0xEE));
+  }
+  const VecF sums =  // l + (l ^ 1)
+      VecF(_mm256_shuffle_ps(e[0], e[1], 0x88)) + VecF(_mm256_shuffle_ps(e[0], e[1], 0xDD));
+#endif
+  sums.store(out);
+}
+#endif
+
 bool linear_weight_grad(const LinearWeightGrad& t) {
   Scratch scratch;
   for (int64_t r = t.begin; r < t.end; r += kLinearRows) {
@@ -366,7 +426,13 @@ bool linear_weight_grad(const LinearWeightGrad& t) {
         continue;
       }
       if (!valid_list(t.cols, t.ptr[q], t.ptr[q + 1], t.in)) return false;
-      for (int64_t k = t.ptr[q]; k < t.ptr[q + 1]; ++k) {
+      int64_t k = t.ptr[q];
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+      for (; k + VecF::size() <= t.ptr[q + 1]; k += VecF::size()) {
+        dot_samples_lanes(g, t.input, t.n, t.cols + k, t.grad_weight + k);
+      }
+#endif
+      for (; k < t.ptr[q + 1]; ++k) {
         t.grad_weight[k] = dot_samples(g, t.input + t.cols[k] * t.n, t.n);
       }
     }
