@@ -12,6 +12,17 @@ default study's MLP layers (64 -> 300 -> 100 -> 10, the last without relu) at ``
 * ``compact d``: the same with compact weights, each model keeping a random fraction ``d`` of
   its weights (every fifth model whole, as a round's control arm is).
 
+And one training step's gradients of the whole stacked MLP (the two hidden layers compact at
+``d``, the output layer dense, as in a study's round; ``dense``: every layer dense), each
+model on its own 64 samples of a 1,000-sample training set, loss and all:
+
+* ``autograd bmm``: through autograd with torch's batched products and ``cross_entropy``;
+* ``autograd kernels``: through autograd with the stacked_linear kernels (the study's step
+  before ``stacked_mlp_grads``);
+* ``fused``: ``torch.ops.recallprune.stacked_mlp_grads``, one call, no autograd
+  (``matches_torch``: the same bits as ``autograd kernels`` where torch uses AVX2 or AVX-512,
+  else to rounding).
+
 Every case is timed round-robin (so that a slow spell of a shared machine hits all alike);
 reported: the median per step and ``time(bmm) / time(case)`` (> 1: faster than ``bmm``), and
 whether the kernels' output and input gradient matched torch's (``matches_torch``).
@@ -39,10 +50,11 @@ from _common import (
     time_interleaved,
 )
 
-from recallprune.ops.stacked_linear import KeptWeights
+from recallprune.ops.stacked_linear import KeptWeights, stacked_linear, stacked_mlp_grads
 
 LAYERS = [(64, 300, True), (300, 100, True), (100, 10, False)]
 DENSITIES = [1.0, 0.8, 0.5, 0.2, 0.05]
+MLP_DENSITIES = [None, 0.2, 0.05]  # None: every layer dense
 DEFAULTS = {"repeats": 60, "warmup": 6, "max_seconds": 4.0}
 ops = torch.ops.recallprune
 
@@ -128,6 +140,76 @@ def layer_cases(inputs: int, out: int, relu: bool, args, checks: dict[str, bool]
     return builders
 
 
+def mlp_cases(density: float | None, args, checks: dict[str, bool]) -> dict[str, Any]:
+    """The builders of the whole MLP's cases at one density (see the module docstring); the
+    fused case checks itself against the autograd step (in ``checks``)."""
+    g = torch.Generator().manual_seed(args.seed)
+    models, n = args.models, args.samples
+    samples = max(1000, n)
+    x = torch.rand(samples, LAYERS[0][0], generator=g)
+    y = torch.randint(0, LAYERS[-1][1], (samples,), generator=g)
+    batch = torch.stack([torch.randperm(samples, generator=g)[:n] for _ in range(models)])
+    weights, biases, kept = [], [], []
+    for i, (inputs, out, _) in enumerate(LAYERS):
+        weight = torch.randn(models, out, inputs, generator=g) / inputs**0.5
+        biases.append(torch.randn(models, out, generator=g) * 0.1)
+        if density is None or i == len(LAYERS) - 1:
+            weights.append(weight)
+            kept.append(None)
+            continue
+        mask = torch.rand(models, out, inputs, generator=g) < density
+        mask[::5] = True
+        k = KeptWeights.from_mask(mask)
+        weights.append(k.compact(weight))
+        kept.append(k)
+
+    def case(backend: str):
+        def build():
+            def step():
+                stacked_mlp_grads(x, y, batch, weights, biases, kept, backend=backend)
+
+            return step
+
+        return build
+
+    def autograd_kernels():
+        def step():
+            leaves = [t.detach().requires_grad_() for t in [*weights, *biases]]
+            out = x[batch].transpose(1, 2)
+            for i, k in enumerate(kept):
+                out = ops_linear(out, leaves[i], leaves[len(kept) + i], k, i < len(kept) - 1)
+            losses = torch.nn.functional.cross_entropy(out, y[batch], reduction="none")
+            torch.autograd.grad(losses.mean(dim=1).sum(), leaves)
+            return losses
+
+        return step
+
+    def fused():
+        got = stacked_mlp_grads(x, y, batch, weights, biases, kept, backend="kernel")
+        want = stacked_mlp_grads(x, y, batch, weights, biases, kept, backend="auto")
+        leaves = [t.detach().requires_grad_() for t in [*weights, *biases]]
+        out = x[batch].transpose(1, 2)
+        for i, k in enumerate(kept):
+            out = ops_linear(out, leaves[i], leaves[len(kept) + i], k, i < len(kept) - 1)
+        losses = torch.nn.functional.cross_entropy(out, y[batch], reduction="none")
+        grads = torch.autograd.grad(losses.mean(dim=1).sum(), leaves)
+        exact = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        same = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+        checks["fused"] = bool(
+            same(got[0], losses.detach())
+            and all(same(a, b) for a, b in zip([*got[1], *got[2]], grads, strict=True))
+            and torch.allclose(got[0], want[0])
+        )
+        return case("kernel")()
+
+    return {"autograd bmm": case("reference"), "autograd kernels": autograd_kernels, "fused": fused}
+
+
+def ops_linear(x, weight, bias, kept, relu):
+    """stacked_linear through its CPU kernels."""
+    return stacked_linear(x, weight, bias, kept, relu, backend="kernel")
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     argv, args = kernel_benchmark_args(parse_args, argv)
     settings = {
@@ -180,6 +262,49 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 f"layer {inputs} -> {out}, B = {args.models}, n = {args.samples}, "
                 f"{torch.get_num_threads()} threads",
                 ["case", "ms per step", "vs bmm"],
+                rows,
+            )
+        for density in MLP_DENSITIES:
+            checks = {}
+            name = "dense" if density is None else f"compact {density:g}"
+            timings, errors = time_interleaved(
+                mlp_cases(density, args, checks),
+                device,
+                rounds=args.rounds,
+                repeats=args.repeats,
+                warmup=args.warmup,
+                max_seconds=args.max_seconds,
+            )
+            if errors:
+                raise SystemExit(f"mlp {name}: {errors}")
+            base = timings["autograd kernels"].median_s
+            bmm = timings["autograd bmm"].median_s
+            rows = []
+            for case, timing in timings.items():
+                cases.append(
+                    {
+                        "layer": "mlp",
+                        "density": density,
+                        "case": case,
+                        "median_ms": timing.median_s * 1e3,
+                        "min_ms": min(timing.times_s) * 1e3,
+                        "vs_autograd_kernels": base / timing.median_s,
+                        "vs_bmm": bmm / timing.median_s,
+                        "matches_torch": checks.get(case, True),
+                    }
+                )
+                rows.append(
+                    [
+                        case,
+                        f"{timing.median_s * 1e3:.3f}",
+                        f"{base / timing.median_s:.2f}x",
+                        f"{bmm / timing.median_s:.2f}x",
+                    ]
+                )
+            print_table(
+                f"whole MLP step, {name}, B = {args.models}, n = {args.samples}, "
+                f"{torch.get_num_threads()} threads",
+                ["case", "ms per step", "vs autograd kernels", "vs autograd bmm"],
                 rows,
             )
         return {"threads": torch.get_num_threads(), "cases": cases}

@@ -81,9 +81,16 @@ def test_bench_stacked_linear_smoke(tmp_path):
     pytest.importorskip("recallprune._C")
     data = _run("bench_stacked_linear.py", tmp_path / "stacked-linear.json")
     cases = data["runs"][0]["cases"]
-    assert {tuple(case["layer"]) for case in cases} == {(64, 300), (300, 100), (100, 10)}
-    names = {case["case"] for case in cases}
+    layers = [case for case in cases if case["layer"] != "mlp"]
+    assert {tuple(case["layer"]) for case in layers} == {(64, 300), (300, 100), (100, 10)}
+    names = {case["case"] for case in layers}
     assert names >= {"bmm", "dense", "compact 1", "compact 0.2", "compact 0.05"}
+    mlp = [case for case in cases if case["layer"] == "mlp"]
+    assert {(case["density"], case["case"]) for case in mlp} == {
+        (density, name)
+        for density in (None, 0.2, 0.05)
+        for name in ("autograd bmm", "autograd kernels", "fused")
+    }
     assert all(case["median_ms"] > 0 and case["matches_torch"] for case in cases)
 
 

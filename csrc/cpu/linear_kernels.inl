@@ -337,62 +337,81 @@ inline float dot_samples(const float* a, const float* b, int64_t n) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+using LaneReg = __m512;
+inline LaneReg lane_fmadd(LaneReg a, LaneReg b, LaneReg c) { return _mm512_fmadd_ps(a, b, c); }
+inline LaneReg lane_add(LaneReg a, LaneReg b) { return _mm512_add_ps(a, b); }
+#else
+using LaneReg = __m256;
+inline LaneReg lane_fmadd(LaneReg a, LaneReg b, LaneReg c) { return _mm256_fmadd_ps(a, b, c); }
+inline LaneReg lane_add(LaneReg a, LaneReg b) { return _mm256_add_ps(a, b); }
+#endif
+
 // out[p] = dot_samples(g, input + cols[p] * n, n) for the VecF::size() weights p, bit for bit,
-// at once: each dot product is the same chain of fused multiply-adds, and its lanes are summed
-// by the same tree as sum_lanes' (the lanes l and l ^ half added first, then l ^ half / 2, ...,
-// l ^ 1), the trees of all the weights together, a vector of partial sums per level. The
-// levels leave weight p's sum in lane p where its chain ran in slot (size / 4) * (p % 4) + p / 4.
+// at once: each dot product is the same chain of fused multiply-adds (a block of g's vectors
+// held in registers while every weight's row goes by), and its lanes are summed by the same
+// tree as sum_lanes' (the lanes l and l ^ half added first, then l ^ half / 2, ..., l ^ 1), the
+// trees of all the weights together, a vector of partial sums per level. The levels leave
+// weight p's sum in lane p where its chain ran in slot (size / 4) * (p % 4) + p / 4.
 inline void dot_samples_lanes(const float* g, const float* input, int64_t n, const int32_t* cols,
                               float* out) {
   constexpr int kLanes = VecF::size();
   constexpr int kQuarter = kLanes / 4;
-  VecF acc[kLanes];
-  const float* rows[kLanes];
-  for (int s = 0; s < kLanes; ++s) {
-    rows[s] = input + static_cast<int64_t>(cols[4 * (s % kQuarter) + s / kQuarter]) * n;
-    acc[s] = VecF(0.0f);
-  }
+  const auto row = [&](int s) {
+    return input + static_cast<int64_t>(cols[4 * (s % kQuarter) + s / kQuarter]) * n;
+  };
+  LaneReg acc[kLanes];
+#pragma GCC unroll 16
+  for (int s = 0; s < kLanes; ++s) acc[s] = VecF(0.0f);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const VecF gv = VecF::loadu(g + i);
-    for (int s = 0; s < kLanes; ++s) acc[s] = at::vec::fmadd(gv, VecF::loadu(rows[s] + i), acc[s]);
-  }
-  if (i < n) {
-    const VecF gv = VecF::loadu(g + i, n - i);
+  for (; i + kLinearChunk <= n; i += kLinearChunk) {
+    LaneReg gv[kLinearVecs];
+    for (int j = 0; j < kLinearVecs; ++j) gv[j] = VecF::loadu(g + i + j * kLanes);
+#pragma GCC unroll 16
     for (int s = 0; s < kLanes; ++s) {
-      acc[s] = at::vec::fmadd(gv, VecF::loadu(rows[s] + i, n - i), acc[s]);
+      const float* x = row(s) + i;
+      LaneReg a = acc[s];
+      for (int j = 0; j < kLinearVecs; ++j) a = lane_fmadd(gv[j], VecF::loadu(x + j * kLanes), a);
+      acc[s] = a;
     }
   }
+  for (; i < n; i += kLanes) {
+    const int64_t left = std::min<int64_t>(kLanes, n - i);
+    const LaneReg gv = VecF::loadu(g + i, left);
+#pragma GCC unroll 16
+    for (int s = 0; s < kLanes; ++s) acc[s] = lane_fmadd(gv, VecF::loadu(row(s) + i, left), acc[s]);
+  }
 #if defined(CPU_CAPABILITY_AVX512)
-  VecF c[8], e[4], f[2];
+  LaneReg c[8], e[4], f[2];
   for (int q = 0; q < 8; ++q) {  // l + (l ^ 8): halves side by side
-    c[q] = VecF(_mm512_shuffle_f32x4(acc[2 * q], acc[2 * q + 1], 0x44)) +
-           VecF(_mm512_shuffle_f32x4(acc[2 * q], acc[2 * q + 1], 0xEE));
+    c[q] = lane_add(_mm512_shuffle_f32x4(acc[2 * q], acc[2 * q + 1], 0x44),
+                    _mm512_shuffle_f32x4(acc[2 * q], acc[2 * q + 1], 0xEE));
   }
   for (int q = 0; q < 4; ++q) {  // l + (l ^ 4)
-    e[q] = VecF(_mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0x88)) +
-           VecF(_mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0xDD));
+    e[q] = lane_add(_mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0x88),
+                    _mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0xDD));
   }
   for (int q = 0; q < 2; ++q) {  // l + (l ^ 2)
-    f[q] = VecF(_mm512_shuffle_ps(e[2 * q], e[2 * q + 1], 0x44)) +
-           VecF(_mm512_shuffle_ps(e[2 * q], e[2 * q + 1], 0xEE));
+    f[q] = lane_add(_mm512_shuffle_ps(e[2 * q], e[2 * q + 1], 0x44),
+                    _mm512_shuffle_ps(e[2 * q], e[2 * q + 1], 0xEE));
   }
-  const VecF sums =  // l + (l ^ 1)
-      VecF(_mm512_shuffle_ps(f[0], f[1], 0x88)) + VecF(_mm512_shuffle_ps(f[0], f[1], 0xDD));
+  // l + (l ^ 1)
+  _mm512_storeu_ps(out, lane_add(_mm512_shuffle_ps(f[0], f[1], 0x88),
+                                 _mm512_shuffle_ps(f[0], f[1], 0xDD)));
 #else
-  VecF c[4], e[2];
+  LaneReg c[4], e[2];
   for (int q = 0; q < 4; ++q) {  // l + (l ^ 4): halves side by side
-    c[q] = VecF(_mm256_permute2f128_ps(acc[2 * q], acc[2 * q + 1], 0x20)) +
-           VecF(_mm256_permute2f128_ps(acc[2 * q], acc[2 * q + 1], 0x31));
+    c[q] = lane_add(_mm256_permute2f128_ps(acc[2 * q], acc[2 * q + 1], 0x20),
+                    _mm256_permute2f128_ps(acc[2 * q], acc[2 * q + 1], 0x31));
   }
   for (int q = 0; q < 2; ++q) {  // l + (l ^ 2)
-    e[q] = VecF(_mm256_shuffle_ps(c[2 * q], c[2 * q + 1], 0x44)) +
-           VecF(_mm256_shuffle_ps(c[2 * q], c[2 * q + 1], 0xEE));
+    e[q] = lane_add(_mm256_shuffle_ps(c[2 * q], c[2 * q + 1], 0x44),
+                    _mm256_shuffle_ps(c[2 * q], c[2 * q + 1], 0xEE));
   }
-  const VecF sums =  // l + (l ^ 1)
-      VecF(_mm256_shuffle_ps(e[0], e[1], 0x88)) + VecF(_mm256_shuffle_ps(e[0], e[1], 0xDD));
+  // l + (l ^ 1)
+  _mm256_storeu_ps(out, lane_add(_mm256_shuffle_ps(e[0], e[1], 0x88),
+                                 _mm256_shuffle_ps(e[0], e[1], 0xDD)));
 #endif
-  sums.store(out);
 }
 #endif
 
