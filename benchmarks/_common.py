@@ -226,6 +226,25 @@ def bandwidth_baseline(
     }
 
 
+def time_cases(
+    builders: Mapping[str, Callable[[], Callable[[], object]]],
+    device: torch.device | str,
+    args: Any,
+    **options: Any,
+) -> tuple[dict[str, Timing], dict[str, str]]:
+    """:func:`time_interleaved` with the timing arguments of ``args`` (rounds, repeats,
+    warmup, max_seconds: see :func:`add_timing_arguments`) and any other ``options``."""
+    return time_interleaved(
+        builders,
+        device,
+        rounds=args.rounds,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        max_seconds=args.max_seconds,
+        **options,
+    )
+
+
 def time_interleaved(
     builders: Mapping[str, Callable[[], Callable[[], object]]],
     device: torch.device | str,

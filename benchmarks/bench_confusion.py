@@ -49,7 +49,7 @@ from _common import (
     resolve_timing_arguments,
     run_devices,
     synchronize,
-    time_interleaved,
+    time_cases,
 )
 
 from recallprune import ConfusionCounter
@@ -276,13 +276,10 @@ def run_case(
             if flag is not None:
                 no_host_sync[key] = flag
 
-    timings, build_errors = time_interleaved(
+    timings, build_errors = time_cases(
         builders,
         device,
-        rounds=args.rounds,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        max_seconds=args.max_seconds,
+        args,
         min_repeats=MIN_REPEATS,
     )
     errors.update(build_errors)

@@ -26,7 +26,7 @@ from _common import (
     print_table,
     resolve_timing_arguments,
     run_devices,
-    time_interleaved,
+    time_cases,
 )
 from torch import nn
 
@@ -97,13 +97,10 @@ def run_model(name: str, build: Callable[[], nn.Module], device, args) -> dict[s
         return lambda: [h(opt, (), {}) for h in hooks]
 
     builders["hook alone"] = hook_alone
-    timings, errors = time_interleaved(
+    timings, errors = time_cases(
         builders,
         device,
-        rounds=args.rounds,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        max_seconds=args.max_seconds,
+        args,
     )
     methods = []
     for method, timing in timings.items():

@@ -53,7 +53,7 @@ from _common import (
     resolve_timing_arguments,
     run_devices,
     synchronize,
-    time_interleaved,
+    time_cases,
 )
 
 from recallprune import UndecayedSGD
@@ -400,13 +400,10 @@ def run_workload(
         if args.verbose:
             print(f"  {name}: built and timed (round 1)", flush=True)
 
-    timings, errors = time_interleaved(
+    timings, errors = time_cases(
         builders,
         device,
-        rounds=args.rounds,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        max_seconds=args.max_seconds,
+        args,
         min_repeats=MIN_REPEATS,
         after_first_round=after_first_round,
     )

@@ -47,7 +47,7 @@ from _common import (
     print_table,
     resolve_timing_arguments,
     run_devices,
-    time_interleaved,
+    time_cases,
 )
 
 from recallprune.ops.stacked_linear import KeptWeights, stacked_linear, stacked_mlp_grads
@@ -225,22 +225,25 @@ def main(argv: list[str] | None = None) -> list[Path]:
         "argv": argv,
     }
 
+    def timed(builders: dict[str, Any], device: torch.device, what: str) -> dict[str, Any]:
+        timings, errors = time_cases(
+            builders,
+            device,
+            args,
+        )
+        if errors:
+            raise SystemExit(f"{what}: {errors}")
+        return timings
+
     def measure(device: torch.device) -> dict[str, Any]:
         if device.type != "cpu":
             return {"cases": [], "note": "the stacked linear kernels are CPU kernels"}
         cases = []
         for inputs, out, relu in LAYERS:
             checks: dict[str, bool] = {}
-            timings, errors = time_interleaved(
-                layer_cases(inputs, out, relu, args, checks),
-                device,
-                rounds=args.rounds,
-                repeats=args.repeats,
-                warmup=args.warmup,
-                max_seconds=args.max_seconds,
+            timings = timed(
+                layer_cases(inputs, out, relu, args, checks), device, f"layer {inputs} -> {out}"
             )
-            if errors:
-                raise SystemExit(f"layer {inputs} -> {out}: {errors}")
             base = timings["bmm"].median_s
             rows = []
             for name, timing in timings.items():
@@ -267,16 +270,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         for density in MLP_DENSITIES:
             checks = {}
             name = "dense" if density is None else f"compact {density:g}"
-            timings, errors = time_interleaved(
-                mlp_cases(density, args, checks),
-                device,
-                rounds=args.rounds,
-                repeats=args.repeats,
-                warmup=args.warmup,
-                max_seconds=args.max_seconds,
-            )
-            if errors:
-                raise SystemExit(f"mlp {name}: {errors}")
+            timings = timed(mlp_cases(density, args, checks), device, f"mlp {name}")
             base = timings["autograd kernels"].median_s
             bmm = timings["autograd bmm"].median_s
             rows = []
