@@ -294,3 +294,21 @@ def test_stacked_mlp_step_grads_kernel_replaces_the_gradients(monkeypatch):
     _same(losses, want.detach(), _vector_cpu(), "losses")
     for name, p in stacked.named_parameters():
         _same(stale[name], p.grad, _vector_cpu(), name)
+
+
+@requires_ops
+def test_stacked_mlp_grads_kernel_same_bits_on_any_number_of_threads():
+    """The models are shared out among the threads as they go: each model's results are the
+    same whichever thread computes it, and however many there are."""
+    weights, biases, kept = _net(9, [20, 30, 12, 4], density=0.3)
+    x, y, batch = _data(60, 20, 4, 9, 24)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            runs.append(stacked_mlp_grads(x, y, batch, weights, biases, kept, backend="kernel"))
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        _assert_same(other, runs[0], exact=True)

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -27,37 +28,27 @@ const T* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
-// The models split into one contiguous range per thread, of about equal cost (cost(b), model
-// b's): each thread runs the whole work of its models, so that a model's weights and
-// activations stay in its core's cache from one pass to the next, and a call is one parallel
-// region. body(b) returns false where model b's lists are bad.
+// Runs body(b) for every model b, the models shared out among the threads as they go, the
+// costliest first (cost(b): model b's): each thread runs the whole work of each model it
+// takes, so that a model's weights and activations stay in its core's cache from one pass to
+// the next, and a call is one parallel region. A model's results do not depend on the thread
+// that computes it. body(b) returns false where model b's lists are bad.
 template <typename Cost, typename Body>
 bool for_each_model(int64_t models, const Cost& cost, const Body& body) {
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), models));
-  std::vector<int64_t> bounds(parts + 1, models);
-  bounds[0] = 0;
-  if (parts > 1) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), models));
+  std::vector<int64_t> order(models);
+  std::iota(order.begin(), order.end(), 0);
+  if (threads > 1) {
     std::vector<double> costs(models);
-    double total = 0;
-    for (int64_t b = 0; b < models; ++b) {
-      costs[b] = cost(b);
-      total += costs[b];
-    }
-    double sum = 0;
-    int64_t part = 1;
-    for (int64_t b = 0; b < models && part < parts; ++b) {
-      sum += costs[b];
-      if (sum >= total * static_cast<double>(part) / static_cast<double>(parts)) {
-        bounds[part++] = b + 1;
-      }
-    }
+    for (int64_t b = 0; b < models; ++b) costs[b] = cost(b);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t c) { return costs[a] > costs[c]; });
   }
+  std::atomic<int64_t> next{0};
   std::atomic<bool> ok{true};
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t part = begin; part < end; ++part) {
-      for (int64_t b = bounds[part]; b < bounds[part + 1]; ++b) {
-        if (!body(b)) ok.store(false);
-      }
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < models; i = next.fetch_add(1)) {
+      if (!body(order[i])) ok.store(false);
     }
   });
   return ok.load();
