@@ -151,6 +151,20 @@ TORCH_LIBRARY_FRAGMENT(recallprune, m) {
   m.def(
       "stacked_mlp_grads(Tensor x, Tensor y, Tensor batch, Tensor[] weights, Tensor[] biases, "
       "Tensor?[] lists, float dense_above=0.5) -> (Tensor, Tensor[], Tensor[])");
+  // stacked_mlp_grads, then each model's UndecayedSGD step (momentum on) while its gradients
+  // are in cache, in place; returns the losses (the gradients are spent): the same bits as undecayed_sgd_ over the whole parameters with
+  // these gradients. Per layer the momentum buffers of the weight and the bias and the
+  // weight's keep mask (bool, of a dense weight's shape; None: all kept); lr and weight_decay
+  // per parameter, the weights' first, then the biases'. Nothing changes where the call
+  // fails: the samples and targets are checked first, and the index lists too with
+  // check_lists (the kernels check what they read in any case: unchecked, a bad list raises
+  // after the models before it have stepped).
+  m.def(
+      "stacked_mlp_step_(Tensor x, Tensor y, Tensor batch, Tensor(a!)[] weights, "
+      "Tensor(b!)[] biases, Tensor?[] lists, Tensor(c!)[] weight_momenta, "
+      "Tensor(d!)[] bias_momenta, Tensor?[] keep_masks, float[] lr, float[] weight_decay, "
+      "float momentum, float dampening, bool nesterov, bool maximize, bool check_lists=True, "
+      "float dense_above=0.5) -> Tensor");
 }
 
 }  // namespace recallprune

@@ -312,3 +312,162 @@ def test_stacked_mlp_grads_kernel_same_bits_on_any_number_of_threads():
         torch.set_num_threads(threads)
     for other in runs[1:]:
         _assert_same(other, runs[0], exact=True)
+
+
+def _stepping_net(models=3, sizes=(9, 7, 5, 3), seed=0):
+    """Stacked parameters as the study holds them: the first layer compact, the second dense
+    with a keep mask (zero where pruned), the last dense; an UndecayedSGD with the weights
+    decayed and the biases not; and the keep masks by parameter."""
+    weights, biases, _ = _net(models, list(sizes), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    mask = torch.rand(weights[0].shape, generator=g) < 0.5
+    kept = [KeptWeights.from_mask(mask), None, None]
+    weights[0] = kept[0].compact(weights[0])
+    keep = torch.rand(weights[1].shape, generator=g) < 0.6
+    weights[1] = weights[1] * keep
+    params = [torch.nn.Parameter(t.clone()) for t in [*weights, *biases]]
+    return params, kept, keep
+
+
+def _optimizer(params, keep, **options):
+    layers = len(params) // 2
+    groups = [
+        {"params": params[:layers], "weight_decay": 5e-3},
+        {"params": params[layers:], "weight_decay": 0.0},
+    ]
+    optimizer = UndecayedSGD(groups, lr=0.05, momentum=0.9, **options)
+    optimizer.set_mask(params[1], keep)
+    return optimizer
+
+
+@requires_ops
+@pytest.mark.parametrize(
+    "options", [{}, {"nesterov": True}, {"dampening": 0.3}, {"maximize": True}], ids=str
+)
+def test_stacked_mlp_step_kernel_is_the_optimizers_step(options):
+    """The fused step leaves the parameters and momentum buffers that stacked_mlp_grads then
+    optimizer.step() leave, bit for bit (each model's slice through the same per-element
+    paths as the optimizer's pass over the whole parameter: its vector body, its scalar tail),
+    step after step; the first step, which makes the buffers, is the optimizer's own."""
+    from recallprune.ops.stacked_linear import stacked_mlp_step_
+
+    x, y, _ = _data(70, 9, 3, 3, 13)
+    runs = []
+    for fused in (True, False):
+        params, kept, keep = _stepping_net()
+        optimizer = _optimizer(params, keep, **options)
+        layers = len(params) // 2
+        g = torch.Generator().manual_seed(9)
+        losses = []
+        for step in range(5):
+            batch = torch.stack([torch.randperm(70, generator=g)[:13] for _ in range(3)])
+            args = optimizer.fused_step_args(params)
+            assert (args is None) == (step == 0)  # no momentum buffers before the first step
+            if fused and args is not None:
+                out = (
+                    stacked_mlp_step_(x, y, batch, params[:layers], params[layers:], kept, args),
+                )
+            else:
+                out = stacked_mlp_grads(
+                    x, y, batch, params[:layers], params[layers:], kept, backend="kernel"
+                )
+                for p, grad in zip(params, [*out[1], *out[2]], strict=True):
+                    p.grad = grad
+                optimizer.step()
+            losses.append(out[0])
+        buffers = [optimizer.state[p]["momentum_buffer"].clone() for p in params]
+        runs.append((losses, [p.detach().clone() for p in params], buffers))
+    for got, want in zip(runs[0], runs[1], strict=True):
+        for a, b in zip(got, want, strict=True):
+            _same(a, b, exact=True)
+    pruned = ~_stepping_net()[2]
+    assert (runs[0][1][1][pruned] == 0).all() and (runs[0][2][1][pruned] == 0).all()
+
+
+@requires_ops
+def test_stacked_mlp_step_kernel_bad_input_changes_nothing():
+    from recallprune.ops.stacked_linear import stacked_mlp_step_
+
+    x, y, batch = _data(30, 9, 3, 3, 6)
+    params, kept, keep = _stepping_net()
+    optimizer = _optimizer(params, keep)
+    layers = len(params) // 2
+    out = stacked_mlp_grads(x, y, batch, params[:layers], params[layers:], kept)
+    for p, grad in zip(params, [*out[1], *out[2]], strict=True):
+        p.grad = grad
+    optimizer.step()
+    args = optimizer.fused_step_args(params)
+    before = [p.detach().clone() for p in params] + [b.clone() for b in args["momentum_buffers"]]
+
+    def unchanged():
+        after = [p.detach() for p in params] + args["momentum_buffers"]
+        return all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+    bad_y = y.clone()
+    bad_y[batch[2, 5]] = 3
+    with pytest.raises(RuntimeError, match="must be a class in"):
+        stacked_mlp_step_(x, bad_y, batch, params[:layers], params[layers:], kept, args)
+    assert unchanged()
+    bad_batch = batch.clone()
+    bad_batch[1, 0] = 30
+    with pytest.raises(RuntimeError, match="must index a sample"):
+        stacked_mlp_step_(x, y, bad_batch, params[:layers], params[layers:], kept, args)
+    assert unchanged()
+    # Lists built by hand are checked before anything changes.
+    k = kept[0]
+    cols = k.row_cols.clone()
+    last = int(torch.nonzero(k.row_ptr.diff() >= 2)[-1])
+    first = int(k.row_ptr[last])
+    cols[first], cols[first + 1] = cols[first + 1].item(), cols[first].item()
+    by_hand = KeptWeights(k.mask, k.row_ptr, cols, k.col_ptr, k.col_rows, k.col_vals)
+    with pytest.raises(RuntimeError, match="well formed"):
+        stacked_mlp_step_(x, y, batch, params[:layers], params[layers:], [by_hand, *kept[1:]], args)
+    assert unchanged()
+    with pytest.raises(RuntimeError, match="takes no keep mask"):
+        masks = [torch.ones_like(params[0], dtype=torch.bool), *args["keep_masks"][1:]]
+        stacked_mlp_step_(
+            x, y, batch, params[:layers], params[layers:], kept, {**args, "keep_masks": masks}
+        )
+    assert unchanged()
+
+
+def test_fused_step_args_only_where_the_step_is_the_same():
+    params, _, keep = _stepping_net()
+    layers = len(params) // 2
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer = _optimizer(params, keep)
+    assert optimizer.fused_step_args(params) is None  # no buffers yet
+    optimizer.step()
+    args = optimizer.fused_step_args(params)
+    assert args["lr"] == [0.05] * 6 and args["weight_decay"] == [5e-3] * 3 + [0.0] * 3
+    assert args["momentum"] == 0.9 and args["keep_masks"][1] is optimizer.get_mask(params[1])
+    assert args["momentum_buffers"][0] is optimizer.state[params[0]]["momentum_buffer"]
+    assert optimizer.fused_step_args(params + [torch.nn.Parameter(torch.zeros(2))]) is None
+    optimizer.set_decay_mask(params[0], torch.ones_like(params[0], dtype=torch.bool))
+    assert optimizer.fused_step_args(params) is None
+    optimizer.set_decay_mask(params[0], None)
+    optimizer.param_groups[1]["nesterov"] = True  # options the groups do not share
+    assert optimizer.fused_step_args(params) is None
+    optimizer.param_groups[1]["nesterov"] = False
+    handle = optimizer.register_step_post_hook(lambda *a: None)
+    assert optimizer.fused_step_args(params) is None
+    handle.remove()
+    assert optimizer.fused_step_args(params) is not None
+    tracking = _optimizer(params, keep, track_grad_avg=True)
+    tracking.step()
+    assert tracking.fused_step_args(params) is None
+    assert UndecayedSGD(params[:layers], lr=0.1).fused_step_args(params[:layers]) is None
+
+
+@requires_ops
+def test_opcheck_stacked_mlp_step_kernel():
+    x, y, batch = _data(30, 9, 3, 3, 6)
+    params, kept, keep = _stepping_net()
+    weights = [p.detach().clone() for p in params[:3]]
+    biases = [p.detach().clone() for p in params[3:]]
+    lists = [kept[0].row_ptr, kept[0].row_cols, None, None, None] + [None] * 10
+    momenta = [torch.randn_like(t) for t in weights + biases]
+    args = (x, y, batch, weights, biases, lists, momenta[:3], momenta[3:], [None, keep, None])
+    options = ([0.1] * 6, [1e-3] * 3 + [0.0] * 3, 0.9, 0.0, False, False, True, 0.5)
+    torch.library.opcheck(ops.stacked_mlp_step_.default, args + options)

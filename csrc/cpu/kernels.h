@@ -163,6 +163,9 @@ struct KernelTable {
   // dst [cols, rows] = src [rows, cols] transposed.
   void (*linear_transpose)(const float* src, int64_t rows, int64_t cols, float* dst);
   bool (*softmax_loss)(const SoftmaxLoss&);
+  // Elements [begin, end) of a float parameter of numel elements (keep masks as bytes, no
+  // gradient sums or scale), with the same bits as sgd_float over the whole parameter.
+  void (*sgd_float_part)(const SgdRange<float, float>&, const SgdHyper&, int64_t numel);
 };
 
 // The table for this CPU.

@@ -396,6 +396,47 @@ void sgd(const SgdRange<typename TableElement<scalar_t>::type, opmath_t>& r, con
   }
 }
 
+// Elements [r.begin, r.end) of a float parameter of numel elements, updated as sgd() updates
+// them when it runs over the whole parameter (undecayed_sgd_'s CPU kernel): the elements below
+// the last whole vector of the parameter by the vectorised body (a range's last, partial
+// vector through a buffer of one vector, so that each element takes the same path, and the
+// same bits, whatever range it falls in), the parameter's last few by the scalar loop. Keep
+// masks are bytes here; no gradient sums, no gradient scale.
+void sgd_float_part(const SgdRange<float, float>& r, const SgdHyper& h, int64_t numel) {
+  const SgdScalars<float> s(h.lr, h.momentum, h.dampening, h.weight_decay, h.nesterov,
+                            h.maximize, h.is_first_step);
+  constexpr int64_t kLanes = SgdVec<float>::size();
+  const int64_t vector_end = numel - numel % kLanes;
+  const int64_t stop = std::min(r.end, vector_end);
+  int64_t i = r.begin;
+  if (i < stop) {
+    i = sgd_vectorized_dispatch<float>(r.param, r.grad, r.momentum_buffer, r.keep_mask, false,
+                                       r.decay_mask, nullptr, i, stop, s, nullptr);
+  }
+  if (i < stop) {
+    const int64_t left = stop - i;
+    float param[kLanes] = {}, grad[kLanes] = {}, buffer[kLanes] = {};
+    uint8_t keep[kLanes] = {}, decay[kLanes] = {};
+    std::copy(r.param + i, r.param + stop, param);
+    std::copy(r.grad + i, r.grad + stop, grad);
+    if (r.momentum_buffer != nullptr) std::copy(r.momentum_buffer + i, r.momentum_buffer + stop, buffer);
+    if (r.keep_mask != nullptr) std::copy(r.keep_mask + i, r.keep_mask + stop, keep);
+    if (r.decay_mask != nullptr) std::copy(r.decay_mask + i, r.decay_mask + stop, decay);
+    sgd_vectorized_dispatch<float>(param, grad, r.momentum_buffer != nullptr ? buffer : nullptr,
+                                   r.keep_mask != nullptr ? keep : nullptr, false,
+                                   r.decay_mask != nullptr ? decay : nullptr, nullptr, 0, kLanes,
+                                   s, nullptr);
+    std::copy(param, param + left, r.param + i);
+    if (r.momentum_buffer != nullptr) std::copy(buffer, buffer + left, r.momentum_buffer + i);
+    i = stop;
+  }
+  for (i = std::max(i, r.begin); i < r.end; ++i) {
+    const bool keep = r.keep_mask == nullptr || r.keep_mask[i];
+    undecayed_sgd_update<float, float>(i, r.param, r.grad, r.momentum_buffer, nullptr, keep,
+                                       r.decay_mask == nullptr || r.decay_mask[i], s);
+  }
+}
+
 // ---- argmax ---------------------------------------------------------------------------
 //
 // The first index of the largest value of each row, NaN counted as the largest (the first
@@ -944,7 +985,8 @@ constexpr KernelTable kTable{C10_STRINGIZE(CPU_CAPABILITY),
                              &linear_weight_grad,
                              &linear_bias_grad,
                              &linear_transpose,
-                             &softmax_loss};
+                             &softmax_loss,
+                             &sgd_float_part};
 
 const KernelTable* table() { return &kTable; }
 

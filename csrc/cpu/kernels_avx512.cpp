@@ -4,8 +4,10 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512DQ__) && defined(__FMA__) && defined(__F16C__)
 #if defined(__GNUC__) && !defined(__clang__)
-// GCC flags its own AVX-512 intrinsics (the undefined-vector idiom) as maybe-uninitialized.
+// GCC flags its own AVX-512 intrinsics (the undefined-vector idiom) as maybe-uninitialized,
+// and its shuffles of 128-bit lanes (_mm512_shuffle_f32x4) as uninitialized.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512

@@ -236,13 +236,57 @@ struct MlpLayer {
   const int64_t* col_vals;
   float* grad_weight;
   float* grad_bias;
+  // stacked_mlp_step_ only: the momentum buffers, the weight's keep mask (bytes, or nullptr)
+  // and each parameter's step.
+  float* weight_momentum = nullptr;
+  float* bias_momentum = nullptr;
+  const uint8_t* keep = nullptr;
+  cpu::SgdHyper weight_step{}, bias_step{};
 };
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stacked_mlp_grads_cpu(
-    const at::Tensor& x, const at::Tensor& y, const at::Tensor& batch, at::TensorList weights,
-    at::TensorList biases, const c10::List<std::optional<at::Tensor>>& lists,
-    double dense_above) {
-  constexpr const char* op = "stacked_mlp_grads";
+// The SGD step of stacked_mlp_step_ (nullptr for stacked_mlp_grads): the momentum buffers,
+// keep masks and hyper-parameters, per layer.
+struct MlpUpdate {
+  at::TensorList weight_momenta, bias_momenta;
+  const c10::List<std::optional<at::Tensor>>* keep_masks;
+  c10::ArrayRef<double> lr, weight_decay;
+  double momentum, dampening;
+  bool nesterov, maximize, check_lists;
+};
+
+// Whether model b's index lists are well formed (the kernels check them too, as they read
+// them; stacked_mlp_step_ checks them all before it changes any parameter).
+bool model_lists_valid(const std::vector<MlpLayer>& net, int64_t b) {
+  const auto ascending = [](const int32_t* idx, int64_t k0, int64_t k1, int64_t limit) {
+    for (int64_t k = k0, previous = -1; k < k1; previous = idx[k++]) {
+      if (idx[k] <= previous || idx[k] >= limit) return false;
+    }
+    return true;
+  };
+  for (size_t l = 0; l < net.size(); ++l) {
+    const MlpLayer& layer = net[l];
+    const LinearShape& s = layer.s;
+    if (layer.row_ptr == nullptr) continue;
+    for (int64_t r = b * s.out; r < (b + 1) * s.out; ++r) {
+      if (!ascending(layer.row_cols, layer.row_ptr[r], layer.row_ptr[r + 1], s.in)) return false;
+    }
+    if (layer.col_ptr == nullptr) continue;
+    const int64_t low = layer.row_ptr[b * s.out], high = layer.row_ptr[(b + 1) * s.out];
+    for (int64_t c = b * s.in; c < (b + 1) * s.in; ++c) {
+      if (!ascending(layer.col_rows, layer.col_ptr[c], layer.col_ptr[c + 1], s.out)) return false;
+      for (int64_t k = layer.col_ptr[c]; k < layer.col_ptr[c + 1]; ++k) {
+        if (layer.col_vals[k] < low || layer.col_vals[k] >= high) return false;
+      }
+    }
+  }
+  return true;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stacked_mlp_impl(
+    const char* op, const at::Tensor& x, const at::Tensor& y, const at::Tensor& batch,
+    at::TensorList weights, at::TensorList biases,
+    const c10::List<std::optional<at::Tensor>>& lists, double dense_above,
+    const MlpUpdate* update) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() &&
                   x.device().is_cpu(),
               op, ": x must be a contiguous float32 [N, features] CPU tensor, got ",
@@ -298,6 +342,35 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stacked
     layer.grad_weight = grad_weights.back().data_ptr<float>();
     layer.grad_bias = grad_biases.back().data_ptr<float>();
     features = s.out;
+    if (update == nullptr) continue;
+    const auto state = [&](const at::Tensor& t, const at::Tensor& param, const char* what) {
+      TORCH_CHECK(t.scalar_type() == at::kFloat && t.sizes() == param.sizes() &&
+                      t.is_contiguous() && t.device().is_cpu(),
+                  op, ": ", name, what, " must be a contiguous float32 CPU tensor of shape ",
+                  param.sizes(), ", got ", t.scalar_type(), " of shape ", t.sizes(), " on ",
+                  t.device());
+      return t.data_ptr<float>();
+    };
+    layer.weight_momentum = state(update->weight_momenta[l], weights[l], "the weight's momentum");
+    layer.bias_momentum = state(update->bias_momenta[l], biases[l], "the bias's momentum");
+    const std::optional<at::Tensor> keep = update->keep_masks->get(l);
+    if (keep.has_value()) {
+      TORCH_CHECK(!s.compact, op, ": ", name,
+                  "a compact weight holds its kept weights alone: it takes no keep mask");
+      TORCH_CHECK(keep->scalar_type() == at::kBool && keep->sizes() == weights[l].sizes() &&
+                      keep->is_contiguous() && keep->device().is_cpu(),
+                  op, ": ", name, "the keep mask must be a contiguous bool CPU tensor of the ",
+                  "weight's shape ", weights[l].sizes(), ", got ", keep->scalar_type(),
+                  " of shape ", keep->sizes());
+      layer.keep = static_cast<const uint8_t*>(keep->const_data_ptr());
+    }
+    const auto hyper = [&](int64_t index) {
+      return cpu::SgdHyper{update->lr[index], update->momentum, update->dampening,
+                           update->weight_decay[index], update->nesterov, update->maximize,
+                           false, nullptr};
+    };
+    layer.weight_step = hyper(l);
+    layer.bias_step = hyper(layers + l);
   }
   const int64_t classes = features, samples = x.size(0);
   TORCH_CHECK(classes >= 1, op, ": the last layer must have at least one output");
@@ -323,6 +396,23 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stacked
     for (const MlpLayer& layer : net) total += layer_cost(layer.s, layer.row_ptr, b);
     return total;
   };
+  if (update != nullptr) {
+    // Every model's samples, targets and lists first: a call that fails changes nothing.
+    for (int64_t b = 0; b < models; ++b) {
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t sample = order[b * batch.stride(0) + j * batch.stride(1)];
+        TORCH_CHECK(sample >= 0 && sample < samples, op,
+                    ": every entry of batch must index a sample of x, in [0, ", samples, ")");
+        TORCH_CHECK(ys[sample] >= 0 && ys[sample] < classes, op,
+                    ": every target of the batch's samples must be a class in [0, ", classes,
+                    ") (the last layer's outputs)");
+      }
+    }
+    TORCH_CHECK(!update->check_lists || for_each_model(models, cost, [&](int64_t b) {
+                  return model_lists_valid(net, b);
+                }),
+                op, ": the index lists must be well formed (", kBadRows, "; ", kBadColumns, ")");
+  }
   for_each_model(models, cost, [&](int64_t b) {
     thread_local std::vector<float> scratch;
     thread_local std::vector<int64_t> targets;
@@ -418,6 +508,22 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stacked
       }
       std::swap(grad, grad_next);
     }
+    if (update == nullptr) return true;
+    for (const MlpLayer& layer : net) {  // model b's step, while its gradients are in cache
+      const LinearShape& s = layer.s;
+      const bool compact = layer.row_ptr != nullptr;
+      const int64_t begin = compact ? layer.row_ptr[b * s.out] : b * s.out * s.in;
+      const int64_t end = compact ? layer.row_ptr[(b + 1) * s.out] : (b + 1) * s.out * s.in;
+      const int64_t numel = compact ? layer.row_ptr[s.models * s.out] : s.models * s.out * s.in;
+      float* weight = const_cast<float*>(layer.weight);
+      float* bias = const_cast<float*>(layer.bias);
+      kernels.sgd_float_part({weight, layer.grad_weight, layer.weight_momentum, layer.keep, false,
+                              nullptr, nullptr, begin, end},
+                             layer.weight_step, numel);
+      kernels.sgd_float_part({bias, layer.grad_bias, layer.bias_momentum, nullptr, false, nullptr,
+                              nullptr, b * s.out, (b + 1) * s.out},
+                             layer.bias_step, s.models * s.out);
+    }
     return true;
   });
   TORCH_CHECK(!bad_sample.load(), op, ": every entry of batch must index a sample of x, in [0, ",
@@ -427,6 +533,37 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stacked
   TORCH_CHECK(!bad_rows.load(), op, ": ", kBadRows);
   TORCH_CHECK(!bad_cols.load(), op, ": ", kBadColumns);
   return {losses, grad_weights, grad_biases};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stacked_mlp_grads_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& batch, at::TensorList weights,
+    at::TensorList biases, const c10::List<std::optional<at::Tensor>>& lists,
+    double dense_above) {
+  return stacked_mlp_impl("stacked_mlp_grads", x, y, batch, weights, biases, lists, dense_above,
+                          nullptr);
+}
+
+at::Tensor stacked_mlp_step_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& batch, at::TensorList weights,
+    at::TensorList biases, const c10::List<std::optional<at::Tensor>>& lists,
+    at::TensorList weight_momenta, at::TensorList bias_momenta,
+    const c10::List<std::optional<at::Tensor>>& keep_masks, c10::ArrayRef<double> lr,
+    c10::ArrayRef<double> weight_decay, double momentum, double dampening, bool nesterov,
+    bool maximize, bool check_lists, double dense_above) {
+  constexpr const char* op = "stacked_mlp_step_";
+  const size_t layers = weights.size();
+  TORCH_CHECK(weight_momenta.size() == layers && bias_momenta.size() == layers &&
+                  keep_masks.size() == layers && lr.size() == 2 * layers &&
+                  weight_decay.size() == 2 * layers,
+              op, ": per layer a weight and a bias momentum buffer and a keep mask (or None), "
+              "and lr and weight_decay per parameter (the weights', then the biases'), got ",
+              weight_momenta.size(), ", ", bias_momenta.size(), ", ", keep_masks.size(), ", ",
+              lr.size(), " and ", weight_decay.size(), " for ", layers, " layers");
+  TORCH_CHECK(momentum != 0.0, op, ": momentum must not be 0 (the step reads the buffers)");
+  const MlpUpdate update{weight_momenta, bias_momenta, &keep_masks, lr,         weight_decay,
+                         momentum,       dampening,    nesterov,    maximize, check_lists};
+  return std::get<0>(
+      stacked_mlp_impl(op, x, y, batch, weights, biases, lists, dense_above, &update));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kept_weight_lists_cpu(
@@ -498,6 +635,7 @@ TORCH_LIBRARY_IMPL(recallprune, CPU, m) {
   m.impl("stacked_linear", &stacked_linear_cpu);
   m.impl("stacked_linear_backward", &stacked_linear_backward_cpu);
   m.impl("stacked_mlp_grads", &stacked_mlp_grads_cpu);
+  m.impl("stacked_mlp_step_", &stacked_mlp_step_cpu);
 }
 
 }  // namespace recallprune

@@ -22,7 +22,7 @@ batched products.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,7 +37,8 @@ class KeptWeights:
     ``row_cols[row_ptr[r] : row_ptr[r + 1]]``, ascending, whose values are the compact
     weight's same entries) and by column (column ``b * in + i`` is kept by the rows
     ``col_rows[col_ptr[c] : col_ptr[c + 1]]``, ascending, whose values are at ``col_vals``).
-    Build it with :meth:`from_mask`."""
+    Build it with :meth:`from_mask` (``built``: its lists are well formed by construction, so
+    :func:`stacked_mlp_step_` need not check them before it steps)."""
 
     mask: Tensor
     row_ptr: Tensor
@@ -45,6 +46,7 @@ class KeptWeights:
     col_ptr: Tensor
     col_rows: Tensor
     col_vals: Tensor
+    built: bool = field(default=False, repr=False)
 
     @classmethod
     def from_mask(cls, mask: Tensor) -> KeptWeights:
@@ -63,14 +65,14 @@ class KeptWeights:
             )
         mask = mask.contiguous()
         if mask.device.type == "cpu" and has_ops("cpu"):
-            return cls(mask, *torch.ops.recallprune.kept_weight_lists(mask))
+            return cls(mask, *torch.ops.recallprune.kept_weight_lists(mask), built=True)
         row_ptr, row_cols = _lists(mask.reshape(models * out, inputs))
         by_column = mask.transpose(1, 2)
         col_ptr, col_rows = _lists(by_column.reshape(models * inputs, out))
         # Each kept weight's position among the values (row-major order), read by column.
         position = torch.cumsum(mask.reshape(-1), dim=0).reshape(mask.shape) - 1
         col_vals = position.transpose(1, 2)[by_column].contiguous()
-        return cls(mask, row_ptr, row_cols, col_ptr, col_rows, col_vals)
+        return cls(mask, row_ptr, row_cols, col_ptr, col_rows, col_vals, built=True)
 
     @property
     def shape(self) -> torch.Size:
@@ -253,16 +255,9 @@ def stacked_mlp_grads(
             f"one), got {len(weights)}, {len(biases)} and {len(kept)}"
         )
     if _kernel_runs(backend, "stacked_mlp_grads", x, *weights, *biases):
-        lists = []
-        for k in kept:
-            lists += (
-                [None] * 5
-                if k is None
-                else [k.row_ptr, k.row_cols, k.col_ptr, k.col_rows, k.col_vals]
-            )
         with torch.no_grad():
             losses, grad_weights, grad_biases = torch.ops.recallprune.stacked_mlp_grads(
-                x, y, batch, weights, biases, lists, float(dense_above)
+                x, y, batch, weights, biases, _kept_lists(kept), float(dense_above)
             )
         return losses, list(grad_weights), list(grad_biases)
     inner = "reference" if backend == "reference" else "auto"
@@ -275,6 +270,61 @@ def stacked_mlp_grads(
         losses = torch.nn.functional.cross_entropy(out, y[batch], reduction="none")
         grads = torch.autograd.grad(losses.mean(dim=1).sum(), leaves)
     return losses.detach(), list(grads[: len(kept)]), list(grads[len(kept) :])
+
+
+def _kept_lists(kept: list[KeptWeights | None]) -> list[Tensor | None]:
+    lists: list[Tensor | None] = []
+    for k in kept:
+        lists += (
+            [None] * 5 if k is None else [k.row_ptr, k.row_cols, k.col_ptr, k.col_rows, k.col_vals]
+        )
+    return lists
+
+
+def stacked_mlp_step_(
+    x: Tensor,
+    y: Tensor,
+    batch: Tensor,
+    weights: list[Tensor],
+    biases: list[Tensor],
+    kept: list[KeptWeights | None],
+    step: dict,
+    *,
+    dense_above: float = 0.5,
+) -> Tensor:
+    """:func:`stacked_mlp_grads` through the CPU kernels, then, model by model while its
+    gradients are in cache, the UndecayedSGD step of its parameters, in place: the same bits
+    as ``undecayed_sgd_`` over the whole stacked parameters with these gradients. ``step``:
+    what :meth:`~recallprune.optim.UndecayedSGD.fused_step_args` gives for
+    ``[*weights, *biases]``. Returns each sample's loss ``[B, n]`` (the gradients are spent
+    in the step).
+
+    Nothing changes where the call fails: the samples, targets and shapes are checked first,
+    and so are the index lists unless every ``kept`` was built by
+    :meth:`KeptWeights.from_mask` (well formed by construction; the kernels check the lists
+    they read in any case, so a list changed in place since raises either way, the models
+    before it then stepped)."""
+    layers = len(weights)
+    with torch.no_grad():
+        return torch.ops.recallprune.stacked_mlp_step_(
+            x,
+            y,
+            batch,
+            weights,
+            biases,
+            _kept_lists(kept),
+            step["momentum_buffers"][:layers],
+            step["momentum_buffers"][layers:],
+            step["keep_masks"][:layers],
+            step["lr"],
+            step["weight_decay"],
+            step["momentum"],
+            step["dampening"],
+            step["nesterov"],
+            step["maximize"],
+            not all(k is None or k.built for k in kept),
+            float(dense_above),
+        )
 
 
 @register_fakes
@@ -305,6 +355,10 @@ def _register_fakes() -> None:
             [w.new_empty(w.shape) for w in weights],
             [b.new_empty(b.shape) for b in biases],
         )
+
+    @torch.library.register_fake("recallprune::stacked_mlp_step_")
+    def _(x, y, batch, weights, biases, lists, *rest):
+        return x.new_empty(batch.shape)
 
     @torch.library.register_fake("recallprune::stacked_linear_backward")
     def _(

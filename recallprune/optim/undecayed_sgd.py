@@ -289,6 +289,60 @@ class UndecayedSGD(SGD):
                 state["grad_sum"].zero_()
                 state["grad_count"].zero_()
 
+    # -- fused steps ----------------------------------------------------------------------
+
+    def fused_step_args(self, params: list[Tensor]) -> dict[str, Any] | None:
+        """What a fused kernel needs to step ``params`` (held by this optimizer, on the CPU)
+        after computing their gradients, as :meth:`step` would with those gradients (as
+        ``recallprune.ops.stacked_linear.stacked_mlp_step_`` does): per parameter its momentum
+        buffer, keep mask (or None), lr and weight decay (``momentum_buffers``, ``keep_masks``,
+        ``lr``, ``weight_decay``), and the options its groups share (``momentum``,
+        ``dampening``, ``nesterov``, ``maximize``). None where such a step would not be
+        :meth:`step`'s: a parameter not held or not float32 on the CPU, momentum off or not
+        started yet (the first step makes the buffers), tracked gradient averages, a decay
+        mask, an AMP gradient scale, a differentiable group, the reference backend, options
+        that differ between the groups, or step hooks (the fused step does not run them)."""
+        if (
+            self.backend == "reference"
+            or getattr(self, "grad_scale", None) is not None
+            or getattr(self, "found_inf", None) is not None
+            or self._optimizer_step_pre_hooks
+            or self._optimizer_step_post_hooks
+        ):
+            return None
+        groups = {id(p): group for group in self.param_groups for p in group["params"]}
+        shared = ("momentum", "dampening", "nesterov", "maximize")
+        args: dict[str, Any] = {
+            "momentum_buffers": [],
+            "keep_masks": [],
+            "lr": [],
+            "weight_decay": [],
+        }
+        first = None
+        for p in params:
+            group = groups.get(id(p))
+            if group is None or p.device.type != "cpu" or p.dtype != torch.float32:
+                return None
+            if group["momentum"] == 0 or group["track_grad_avg"] or group["differentiable"]:
+                return None
+            options = tuple(group[key] for key in shared)
+            if first is None:
+                first = options
+            elif options != first:
+                return None
+            state = self.state.get(p, {})
+            buffer = state.get("momentum_buffer")
+            if buffer is None or state.get("decay_mask") is not None:
+                return None
+            args["momentum_buffers"].append(buffer)
+            args["keep_masks"].append(state.get("keep_mask"))
+            args["lr"].append(float(group["lr"]))
+            args["weight_decay"].append(float(group["weight_decay"]))
+        if first is None:
+            return None
+        args.update(zip(shared, first, strict=True))
+        return args
+
     # -- step -----------------------------------------------------------------------------
 
     @_use_grad_for_differentiable

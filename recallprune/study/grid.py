@@ -75,9 +75,12 @@ def stacked_step(
     models has, for each model, the gradient of that model's own mean batch loss (with
     ``multipliers``, of its own proxy Lagrangian)."""
     if multipliers is None and isinstance(model, StackedMLP) and model.fused_step(x):
-        # The same gradients, bit for bit, from one call of the CPU kernels, without autograd.
-        losses = model.step_grads(x, y, batch)
-        optimizer.step()
+        # The same gradients and step, bit for bit, from one call of the CPU kernels, without
+        # autograd (the optimizer's step fused in, from its second step on).
+        losses = model.step_fused(x, y, batch, optimizer)
+        if losses is None:
+            losses = model.step_grads(x, y, batch)
+            optimizer.step()
         return losses.mean(dim=1)
     inputs, targets = x[batch], y[batch]
     optimizer.zero_grad(set_to_none=True)

@@ -19,11 +19,18 @@ by name (:meth:`StackedModel.model_state` and :meth:`StackedModel.load_model_sta
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..ops.stacked_linear import KeptWeights, kernels_run, stacked_linear, stacked_mlp_grads
+from ..ops.stacked_linear import (
+    KeptWeights,
+    kernels_run,
+    stacked_linear,
+    stacked_mlp_grads,
+    stacked_mlp_step_,
+)
 from .models import MLP, SmallCNN
 
 
@@ -187,11 +194,37 @@ class StackedMLP(StackedModel):
         gradient of its mean batch cross-entropy, without autograd
         (:func:`~recallprune.ops.stacked_linear.stacked_mlp_grads`). Returns each sample's loss
         ``[B, n]``."""
-        layers = self._layers()
-        weights = [layer.weight if layer.kept is None else layer.kept_weight for layer in layers]
-        biases = [layer.bias for layer in layers]
+        return self._step(x, y, batch, None)
+
+    def step_fused(self, x: Tensor, y: Tensor, batch: Tensor, optimizer: Any) -> Tensor | None:
+        """:meth:`step_grads`, then ``optimizer``'s step of every parameter, model by model
+        while its gradients are in cache, in one call of the CPU kernels
+        (:func:`~recallprune.ops.stacked_linear.stacked_mlp_step_`): the same parameters and
+        momentum as :meth:`step_grads` then ``optimizer.step()``; the gradients, spent, are
+        left None. Returns each sample's loss; None, with nothing done, where ``optimizer``
+        cannot step them so
+        (:meth:`~recallprune.optim.UndecayedSGD.fused_step_args`; say, on its first step)."""
+        fused = getattr(optimizer, "fused_step_args", None)
+        args = fused(self._weights() + self._biases()) if fused is not None else None
+        if args is None:
+            return None
+        return self._step(x, y, batch, args)
+
+    def _weights(self) -> list[Tensor]:
+        return [l.weight if l.kept is None else l.kept_weight for l in self._layers()]
+
+    def _biases(self) -> list[Tensor]:
+        return [layer.bias for layer in self._layers()]
+
+    def _step(self, x: Tensor, y: Tensor, batch: Tensor, step: dict | None) -> Tensor:
+        weights, biases = self._weights(), self._biases()
+        kept = [layer.kept for layer in self._layers()]
+        if step is not None:
+            for p in [*weights, *biases]:
+                p.grad = None  # spent in the step
+            return stacked_mlp_step_(x.flatten(1), y, batch, weights, biases, kept, step)
         losses, grad_weights, grad_biases = stacked_mlp_grads(
-            x.flatten(1), y, batch, weights, biases, [layer.kept for layer in layers]
+            x.flatten(1), y, batch, weights, biases, kept
         )
         for p, grad in zip([*weights, *biases], [*grad_weights, *grad_biases], strict=True):
             p.grad = grad
