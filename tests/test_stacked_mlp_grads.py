@@ -4,6 +4,7 @@ torch uses AVX2 or AVX-512), its checks, and the study's stacked step that runs 
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from recallprune.ops import stacked_linear as stacked_linear_module
 from recallprune.ops.stacked_linear import KeptWeights, stacked_linear, stacked_mlp_grads
@@ -453,6 +454,11 @@ def test_fused_step_args_only_where_the_step_is_the_same():
     handle = optimizer.register_step_post_hook(lambda *a: None)
     assert optimizer.fused_step_args(params) is None
     handle.remove()
+    handle = register_optimizer_step_pre_hook(lambda *a: None)
+    try:
+        assert optimizer.fused_step_args(params) is None
+    finally:
+        handle.remove()
     assert optimizer.fused_step_args(params) is not None
     tracking = _optimizer(params, keep, track_grad_avg=True)
     tracking.step()

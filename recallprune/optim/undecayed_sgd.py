@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import SGD
+from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import _use_grad_for_differentiable
 
 from ..ops import check_backend
@@ -308,6 +309,8 @@ class UndecayedSGD(SGD):
             or getattr(self, "found_inf", None) is not None
             or self._optimizer_step_pre_hooks
             or self._optimizer_step_post_hooks
+            or getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
+            or getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
         ):
             return None
         groups = {id(p): group for group in self.param_groups for p in group["params"]}
