@@ -477,3 +477,27 @@ def test_opcheck_stacked_mlp_step_kernel():
     args = (x, y, batch, weights, biases, lists, momenta[:3], momenta[3:], [None, keep, None])
     options = ([0.1] * 6, [1e-3] * 3 + [0.0] * 3, 0.9, 0.0, False, False, True, 0.5)
     torch.library.opcheck(ops.stacked_mlp_step_.default, args + options)
+
+
+@requires_ops
+def test_stacked_mlp_step_fused_kernel_spends_the_gradients(monkeypatch):
+    monkeypatch.setattr(stacked_linear_module, "_vector_cpu", lambda: True)
+    stacked = _study_stack(models=3)
+    optimizer = UndecayedSGD(decay_param_groups(stacked, 5e-4), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(40, 64, generator=g), torch.randint(0, 10, (40,), generator=g)
+    batch = torch.stack([torch.randperm(40, generator=g)[:16] for _ in range(3)])
+    assert stacked.step_fused(x, y, batch, optimizer) is None  # no momentum yet: nothing done
+    assert all(p.grad is None for p in stacked.parameters())
+    stacked.step_grads(x, y, batch)
+    optimizer.step()
+    before = [p.detach().clone() for p in stacked.parameters()]
+    bad = y.clone()
+    bad[batch[0, 0]] = 10
+    with pytest.raises(RuntimeError, match="class in"):
+        stacked.step_fused(x, bad, batch, optimizer)
+    assert all(p.grad is not None for p in stacked.parameters())  # left as they were
+    assert all(torch.equal(a, p) for a, p in zip(before, stacked.parameters(), strict=True))
+    losses = stacked.step_fused(x, y, batch, optimizer)
+    assert losses.shape == (3, 16) and all(p.grad is None for p in stacked.parameters())
+    assert not any(torch.equal(a, p) for a, p in zip(before, stacked.parameters(), strict=True))

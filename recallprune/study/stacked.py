@@ -220,9 +220,10 @@ class StackedMLP(StackedModel):
         weights, biases = self._weights(), self._biases()
         kept = [layer.kept for layer in self._layers()]
         if step is not None:
+            losses = stacked_mlp_step_(x.flatten(1), y, batch, weights, biases, kept, step)
             for p in [*weights, *biases]:
                 p.grad = None  # spent in the step
-            return stacked_mlp_step_(x.flatten(1), y, batch, weights, biases, kept, step)
+            return losses
         losses, grad_weights, grad_biases = stacked_mlp_grads(
             x.flatten(1), y, batch, weights, biases, kept
         )
