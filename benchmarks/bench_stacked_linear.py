@@ -49,6 +49,7 @@ from _common import (
     run_devices,
     time_cases,
 )
+from torch import Tensor
 
 from recallprune.ops.stacked_linear import KeptWeights, stacked_linear, stacked_mlp_grads
 
@@ -172,42 +173,35 @@ def mlp_cases(density: float | None, args, checks: dict[str, bool]) -> dict[str,
 
         return build
 
-    def autograd_kernels():
-        def step():
-            leaves = [t.detach().requires_grad_() for t in [*weights, *biases]]
-            out = x[batch].transpose(1, 2)
-            for i, k in enumerate(kept):
-                out = ops_linear(out, leaves[i], leaves[len(kept) + i], k, i < len(kept) - 1)
-            losses = torch.nn.functional.cross_entropy(out, y[batch], reduction="none")
-            torch.autograd.grad(losses.mean(dim=1).sum(), leaves)
-            return losses
+    def through_autograd() -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The step through autograd, stacked_linear's kernels and cross_entropy: each
+        sample's loss and every gradient."""
+        leaves = [t.detach().requires_grad_() for t in [*weights, *biases]]
+        out = x[batch].transpose(1, 2)
+        for i, k in enumerate(kept):
+            out = stacked_linear(
+                out, leaves[i], leaves[len(kept) + i], k, i < len(kept) - 1, backend="kernel"
+            )
+        losses = torch.nn.functional.cross_entropy(out, y[batch], reduction="none")
+        return losses.detach(), torch.autograd.grad(losses.mean(dim=1).sum(), leaves)
 
-        return step
+    def autograd_kernels():
+        return through_autograd
 
     def fused():
         got = stacked_mlp_grads(x, y, batch, weights, biases, kept, backend="kernel")
         want = stacked_mlp_grads(x, y, batch, weights, biases, kept, backend="auto")
-        leaves = [t.detach().requires_grad_() for t in [*weights, *biases]]
-        out = x[batch].transpose(1, 2)
-        for i, k in enumerate(kept):
-            out = ops_linear(out, leaves[i], leaves[len(kept) + i], k, i < len(kept) - 1)
-        losses = torch.nn.functional.cross_entropy(out, y[batch], reduction="none")
-        grads = torch.autograd.grad(losses.mean(dim=1).sum(), leaves)
+        losses, grads = through_autograd()
         exact = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
         same = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6))
         checks["fused"] = bool(
-            same(got[0], losses.detach())
+            same(got[0], losses)
             and all(same(a, b) for a, b in zip([*got[1], *got[2]], grads, strict=True))
             and torch.allclose(got[0], want[0])
         )
         return case("kernel")()
 
     return {"autograd bmm": case("reference"), "autograd kernels": autograd_kernels, "fused": fused}
-
-
-def ops_linear(x, weight, bias, kept, relu):
-    """stacked_linear through its CPU kernels."""
-    return stacked_linear(x, weight, bias, kept, relu, backend="kernel")
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

@@ -79,6 +79,44 @@ bool dense_somewhere(const LinearShape& s, const int64_t* ptr, int64_t b, double
   return false;
 }
 
+// Model b's slice of a stacked layer, as the per-model kernels take it: a dense weight's
+// [out, in] block, or a compact weight's values (every model's) with the model's row offsets
+// (and column offsets, where given). Builds each kernel's task for activations of s.n samples.
+struct LayerSlice {
+  const LinearShape& s;
+  const float* weight;
+  const int64_t* row_ptr;  // compact: every model's [B * out + 1]; dense: nullptr
+  const int32_t* row_cols;
+  const int64_t* col_ptr;  // or nullptr where the input gradient is not taken
+  const int32_t* col_rows;
+  const int64_t* col_vals;
+  int64_t b;
+  double dense_above;
+
+  bool compact() const { return row_ptr != nullptr; }
+  const float* model_weight() const { return compact() ? weight : weight + b * s.out * s.in; }
+  const int64_t* rows() const { return compact() ? row_ptr + b * s.out : nullptr; }
+  // Where the model's weights (and their gradients, momentum...) lie among the parameter's.
+  int64_t begin() const { return compact() ? row_ptr[b * s.out] : b * s.out * s.in; }
+  int64_t end() const { return compact() ? row_ptr[(b + 1) * s.out] : (b + 1) * s.out * s.in; }
+
+  cpu::LinearForward forward(const float* input, const float* bias, bool relu,
+                             float* output) const {
+    return {input, model_weight(), bias, rows(), row_cols, s.in, s.out, s.n, dense_above,
+            relu,  0,              s.out, output};
+  }
+  // grad_weight: the whole parameter's gradient (the model's part is written).
+  cpu::LinearWeightGrad weight_grad(const float* grad, const float* input, const float* input_t,
+                                    float* grad_weight) const {
+    return {grad,  input, input_t, rows(), row_cols, s.in, s.out, s.n, dense_above, 0, s.out,
+            compact() ? grad_weight : grad_weight + b * s.out * s.in};
+  }
+  cpu::LinearInputGrad input_grad(const float* grad, float* grad_input) const {
+    return {grad, model_weight(), rows(), col_ptr != nullptr ? col_ptr + b * s.in : nullptr,
+            col_rows, col_vals, s.in, s.out, s.n, dense_above, 0, s.in, grad_input};
+  }
+};
+
 constexpr const char* kBadRows =
     "each row of row_cols must list ascending columns below the input's features, without "
     "repeats";
@@ -103,20 +141,10 @@ at::Tensor stacked_linear_cpu(const at::Tensor& input, const at::Tensor& weight,
   const int32_t* cols = data_or_null<int32_t>(row_cols);
   float* y = output.data_ptr<float>();
   const bool ok = for_each_model(s, ptr, [&](int64_t b) {
-    const cpu::LinearForward task{x + b * s.in * s.n,
-                                  ptr != nullptr ? w : w + b * s.out * s.in,
-                                  bias_data != nullptr ? bias_data + b * s.out : nullptr,
-                                  ptr != nullptr ? ptr + b * s.out : nullptr,
-                                  cols,
-                                  s.in,
-                                  s.out,
-                                  s.n,
-                                  dense_above,
-                                  relu,
-                                  0,
-                                  s.out,
-                                  y + b * s.out * s.n};
-    return kernels.linear_forward(task);
+    const LayerSlice slice{s, w, ptr, cols, nullptr, nullptr, nullptr, b, dense_above};
+    return kernels.linear_forward(
+        slice.forward(x + b * s.in * s.n, bias_data != nullptr ? bias_data + b * s.out : nullptr,
+                      relu, y + b * s.out * s.n));
   });
   TORCH_CHECK(ok, "stacked_linear: ", kBadRows);
   return output;
@@ -181,39 +209,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stacked_linear_backward_cpu(
                                 pre_data != nullptr ? pre_data + out_n : nullptr,
                                 gb != nullptr ? gb + b * s.out : nullptr});
     }
+    const LayerSlice slice{s, w, ptr, cols, cptr, rows, vals, b, dense_above};
     if (output_mask[1] && s.out * s.in > 0) {
       const bool dense = s.n > 0 && dense_somewhere(s, ptr, b, dense_above,
                                                     kernels.linear_block_rows);
       if (dense) kernels.linear_transpose(x + b * s.in * s.n, s.in, s.n, xt + b * s.n * s.in);
-      const cpu::LinearWeightGrad task{dz + out_n,
-                                       x + b * s.in * s.n,
-                                       dense ? xt + b * s.n * s.in : nullptr,
-                                       ptr != nullptr ? ptr + b * s.out : nullptr,
-                                       cols,
-                                       s.in,
-                                       s.out,
-                                       s.n,
-                                       dense_above,
-                                       0,
-                                       s.out,
-                                       ptr != nullptr ? gw : gw + b * s.out * s.in};
-      if (!kernels.linear_weight_grad(task)) rows_bad.store(true);
+      if (!kernels.linear_weight_grad(slice.weight_grad(
+              dz + out_n, x + b * s.in * s.n, dense ? xt + b * s.n * s.in : nullptr, gw))) {
+        rows_bad.store(true);
+      }
     }
     if (output_mask[0] && s.in * s.n > 0) {
-      const cpu::LinearInputGrad task{dz + out_n,
-                                      ptr != nullptr ? w : w + b * s.out * s.in,
-                                      ptr != nullptr ? ptr + b * s.out : nullptr,
-                                      cptr != nullptr ? cptr + b * s.in : nullptr,
-                                      rows,
-                                      vals,
-                                      s.in,
-                                      s.out,
-                                      s.n,
-                                      dense_above,
-                                      0,
-                                      s.in,
-                                      gi + b * s.in * s.n};
-      if (!kernels.linear_input_grad(task)) cols_bad.store(true);
+      if (!kernels.linear_input_grad(slice.input_grad(dz + out_n, gi + b * s.in * s.n))) {
+        cols_bad.store(true);
+      }
     }
     return true;
   });
@@ -242,6 +251,10 @@ struct MlpLayer {
   float* bias_momentum = nullptr;
   const uint8_t* keep = nullptr;
   cpu::SgdHyper weight_step{}, bias_step{};
+
+  LayerSlice slice(int64_t b, double dense_above) const {
+    return {s, weight, row_ptr, row_cols, col_ptr, col_rows, col_vals, b, dense_above};
+  }
 };
 
 // The SGD step of stacked_mlp_step_ (nullptr for stacked_mlp_grads): the momentum buffers,
@@ -439,21 +452,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stacked
     kernels.linear_transpose(rows, n, in0, act[0]);
     for (int64_t l = 0; l < layers; ++l) {
       const MlpLayer& layer = net[l];
-      const LinearShape& s = layer.s;
-      const bool compact = layer.row_ptr != nullptr;
-      const cpu::LinearForward task{act[l],
-                                    compact ? layer.weight : layer.weight + b * s.out * s.in,
-                                    layer.bias + b * s.out,
-                                    compact ? layer.row_ptr + b * s.out : nullptr,
-                                    layer.row_cols,
-                                    s.in,
-                                    s.out,
-                                    n,
-                                    dense_above,
-                                    l + 1 < layers,
-                                    0,
-                                    s.out,
-                                    act[l + 1]};
+      const cpu::LinearForward task = layer.slice(b, dense_above)
+                                          .forward(act[l], layer.bias + b * layer.s.out,
+                                                   l + 1 < layers, act[l + 1]);
       if (!kernels.linear_forward(task)) {
         bad_rows.store(true);
         return true;
@@ -466,7 +467,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stacked
     for (int64_t l = layers - 1; l >= 0; --l) {
       const MlpLayer& layer = net[l];
       const LinearShape& s = layer.s;
-      const bool compact = layer.row_ptr != nullptr;
       const bool relu = l + 1 < layers;
       // grad: the gradient of this layer's output; through its relu, that of its sum.
       kernels.linear_bias_grad({grad, relu ? act[l + 1] : nullptr, n, 0, s.out,
@@ -480,28 +480,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stacked
           input_t = transposed;
         }
       }
-      const cpu::LinearWeightGrad weight_task{
-          dz,         act[l], input_t, compact ? layer.row_ptr + b * s.out : nullptr,
-          layer.row_cols, s.in, s.out, n, dense_above, 0, s.out,
-          compact ? layer.grad_weight : layer.grad_weight + b * s.out * s.in};
+      const LayerSlice slice = layer.slice(b, dense_above);
+      const cpu::LinearWeightGrad weight_task =
+          slice.weight_grad(dz, act[l], input_t, layer.grad_weight);
       if (!kernels.linear_weight_grad(weight_task)) {
         bad_rows.store(true);
         return true;
       }
       if (l == 0) break;
-      const cpu::LinearInputGrad input_task{dz,
-                                            compact ? layer.weight : layer.weight + b * s.out * s.in,
-                                            compact ? layer.row_ptr + b * s.out : nullptr,
-                                            compact ? layer.col_ptr + b * s.in : nullptr,
-                                            layer.col_rows,
-                                            layer.col_vals,
-                                            s.in,
-                                            s.out,
-                                            n,
-                                            dense_above,
-                                            0,
-                                            s.in,
-                                            grad_next};
+      const cpu::LinearInputGrad input_task = slice.input_grad(dz, grad_next);
       if (!kernels.linear_input_grad(input_task)) {
         bad_cols.store(true);
         return true;
@@ -511,14 +498,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> stacked
     if (update == nullptr) return true;
     for (const MlpLayer& layer : net) {  // model b's step, while its gradients are in cache
       const LinearShape& s = layer.s;
-      const bool compact = layer.row_ptr != nullptr;
-      const int64_t begin = compact ? layer.row_ptr[b * s.out] : b * s.out * s.in;
-      const int64_t end = compact ? layer.row_ptr[(b + 1) * s.out] : (b + 1) * s.out * s.in;
-      const int64_t numel = compact ? layer.row_ptr[s.models * s.out] : s.models * s.out * s.in;
+      const LayerSlice slice = layer.slice(b, dense_above);
+      const int64_t numel =
+          slice.compact() ? layer.row_ptr[s.models * s.out] : s.models * s.out * s.in;
       float* weight = const_cast<float*>(layer.weight);
       float* bias = const_cast<float*>(layer.bias);
       kernels.sgd_float_part({weight, layer.grad_weight, layer.weight_momentum, layer.keep, false,
-                              nullptr, nullptr, begin, end},
+                              nullptr, nullptr, slice.begin(), slice.end()},
                              layer.weight_step, numel);
       kernels.sgd_float_part({bias, layer.grad_bias, layer.bias_momentum, nullptr, false, nullptr,
                               nullptr, b * s.out, (b + 1) * s.out},
